@@ -1,0 +1,44 @@
+from pathlib import Path
+from typing import List
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Two epochs over the first two ToE stages of a small ViT on digits: every path of a run in a few seconds.
+TINY_RUN = [
+    "logger=none",
+    "schedule.epochs=2",
+    "schedule.unit=epoch",
+    "schedule.stage_starts=[0,1,2]",
+    "model.kwargs.depth=2",
+]
+
+
+def compose_cfg(overrides: List[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return lambda *extra: compose_cfg(TINY_RUN + list(extra))
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_split=6, size=40) -> Path:
+    """A tiny ImageNet-layout folder of real PNG files: class 0 dark images, class 1 bright ones."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_split):
+                base = 40 if label == 0 else 200
+                pixels = np.clip(rng.normal(base, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+    return root

@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import compose_cfg, write_image_folder
+from toe.data import DataRootError
+from toe.flops import ViTShape
+from toe.record import METRIC_FIELDS, SUMMARY_FIELDS
+from toe.train import ConfigError, build_schedule, train
+
+
+def _metrics(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    summary = train(cfg, tmp_path)
+    rows = _metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(set(r) == set(METRIC_FIELDS) for r in rows)
+    assert [r["stage"] for r in rows] == [1, 2]
+    assert [r["tokens_after_first_block"] for r in rows] == [1 + 32, 1 + 48]  # 64 patches, r = 0.5 / 0.75
+    shape = ViTShape(64, 2, 256, 64, 1, 3 * 4 * 4 * 64, 10)
+    assert rows[0]["train_flops_total"] == pytest.approx(rows[0]["images_seen"] * 3 * shape.forward_macs(32))
+    assert rows[1]["train_flops_total"] > rows[0]["train_flops_total"]
+    assert rows[1]["images_seen"] == 2 * rows[0]["images_seen"] == 2 * (1437 // 64) * 64
+    for r in rows:
+        assert 0.0 <= r["val_top1"] <= r["val_top5"] <= 1.0 and 0.0 <= r["ema_top1"] <= 1.0
+        assert r["train_loss"] > 0 and r["train_img_per_s"] > 0 and r["epoch_seconds"] > 0 and r["lr"] > 0
+    assert rows[1]["train_seconds_total"] == pytest.approx(rows[0]["epoch_seconds"] + rows[1]["epoch_seconds"])
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary and set(SUMMARY_FIELDS) <= set(on_disk)
+    assert on_disk["status"] == "completed" and on_disk["epochs"] == 2 and on_disk["method"] == "toe"
+    assert on_disk["final_top1"] == rows[-1]["val_top1"] and on_disk["best_top1"] == max(r["val_top1"] for r in rows)
+    assert on_disk["train_flops_per_image"] < 3 * shape.forward_macs(64)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["toe"]["keep_rates"] == [0.5, 0.75, 1.0] and config["schedule"]["epochs"] == 2
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and ckpt["config"]["method_name"] == "toe"
+
+
+def test_baseline_sees_all_tokens_and_costs_more_flops(tiny_cfg, tmp_path):
+    toe_summary = train(tiny_cfg(), tmp_path / "toe")
+    base_summary = train(tiny_cfg("method=baseline"), tmp_path / "base")
+    assert [r["tokens_after_first_block"] for r in _metrics(tmp_path / "base")] == [65, 65]
+    assert [r["stage"] for r in _metrics(tmp_path / "base")] == [0, 0]
+    assert base_summary["train_flops_per_image"] > toe_summary["train_flops_per_image"]
+
+
+def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    cfg = tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.batch_size=4", "schedule.epochs=1")
+    summary = train(cfg, tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert ckpt["model"]["head.weight"].shape[0] == 2
+    assert summary["images_seen"] == 12 and 0.0 <= summary["final_top1"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["data=imagefolder", "data.root=/nonexistent/folder"], DataRootError, "does not exist"),
+        (["data=cifar10", "data.root=/tmp"], DataRootError, "cifar-10-batches-py"),
+        (["data=imagenet", "data.root=/tmp"], DataRootError, "no train/ folder"),
+        (["schedule.epochs=2", "schedule.unit=fraction", "schedule.stage_starts=[0,0.34,0.67]"], ConfigError,
+         "not strictly increasing"),
+        (["toe.keep_rates=[0.5,0.4,1.0]"], ConfigError, "keep_rates must be strictly increasing"),
+        (["toe.init_keep_rate=0.6"], ConfigError, "below the first keep rate"),
+        (["recipe.batch_size=4096"], ConfigError, "larger than the training set"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tiny_cfg, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        train(tiny_cfg(*overrides), tmp_path)
+
+
+def test_cli_reports_a_missing_data_root_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "toe.train", "data=imagefolder", "logger=none", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "missing value for data.root" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_official_and_hyper_schedules_give_the_papers_stage_epochs():
+    official = build_schedule(compose_cfg(["schedule=official"]))
+    hyper = build_schedule(compose_cfg(["schedule=hyper"]))
+    short = build_schedule(compose_cfg(["schedule=short", "schedule.epochs=300"]))
+    assert official.expansion_steps == short.expansion_steps == (0, 100, 200)
+    assert hyper.expansion_steps == (0, 130, 260)
+    assert build_schedule(compose_cfg(["method=baseline"])) is None
+    switched = build_schedule(compose_cfg(["toe.repeats=4", "toe.merge=drop", "toe.distance=manhattan"]))
+    assert (switched.repeats, switched.merge, switched.distance) == (4, "drop", "manhattan")
+
+
+def test_wandb_offline_run_is_written_and_a_broken_wandb_never_stops_training(tiny_cfg, tmp_path):
+    train(tiny_cfg("logger=wandb_offline", "schedule.epochs=1"), tmp_path / "offline")
+    runs = list((tmp_path / "offline" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    summary = train(tiny_cfg("logger=wandb_offline", "logger.wandb.mode=bogus", "schedule.epochs=1"),
+                    tmp_path / "broken")
+    assert summary["status"] == "completed"
+
+
+def _cli(run_dir: Path, epochs: int = 3):
+    return [sys.executable, "-m", "toe.train", "logger=none", f"schedule.epochs={epochs}", "schedule.unit=epoch",
+            "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=2", f"hydra.run.dir={run_dir}"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(straight), check=True, capture_output=True, env=env, timeout=300)
+
+    proc = subprocess.Popen(_cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoint.pth").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint.pth").exists(), "the run never reached the end of epoch 1"
+    assert torch.load(killed / "checkpoint.pth", weights_only=True)["epoch"] < 3
+
+    subprocess.run(_cli(killed), check=True, capture_output=True, env=env, timeout=300)
+    a, b = _metrics(straight), _metrics(killed)
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    for key in ("stage", "tokens_after_first_block", "train_loss", "val_top1", "val_top5", "ema_top1", "lr",
+                "images_seen", "train_flops_total"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert "Resuming" in (killed / "train.log").read_text()

@@ -1,0 +1,104 @@
+"""One training epoch and one evaluation pass; no knowledge of configs, records or ToE stages."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from timm.utils import accuracy, dispatch_clip_grad
+from tqdm import tqdm
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    images: int
+    seconds: float
+    num_updates: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    criterion: Callable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    num_updates: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    ema=None,
+    mixup: Optional[Callable] = None,
+    clip_grad: Optional[float] = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> EpochResult:
+    model.train()
+    loss_sum, images = torch.zeros((), device=device), 0
+    _sync(device)
+    start = time.perf_counter()
+    for step, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            inputs, targets = mixup(inputs, targets)
+        with autocast():
+            loss = criterion(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                dispatch_clip_grad(model.parameters(), clip_grad)
+            optimizer.step()
+        num_updates += 1
+        scheduler.step_update(num_updates=num_updates)
+        if ema is not None:
+            ema.update(model, step=num_updates)
+        loss_sum += loss.detach() * inputs.shape[0]
+        images += inputs.shape[0]
+    _sync(device)
+    seconds = time.perf_counter() - start
+    mean_loss = float(loss_sum) / max(images, 1)  # one host sync per epoch, not per step
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"training loss is {mean_loss} in {desc}: lower recipe.lr, set recipe.clip_grad, or check the data"
+        )
+    return EpochResult(mean_loss, images, seconds, num_updates)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: bool = False,
+) -> Tuple[float, float]:
+    """Top-1 and top-5 accuracy as fractions in [0, 1]."""
+    model.eval()
+    correct1 = correct5 = total = 0.0
+    for inputs, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(inputs)
+        top1, top5 = accuracy(logits.float(), targets, topk=(1, min(5, logits.shape[-1])))
+        correct1 += float(top1) * inputs.shape[0] / 100.0
+        correct5 += float(top5) * inputs.shape[0] / 100.0
+        total += inputs.shape[0]
+    return correct1 / total, correct5 / total

@@ -1,0 +1,65 @@
+"""Analytic FLOPs of a plain ViT under a ToE token schedule.
+
+Convention (the paper's, thop's and ``toe-paper.md`` section 2.3's): one FLOP is one multiply-accumulate. Per
+block with ``t`` tokens, width ``D`` and MLP hidden width ``H``: ``t * (4 D^2 + 2 D H)`` for the linear layers
+(``12 t D^2`` at MLP ratio 4) plus ``2 t^2 D`` for the attention matmuls. Patch embedding and head are included;
+norms, softmax and the conv stem of hybrid models are not. A training step costs 3x the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+TRAIN_TO_FORWARD = 3
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    embed_dim: int
+    depth: int
+    mlp_hidden: int
+    num_patches: int
+    num_prefix_tokens: int
+    patch_macs: int  # multiply-accumulates per patch in the patch embedding
+    num_classes: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ViTShape":
+        """Read the shape of a timm ``VisionTransformer`` (or a host with the same attributes)."""
+        proj = model.patch_embed.proj
+        kernel = proj.kernel_size[0] * proj.kernel_size[1] if hasattr(proj, "kernel_size") else 1
+        in_chans = proj.in_channels if hasattr(proj, "in_channels") else proj.in_features
+        return cls(
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
+            mlp_hidden=model.blocks[0].mlp.fc1.out_features,
+            num_patches=model.patch_embed.num_patches,
+            num_prefix_tokens=model.num_prefix_tokens,
+            patch_macs=in_chans * kernel * model.embed_dim,
+            num_classes=getattr(model, "num_classes", 0),
+        )
+
+    @classmethod
+    def deit(cls, embed_dim: int, num_patches: int = 196, depth: int = 12, num_classes: int = 1000) -> "ViTShape":
+        return cls(embed_dim, depth, 4 * embed_dim, num_patches, 1, 3 * 16 * 16 * embed_dim, num_classes)
+
+    def block_macs(self, tokens: int, attention: bool = True) -> float:
+        d = self.embed_dim
+        linear = tokens * (4 * d * d + 2 * d * self.mlp_hidden)
+        return linear + (2 * tokens * tokens * d if attention else 0)
+
+    def forward_macs(self, kept_patches: int | None = None, attention: bool = True) -> float:
+        """Forward MACs per image when blocks 2..L see ``kept_patches`` patch tokens (all if ``None``)."""
+        kept = self.num_patches if kept_patches is None else kept_patches
+        full, reduced = self.num_prefix_tokens + self.num_patches, self.num_prefix_tokens + kept
+        return (
+            self.num_patches * self.patch_macs
+            + self.block_macs(full, attention)
+            + (self.depth - 1) * self.block_macs(reduced, attention)
+            + self.embed_dim * self.num_classes
+        )
+
+    def train_macs(self, kept_patches: int | None = None, attention: bool = True) -> float:
+        return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention)

@@ -1,0 +1,131 @@
+"""The run record: the contract between training and analysis.
+
+Every run dir holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON line per epoch) and ``summary.json``.
+The same figures go to W&B when it is on; a W&B failure is logged and never stops training. Field names are
+defined here once and read by the analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pth"
+
+METRIC_FIELDS = (
+    "epoch",  # 0-based
+    "stage",  # ToE stage (0 = full tokens before the first stage, or ToE off)
+    "tokens_after_first_block",  # tokens blocks 2..L see in training, prefix tokens included
+    "train_loss",
+    "train_img_per_s",
+    "epoch_seconds",  # training time of this epoch, evaluation excluded
+    "train_seconds_total",
+    "train_flops_total",  # analytic, MACs (see toe.flops), cumulative
+    "images_seen",  # cumulative training images
+    "val_top1",
+    "val_top5",
+    "ema_top1",  # null without EMA
+    "lr",
+)
+SUMMARY_FIELDS = (
+    "status",
+    "method",
+    "model",
+    "data",
+    "epochs",
+    "best_top1",
+    "final_top1",
+    "best_ema_top1",
+    "final_ema_top1",
+    "total_train_seconds",
+    "device_hours",  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
+    "total_train_flops",
+    "train_flops_per_image",  # schedule-averaged analytic train MACs per image
+    "images_seen",
+    "device",
+    "lr",
+)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecord:
+    """Local files of one run, plus an optional W&B run that mirrors them."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: Optional[Dict[str, Any]] = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb_cfg = wandb_cfg or {}
+        self._wandb = None
+
+    def write_config(self, yaml_text: str) -> None:
+        (self.run_dir / CONFIG_FILE).write_text(yaml_text)
+
+    def rewrite_metrics(self, history: List[Dict[str, Any]]) -> None:
+        """Make ``metrics.jsonl`` hold exactly ``history`` (used on resume, so no epoch is logged twice)."""
+        tmp = self.run_dir / (METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        os.replace(tmp, self.run_dir / METRICS_FILE)
+
+    def log_epoch(self, row: Dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._wandb_call("log", {k: v for k, v in row.items() if v is not None}, step=row["epoch"])
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        if self._wandb is not None:
+            try:
+                self._wandb.summary.update(summary)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                log.warning("W&B summary update failed (training goes on): %s", err)
+
+    # --- W&B ------------------------------------------------------------------------------------------------
+    def start_wandb(self, config: Dict[str, Any], run_id: Optional[str], name: str) -> Optional[str]:
+        """Start (or resume, with ``run_id``) the W&B run; returns its id, or ``None`` when W&B is off or failed."""
+        mode = self.wandb_cfg.get("mode", "disabled")
+        if mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=self.wandb_cfg.get("project", "toe"),
+                entity=self.wandb_cfg.get("entity"),
+                group=self.wandb_cfg.get("group"),
+                tags=list(self.wandb_cfg.get("tags") or []),
+                name=name,
+                mode=mode,
+                dir=str(self.run_dir),
+                config=config,
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="finish_previous",
+            )
+            return self._wandb.id
+        except Exception as err:  # noqa: BLE001
+            log.warning("W&B could not start (mode=%s); the local record goes on: %s", mode, err)
+            self._wandb = None
+            return None
+
+    def _wandb_call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._wandb is None:
+            return
+        try:
+            getattr(self._wandb, method)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            log.warning("W&B %s failed, W&B is off for the rest of this run: %s", method, err)
+            self._wandb = None
+
+    def finish(self, exit_code: int = 0) -> None:
+        self._wandb_call("finish", exit_code=exit_code)
+        self._wandb = None

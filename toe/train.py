@@ -1,0 +1,266 @@
+"""``toe-train``: one Hydra task function for a local run, a multirun job, a SLURM job and its requeued restart.
+
+Built from timm's pieces in timm's order: create_model -> toe.patch -> resolve_model_data_config ->
+create_transform -> .to(device) -> create_optimizer_v2 -> ModelEmaV3 -> compile -> create_scheduler_v2. Every
+epoch sets the ToE stage before training, evaluates on full tokens and writes the run record and an atomic
+checkpoint; rerunning the same command in the same run dir resumes from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+import toe
+from toe.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from toe.data import DataRootError, build_datasets, build_transforms
+from toe.engine import evaluate, train_one_epoch
+from toe.flops import ViTShape
+from toe.record import CHECKPOINT_FILE, RunRecord
+
+log = logging.getLogger("toe.train")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def stage_starts(cfg: DictConfig) -> List[int]:
+    """Stage start epochs from ``cfg.schedule``: given in epochs, or as fractions of the run length."""
+    epochs, starts = int(cfg.schedule.epochs), list(cfg.schedule.stage_starts)
+    if cfg.schedule.unit == "fraction":
+        starts = [int(round(float(f) * epochs)) for f in starts]
+    elif cfg.schedule.unit != "epoch":
+        raise ConfigError(f"schedule.unit={cfg.schedule.unit!r}: expected epoch or fraction")
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ConfigError(
+            f"schedule.stage_starts {list(cfg.schedule.stage_starts)} give start epochs {starts} over "
+            f"{epochs} epochs, which are not strictly increasing: run more epochs or give epochs explicitly"
+        )
+    return starts
+
+
+def build_schedule(cfg: DictConfig) -> Optional[toe.ExpansionSchedule]:
+    if not cfg.toe.enabled:
+        return None
+    try:
+        return toe.ExpansionSchedule(
+            expansion_steps=stage_starts(cfg),
+            keep_rates=list(cfg.toe.keep_rates),
+            init_keep_rate=cfg.toe.init_keep_rate,
+            repeats=cfg.toe.repeats,
+            distance=cfg.toe.distance,
+            init=cfg.toe.init,
+            expand=cfg.toe.expand,
+            merge=cfg.toe.merge,
+        )
+    except ValueError as err:
+        raise ConfigError(f"toe/schedule config: {err}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_loss_and_mixup(recipe: DictConfig, num_classes: int):
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                      switch_prob=recipe.mixup_switch_prob, label_smoothing=recipe.smoothing, num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if recipe.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=recipe.smoothing), None
+    return torch.nn.CrossEntropyLoss(), None
+
+
+def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+    """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary."""
+    import timm
+    from timm.data import resolve_model_data_config
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, random_seed
+
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True))
+    record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    device, epochs = resolve_device(cfg.train.device), int(cfg.schedule.epochs)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype
+                else contextlib.nullcontext)
+    random_seed(cfg.seed)
+
+    train_set, val_set = build_datasets(cfg)
+    num_classes = cfg.data.num_classes or len(train_set.classes)
+    model = timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
+                              drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs)
+    schedule = build_schedule(cfg)
+    if schedule is not None:
+        toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
+    shape = ViTShape.from_model(model)
+    data_config = dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
+    train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
+    model.to(device)
+
+    batch_size = int(cfg.recipe.batch_size)
+    lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
+    optimizer = create_optimizer_v2(model, opt=cfg.recipe.opt, lr=lr, weight_decay=cfg.recipe.weight_decay,
+                                    momentum=cfg.recipe.momentum, eps=cfg.recipe.opt_eps)
+    ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
+    net = torch.compile(model) if cfg.train.compile else model
+    sampler_gen = torch.Generator()
+    loader_kwargs = dict(num_workers=cfg.train.workers, pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, drop_last=True,
+        sampler=torch.utils.data.RandomSampler(train_set, generator=sampler_gen), **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, **loader_kwargs)
+    if len(train_loader) == 0:
+        raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.recipe.sched, num_epochs=epochs, warmup_epochs=cfg.recipe.warmup_epochs,
+        warmup_lr=cfg.recipe.warmup_lr, min_lr=cfg.recipe.min_lr,
+        step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes)
+
+    start_epoch, num_updates, history, wandb_id = 0, 0, [], None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, num_updates = checkpoint["epoch"], checkpoint["num_updates"]
+        history, wandb_id = list(checkpoint["history"]), checkpoint.get("wandb_id")
+        restore_rng(checkpoint["rng"])
+        scheduler.step(start_epoch)
+        log.info("Resuming %s from epoch %d (%s)", run_dir, start_epoch, CHECKPOINT_FILE)
+    record.rewrite_metrics(history)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    wandb_id = record.start_wandb(plain_cfg, wandb_id, name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
+    progress = sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress)
+    summary: Dict[str, Any] = {}
+    try:
+        for epoch in range(start_epoch, epochs):
+            stage = toe.set_epoch(model, epoch)
+            if ema is not None:
+                toe.set_epoch(ema.module, epoch)
+            model.train()
+            op = toe.expansion_op(model)
+            kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
+            sampler_gen.manual_seed(cfg.seed * 100_003 + epoch)
+            result = train_one_epoch(
+                net, train_loader, criterion, optimizer, scheduler, device, num_updates, autocast, scaler, ema,
+                mixup, cfg.recipe.clip_grad, progress, desc=f"epoch {epoch + 1}/{epochs}")
+            num_updates = result.num_updates
+            scheduler.step(epoch + 1)
+            last = history[-1] if history else {}
+            row = {
+                "epoch": epoch, "stage": stage, "tokens_after_first_block": shape.num_prefix_tokens + kept,
+                "train_loss": result.loss, "train_img_per_s": result.images / result.seconds,
+                "epoch_seconds": result.seconds,
+                "train_seconds_total": last.get("train_seconds_total", 0.0) + result.seconds,
+                "train_flops_total": last.get("train_flops_total", 0.0) + result.images * shape.train_macs(kept),
+                "images_seen": last.get("images_seen", 0) + result.images,
+                "val_top1": None, "val_top5": None, "ema_top1": None,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+                row["val_top1"], row["val_top5"] = evaluate(net, val_loader, device, autocast, progress)
+                if ema is not None:
+                    row["ema_top1"] = evaluate(ema.module, val_loader, device, autocast, progress)[0]
+            history.append(row)
+            save_checkpoint(run_dir / CHECKPOINT_FILE, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
+                "num_updates": num_updates, "rng": capture_rng(), "wandb_id": wandb_id, "history": history,
+                "config": plain_cfg})
+            record.log_epoch(row)
+            log.info("epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs", epoch + 1, epochs,
+                     stage, row["tokens_after_first_block"], row["train_loss"], _pct(row["val_top1"]),
+                     _pct(row["ema_top1"]), row["train_img_per_s"], row["epoch_seconds"])
+            summary = summarize(cfg, history, device, lr, status="running")
+            record.write_summary(summary)
+        summary = summarize(cfg, history, device, lr, status="completed")
+        record.write_summary(summary)
+        record.finish(0)
+    except BaseException as err:
+        summary = summarize(cfg, history, device, lr, status="failed")
+        summary["error"] = f"{type(err).__name__}: {err}"
+        record.write_summary(summary)
+        record.finish(1)
+        raise
+    return summary
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def summarize(cfg: DictConfig, history: List[Dict[str, Any]], device: torch.device, lr: float,
+              status: str) -> Dict[str, Any]:
+    def values(key):
+        return [row[key] for row in history if row.get(key) is not None]
+
+    last = history[-1] if history else {}
+    top1, ema = values("val_top1"), values("ema_top1")
+    seconds, images = last.get("train_seconds_total", 0.0), last.get("images_seen", 0)
+    return {
+        "status": status, "method": cfg.method_name, "model": cfg.model.name, "data": cfg.data.name,
+        "epochs": len(history), "best_top1": max(top1, default=None), "final_top1": top1[-1] if top1 else None,
+        "best_ema_top1": max(ema, default=None), "final_ema_top1": ema[-1] if ema else None,
+        "total_train_seconds": seconds, "device_hours": seconds / 3600.0,
+        "total_train_flops": last.get("train_flops_total", 0.0),
+        "train_flops_per_image": last.get("train_flops_total", 0.0) / images if images else None,
+        "images_seen": images, "device": str(device), "lr": lr,
+    }
+
+
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, DataRootError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    except MissingMandatoryValue as err:
+        log.error("missing value for %s: set it on the command line, e.g. %s=<value>", err.full_key, err.full_key)
+        sys.exit(2)
+    return summary.get("final_top1")
+
+
+def main() -> Optional[float]:
+    import hydra
+
+    config_dir = str(Path(__file__).resolve().parent.parent / "conf")
+    return hydra.main(version_base="1.3", config_path=config_dir, config_name="train")(_hydra_main)()
+
+
+if __name__ == "__main__":
+    main()
