@@ -81,3 +81,15 @@ def test_torch_compile_traces_the_patched_model_without_graph_breaks():
 def test_patch_rejects_models_without_blocks():
     with pytest.raises(TypeError, match="at least two `blocks`"):
         toe.patch(torch.nn.Linear(3, 3), SCHED)
+
+
+def test_patched_model_trains_under_autocast_with_fused_attention():
+    model, _ = _pair("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2)
+    assert all(block.attn.fused_attn for block in model.blocks)
+    model.train()
+    toe.set_epoch(model, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 32, 32))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert model.blocks[2].mlp.fc2.weight.grad is not None

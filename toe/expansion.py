@@ -5,10 +5,10 @@ tokens after them. The operator keeps the prefix aside, picks ``m`` patch tokens
 tokens in sub-steps), mean-merges every leftover patch token into its most similar kept token and returns
 ``[B, p + m, D]`` plus the positions of the kept tokens in the input.
 
-The selection works on one score matrix per call: the best score of each token to the selected set is updated
-incrementally after each sub-step, which equals the official code's recomputation because ``max`` is exact. Index
-work runs under ``no_grad``; only the final gather and ``scatter_reduce`` touch the values, so gradients reach kept
-and merged tokens alike. No host-device synchronisation: every size comes from the schedule.
+The selection keeps each token's best score to the selected set and updates it with the score columns of the
+tokens each sub-step adds, which equals the official code's recomputation because ``max`` is exact. Index
+work runs under ``no_grad``; only the final ``index_select`` and ``index_add`` touch the values, so gradients reach
+kept and merged tokens alike. No host-device synchronisation: every size comes from the schedule.
 """
 
 from __future__ import annotations
@@ -60,11 +60,23 @@ def pairwise_score(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Ten
     raise ValueError(f"unknown distance {distance!r}")
 
 
-def _columns(scores: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``scores[b, :, cols[b]]`` for ``cols`` of shape ``[B, m]`` or ``[m]``."""
-    if cols.dim() == 1:
-        return scores[:, :, cols]
-    return scores.gather(2, cols.unsqueeze(1).expand(-1, scores.shape[1], -1))
+def _flat_rows(idx: torch.Tensor, rows_per_item: int) -> torch.Tensor:
+    """Row numbers in a ``[B * rows_per_item, D]`` view for per-item positions ``idx [B, m]``."""
+    base = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * rows_per_item
+    return (idx + base).reshape(-1)
+
+
+def _gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, idx[b]]`` for ``idx [B, m]`` (or ``[m]`` shared by the batch).
+
+    Row-wise ``index_select`` on the flattened ``[B * N, D]`` view: on CPU it is 5-20x faster than ``gather``
+    with an index expanded over ``D``, and its backward is an ``index_add``.
+    """
+    batch, rows, dim = tokens.shape
+    if idx.dim() == 1:
+        return tokens.index_select(1, idx)
+    flat = tokens.reshape(batch * rows, dim)  # a view for contiguous tokens
+    return flat.index_select(0, _flat_rows(idx, rows)).view(batch, -1, dim)
 
 
 @torch.no_grad()
@@ -77,6 +89,10 @@ def select_tokens(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose the kept patch tokens.
 
+    Each token's best score against the selected set, and which selected token gives it, are updated with the
+    score columns of the tokens each sub-step adds: ``n x m`` work rather than ``n x n``, and no score matrix is
+    kept. A later column wins only if strictly better, so ties go to the earliest kept token, as ``argmax`` does.
+
     Args:
      - patches: ``[B, n, D]`` patch tokens (no prefix).
      - seeds: ``[n0]`` positions shared by the batch, or ``[B, n0]``.
@@ -84,16 +100,15 @@ def select_tokens(
     Returns:
      - keep ``[B, m]``: seeds then expanded tokens in the order they were added.
      - rest ``[B, n - m]``: the other positions, ascending.
-     - scores ``[B, n, n]``: the pairwise score matrix, for the merge.
+     - nearest ``[B, n]``: for every token, the index in ``keep`` of its best-scoring kept token (the merge target).
     """
     batch, n, _ = patches.shape
     normed = patches / patches.norm(dim=-1, keepdim=True)
-    scores = pairwise_score(normed, normed, distance)
     seeds = seeds.expand(batch, -1) if seeds.dim() == 1 else seeds
     selected = torch.zeros(batch, n, dtype=torch.bool, device=patches.device)
     selected.scatter_(1, seeds, True)
-    best = _columns(scores, seeds).amax(dim=-1)  # each token's top score against the selected set
-    keep = [seeds]
+    best, nearest = pairwise_score(normed, _gather_tokens(normed, seeds), distance).max(dim=-1)
+    keep, num_kept = [seeds], seeds.shape[-1]
     for size in substeps:
         if size == 0:
             continue
@@ -103,33 +118,41 @@ def select_tokens(
             candidate = torch.rand(batch, n, device=patches.device).masked_fill(selected, float("inf"))
         added = candidate.topk(size, dim=-1, largest=False, sorted=True).indices
         selected.scatter_(1, added, True)
-        best = torch.maximum(best, _columns(scores, added).amax(dim=-1))
+        block_best, block_arg = pairwise_score(normed, _gather_tokens(normed, added), distance).max(dim=-1)
+        better = block_best > best
+        best = torch.where(better, block_best, best)
+        nearest = torch.where(better, block_arg + num_kept, nearest)
         keep.append(added)
+        num_kept += size
     keep_idx = torch.cat(keep, dim=1)
-    num_rest = n - keep_idx.shape[1]
-    rest_idx = torch.argsort(selected.to(torch.int8), dim=1, stable=True)[:, :num_rest]
-    return keep_idx, rest_idx, scores
+    rest_idx = torch.argsort(selected.to(torch.int8), dim=1, stable=True)[:, : n - num_kept]
+    return keep_idx, rest_idx, nearest
 
 
 def merge_tokens(
-    patches: torch.Tensor, keep_idx: torch.Tensor, rest_idx: torch.Tensor, scores: Optional[torch.Tensor]
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    rest_positions: torch.Tensor,
+    targets: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Kept tokens ``[B, m, D]``; with ``scores``, each rest token is averaged into its best-scoring kept token.
+    """Tokens of ``x`` at ``positions [B, k]``; rest tokens are averaged into ``targets [B, r]`` (indices into
+    ``positions``), or dropped when ``targets`` is ``None``.
 
-    The mean counts the kept token once, as ``scatter_reduce(..., "mean", include_self=True)`` does in the
-    official code: ``(x_s + sum of assigned x_u) / (1 + #assigned)``. ``scores=None`` drops the rest tokens.
+    The mean counts the kept token once, as the official ``scatter_reduce(..., "mean", include_self=True)``:
+    ``(x_s + sum of assigned x_u) / (1 + #assigned)``, here with ``index_add`` (faster on CPU, and no host sync on
+    CUDA). Gradients reach kept and merged tokens.
     """
-    dim = patches.shape[-1]
-    kept = patches.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, dim))
-    if scores is None or rest_idx.shape[1] == 0:
+    kept = _gather_tokens(x, positions)
+    if targets is None or rest_positions.shape[1] == 0:
         return kept
+    batch, num_kept, dim = kept.shape
+    rows = _flat_rows(targets, num_kept)
     with torch.no_grad():
-        rest_to_kept = _columns(scores, keep_idx).gather(
-            1, rest_idx.unsqueeze(-1).expand(-1, -1, keep_idx.shape[1])
-        )
-        target = rest_to_kept.argmax(dim=-1)
-    rest = patches.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, dim))
-    return kept.scatter_reduce(1, target.unsqueeze(-1).expand(-1, -1, dim), rest, reduce="mean", include_self=True)
+        counts = torch.ones(batch * num_kept, 1, dtype=kept.dtype, device=kept.device)
+        counts.index_add_(0, rows, torch.ones(rows.shape[0], 1, dtype=kept.dtype, device=kept.device))
+    rest = _gather_tokens(x, rest_positions).reshape(-1, dim)
+    sums = kept.reshape(batch * num_kept, dim).index_add(0, rows, rest)
+    return (sums / counts).view(batch, num_kept, dim)
 
 
 def expand_tokens(
@@ -144,18 +167,19 @@ def expand_tokens(
     if schedule.is_identity(stage):
         return x, torch.arange(total, device=x.device).expand(batch, -1)
     p = num_prefix_tokens
-    prefix, patches = x[:, :p], x[:, p:]
+    x = x.contiguous()
+    patches = x[:, p:]
     n = total - p
     if schedule.init == "spatial":
         seeds = spatial_seeds(n, schedule.init_keep_rate, x.device)
     else:
         seeds = random_seeds(batch, n, schedule.num_seeds(n), x.device)
-    keep_idx, rest_idx, scores = select_tokens(
+    keep_idx, rest_idx, nearest = select_tokens(
         patches, seeds, schedule.substeps(n, stage), schedule.distance, schedule.expand
     )
-    kept = merge_tokens(patches, keep_idx, rest_idx, scores if schedule.merge == "mean" else None)
-    prefix_idx = torch.arange(p, device=x.device).expand(batch, -1)
-    return torch.cat([prefix, kept], dim=1), torch.cat([prefix_idx, keep_idx + p], dim=1)
+    positions = torch.cat([torch.arange(p, device=x.device).expand(batch, -1), keep_idx + p], dim=1)
+    targets = nearest.gather(1, rest_idx) + p if schedule.merge == "mean" else None
+    return merge_tokens(x, positions, rest_idx + p, targets), positions
 
 
 class TokenExpansion(nn.Module):

@@ -8,9 +8,12 @@ norms, softmax and the conv stem of hybrid models are not. A training step costs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
 
 from torch import nn
+
+from .schedule import ExpansionSchedule
 
 TRAIN_TO_FORWARD = 3
 
@@ -63,3 +66,28 @@ class ViTShape:
 
     def train_macs(self, kept_patches: int | None = None, attention: bool = True) -> float:
         return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention)
+
+
+def schedule_average_macs(
+    shape: ViTShape,
+    phases: Sequence[Tuple[int, int]],
+    schedule: Optional[ExpansionSchedule] = None,
+    patch_size: int = 16,
+    attention: bool = True,
+) -> float:
+    """Forward MACs per image averaged over every epoch of a run.
+
+    ``phases`` are ``(epochs, img_size)`` in order (one phase for a plain run; EfficientTrain's resolution phases
+    otherwise). The ToE stage of each epoch is ``bisect_right`` over the global epoch, as in the official code.
+    """
+    total, epoch = 0.0, 0
+    for epochs, img_size in phases:
+        n = (img_size // patch_size) ** 2
+        at_size = replace(shape, num_patches=n)
+        for _ in range(epochs):
+            kept = schedule.kept_tokens(n, schedule.stage_at(epoch)) if schedule is not None else n
+            total += at_size.forward_macs(kept, attention)
+            epoch += 1
+    if epoch == 0:
+        raise ValueError("phases hold no epochs")
+    return total / epoch

@@ -44,7 +44,7 @@ def reference_expand_tokens(
         else:
             selected = [int(i) for i in seeds[b]]
         unselected = [i for i in range(n) if i not in selected]
-        normed = tokens / tokens.norm(dim=-1, keepdim=True)
+        normed = (tokens / tokens.norm(dim=-1, keepdim=True)).detach()  # choosing tokens is not differentiable
         for size in schedule.substeps(n, stage):
             if size == 0:
                 continue

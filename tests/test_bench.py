@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from toe.bench import main
+
+# toe-paper.md section 2.3: (full, stage 1, stage 2, epoch-avg) as "linear-only / incl. attn", forward GMACs.
+REFERENCE_TABLE = [
+    ((1.075, 1.254), (0.598, 0.654), (0.836, 0.944), (0.836, 0.951)),
+    ((4.241, 4.599), (2.334, 2.446), (3.287, 3.502), (3.287, 3.516)),
+    ((16.849, 17.564), (9.219, 9.444), (13.034, 13.463), (13.034, 13.490)),
+    ((4.241, 4.599), (2.334, 2.446), (3.287, 3.502), (3.001, 3.191)),
+    ((1.075, 1.254), None, None, (0.704, 0.787)),
+    ((1.075, 1.254), None, None, (0.603, 0.671)),
+    ((4.241, 4.599), None, None, (2.777, 2.944)),
+    ((4.241, 4.599), None, None, (2.375, 2.511)),
+    ((4.706, 5.183), (2.096, 2.198), (3.379, 3.625), (3.394, 3.669)),
+]
+REFERENCE_RATIOS = [(1.29, 1.32), (1.29, 1.31), (1.29, 1.30), (1.41, 1.44), (1.53, 1.59), (1.78, 1.87), (1.53, 1.56),
+                    (1.79, 1.83), (1.39, 1.41)]
+
+
+def test_flops_table_reproduces_the_reference_to_three_digits(tmp_path, capsys):
+    out = tmp_path / "flops.json"
+    main(["--json", str(out), "flops"])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(REFERENCE_TABLE)
+    for row, expected, ratios in zip(rows, REFERENCE_TABLE, REFERENCE_RATIOS):
+        for key, pair in zip(("full", "stage1", "stage2", "avg"), expected):
+            if pair is None:
+                continue
+            assert (round(row[f"{key}_linear"], 3), round(row[f"{key}_attn"], 3)) == pair, (row["schedule"], key)
+        assert (round(row["ratio_linear"], 2), round(row["ratio_attn"], 2)) == ratios
+    assert "DeiT-Small, Hyper split" in capsys.readouterr().out
+
+
+def test_op_bench_checks_selections_against_the_reference(tmp_path, capsys):
+    out = tmp_path / "op.json"
+    main(["--json", str(out), "op", "--dims", "192", "--batch", "4", "--repeats-k", "1", "4", "--share-dims", "192",
+          "--step-batch", "2", "--warmup", "0", "--repeats", "2", "--ref-repeats", "1", "--step-repeats", "1"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["k"], r["stage"], r["tokens"]) for r in rows] == [(1, 1, 99), (1, 2, 148), (1, 3, 197),
+                                                                (4, 1, 99), (4, 2, 148), (4, 3, 197)]
+    assert all(r["same_selection"] for r in rows)
+    assert all(r["op_ms"] > 0 and r["ref_ms"] > 0 for r in rows)
+    assert all(0 < r["op_share_of_step"] < 1 for r in rows if r["stage"] < 3)
+    assert "speedup_vs_ref" in capsys.readouterr().out
+
+
+def test_step_bench_reports_flop_ratios_and_the_schedule_projection(tmp_path):
+    out = tmp_path / "step.json"
+    main(["--json", str(out), "step", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch", "2",
+          "--warmup", "0", "--repeats", "1"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == [0, 1, 2, 3, "schedule"]
+    assert [r["tokens"] for r in rows[:4]] == [17, 9, 13, 17]
+    assert rows[0]["flop_ratio"] == rows[3]["flop_ratio"] == 1.0 and rows[0]["speedup"] == 1.0
+    assert rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > 1.0
+    assert [r["epochs"] for r in rows[:4]] == [0, 100, 100, 100]
+    expected = 300 * rows[0]["flops_per_img_G"] / sum(r["epochs"] * r["flops_per_img_G"] for r in rows[:4])
+    assert rows[4]["flop_ratio"] == pytest.approx(expected)
+    assert rows[4]["efficiency"] == pytest.approx(rows[4]["speedup"] / rows[4]["flop_ratio"])

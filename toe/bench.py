@@ -1,0 +1,239 @@
+"""``toe-bench``: ToE's cost and speed-up, measured side by side in one process.
+
+- ``toe-bench op``    the operator vs the plain loop-based reference (DeiT-T/S/B token shapes, every stage, k)
+- ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
+- ``toe-bench flops`` the analytic per-image FLOPs table of the official schedules (``conf/bench/flops_table.yaml``)
+
+Timings: warm-up calls, then ``--repeats`` timed calls, each closed by a device synchronisation; the median and
+the min-max spread are reported. A hand-written loop rather than ``torch.utils.benchmark`` because the reference
+is slow enough that a fixed, small repeat count matters more than auto-ranging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pandas as pd
+import torch
+import yaml
+
+from .expansion import expand_tokens
+from .flops import ViTShape, schedule_average_macs
+from .patch import expansion_op, patch
+from .reference import reference_expand_tokens
+from .schedule import ExpansionSchedule
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median, min and max seconds of ``fn`` over ``repeats`` timed calls after ``warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def _spread(t: Dict[str, float], scale: float = 1e3) -> str:
+    return f"{t['median'] * scale:.3g} [{t['min'] * scale:.3g}-{t['max'] * scale:.3g}]"
+
+
+def deit_schedule(repeats: int = 2) -> ExpansionSchedule:
+    return ExpansionSchedule([0, 100, 200], [0.5, 0.75, 1.0], 0.25, repeats=repeats)
+
+
+class StepBench:
+    """One optimiser step (forward, backward, AdamW) of a timm model at a fixed batch, per ToE stage."""
+
+    def __init__(self, model_name: str, batch: int, img_size: int, schedule: ExpansionSchedule,
+                 device: torch.device, amp: bool, compile_model: bool):
+        import timm
+
+        self.model = patch(timm.create_model(model_name, img_size=img_size), schedule).to(device).train()
+        self.shape = ViTShape.from_model(self.model)
+        self.net = torch.compile(self.model) if compile_model else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.inputs = torch.randn(batch, 3, img_size, img_size, device=device)
+        self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
+        self.device, self.amp = device, amp and device.type == "cuda"
+
+    def set_stage(self, stage: int) -> int:
+        op = expansion_op(self.model)
+        op.stage = stage
+        return op.kept_tokens(self.shape.num_patches)
+
+    def __call__(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def bench_op(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]]:
+    rows = []
+    for dim in args.dims:
+        step_bench = None
+        if dim in args.share_dims:
+            step_bench = StepBench(DEIT[dim], args.step_batch, 224, deit_schedule(), device, args.amp, False)
+        for k in args.repeats_k:
+            sched = deit_schedule(k)
+            x = torch.randn(args.batch, 197, dim, device=device, requires_grad=True)
+            for stage in range(1, sched.num_stages + 1):
+                op_t = measure(lambda: expand_tokens(x, sched, stage), device, args.warmup, args.repeats)
+                ref_t = measure(lambda: reference_expand_tokens(x, sched, stage), device, 1, args.ref_repeats)
+                same = torch.equal(expand_tokens(x, sched, stage)[1].cpu(), reference_expand_tokens(x, sched, stage)[1])
+                row = {"dim": dim, "k": k, "stage": stage, "tokens": 1 + sched.kept_tokens(196, stage),
+                       "op_ms": op_t["median"] * 1e3, "op_ms_min": op_t["min"] * 1e3, "op_ms_max": op_t["max"] * 1e3,
+                       "ref_ms": ref_t["median"] * 1e3, "speedup_vs_ref": ref_t["median"] / op_t["median"],
+                       "same_selection": same, "op": _spread(op_t), "reference": _spread(ref_t)}
+                if step_bench is not None and not sched.is_identity(stage):
+                    xs = torch.randn(args.step_batch, 197, dim, device=device, requires_grad=True)
+                    op_s = measure(lambda: expand_tokens(xs, sched, stage), device, args.warmup, args.repeats)
+                    step_bench.set_stage(stage)
+                    step_t = measure(step_bench, device, 1, args.step_repeats)
+                    row.update(step_batch=args.step_batch, step_ms=step_t["median"] * 1e3,
+                               op_share_of_step=op_s["median"] / step_t["median"])
+                rows.append(row)
+    return rows
+
+
+def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]]:
+    sched = ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
+    bench = StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile)
+    stage_epochs = [b - a for a, b in zip(sched.expansion_steps, list(sched.expansion_steps[1:]) + [args.epochs])]
+    rows = []
+    for stage in range(0, sched.num_stages + 1):
+        kept = bench.set_stage(stage)
+        t = measure(bench, device, args.warmup, args.repeats)
+        rows.append({"stage": stage, "tokens": bench.shape.num_prefix_tokens + kept,
+                     "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
+                     "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
+                     "flops_per_img_G": bench.shape.train_macs(kept) / 1e9})
+    full = rows[0]
+    for row in rows:
+        row["speedup"] = row["img_per_s"] / full["img_per_s"]
+        row["flop_ratio"] = full["flops_per_img_G"] / row["flops_per_img_G"]
+        row["efficiency"] = row["speedup"] / row["flop_ratio"]
+    total_epochs = sum(r["epochs"] for r in rows)
+    time_toe = sum(r["epochs"] / r["img_per_s"] for r in rows)
+    flops_toe = sum(r["epochs"] * r["flops_per_img_G"] for r in rows)
+    rows.append({"stage": "schedule", "tokens": None, "epochs": total_epochs, "img_per_s": total_epochs / time_toe,
+                 "speedup": total_epochs / full["img_per_s"] / time_toe,
+                 "flop_ratio": total_epochs * full["flops_per_img_G"] / flops_toe,
+                 "flops_per_img_G": flops_toe / total_epochs})
+    rows[-1]["efficiency"] = rows[-1]["speedup"] / rows[-1]["flop_ratio"]
+    return rows
+
+
+def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
+    table = yaml.safe_load(Path(args.table).read_text())
+    rows = []
+    for spec in table["rows"]:
+        shape = ViTShape(spec["embed_dim"], spec["depth"], spec["mlp_ratio"] * spec["embed_dim"], 196, 1,
+                         3 * 16 * 16 * spec["embed_dim"], 1000)
+        sched = ExpansionSchedule(**spec["toe"]) if spec.get("toe") else None
+        phases = [(p["epochs"], p["img_size"]) for p in spec["phases"]]
+        row: Dict[str, Any] = {"schedule": spec["name"]}
+        for attention, tag in ((False, "linear"), (True, "attn")):
+            full = shape.forward_macs(None, attention) / 1e9
+            avg = schedule_average_macs(shape, phases, sched, attention=attention) / 1e9
+            row[f"full_{tag}"], row[f"avg_{tag}"], row[f"ratio_{tag}"] = full, avg, full / avg
+            for stage in (1, 2):
+                row[f"stage{stage}_{tag}"] = (shape.forward_macs(sched.kept_tokens(196, stage), attention) / 1e9
+                                              if sched and len(phases) == 1 else None)
+        rows.append(row)
+    return rows
+
+
+def flops_markdown(rows: List[Dict[str, Any]]) -> str:
+    def pair(row, key, digits=3):
+        a, b = row[f"{key}_linear"], row[f"{key}_attn"]
+        return "" if a is None else f"{a:.{digits}f} / {b:.{digits}f}"
+
+    table = pd.DataFrame([{
+        "model / schedule (linear-only / incl. attn, forward GMACs per image)": r["schedule"],
+        "full": pair(r, "full"), "stage 1": pair(r, "stage1"), "stage 2": pair(r, "stage2"),
+        "epoch-avg": pair(r, "avg"), "FLOP ratio full/avg": pair(r, "ratio", 2)} for r in rows])
+    return table.to_markdown(index=False)
+
+
+def _markdown(rows: List[Dict[str, Any]], columns: List[str], floatfmt: str = ".3g") -> str:
+    return pd.DataFrame(rows)[columns].to_markdown(index=False, floatfmt=floatfmt)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="toe-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cpu = not torch.cuda.is_available()
+
+    op = sub.add_parser("op", help="the operator vs the loop reference")
+    op.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768], choices=sorted(DEIT))
+    op.add_argument("--batch", type=int, default=64)
+    op.add_argument("--repeats-k", type=int, nargs="+", default=[1, 2, 4])
+    op.add_argument("--share-dims", type=int, nargs="*", default=[384] if cpu else [192, 384, 768],
+                    help="widths whose op share of a DeiT train step is measured")
+    op.add_argument("--step-batch", type=int, default=16 if cpu else 64)
+    op.add_argument("--warmup", type=int, default=3)
+    op.add_argument("--repeats", type=int, default=10)
+    op.add_argument("--ref-repeats", type=int, default=3)
+    op.add_argument("--step-repeats", type=int, default=3)
+    op.add_argument("--amp", action="store_true", help="bf16 autocast for the train step (CUDA)")
+
+    step = sub.add_parser("step", help="train-step img/s per ToE stage vs full tokens")
+    step.add_argument("--model", default="deit_small_patch16_224")
+    step.add_argument("--batch", type=int, default=16 if cpu else 128)
+    step.add_argument("--img-size", type=int, default=224)
+    step.add_argument("--keep-rates", type=float, nargs="+", default=[0.5, 0.75, 1.0])
+    step.add_argument("--init-keep-rate", type=float, default=0.25)
+    step.add_argument("--stage-starts", type=int, nargs="+", default=[0, 100, 200])
+    step.add_argument("--epochs", type=int, default=300)
+    step.add_argument("--k", type=int, default=2)
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    step.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    flops = sub.add_parser("flops", help="analytic FLOPs of the official schedules")
+    flops.add_argument("--table", default=str(CONF_DIR / "bench" / "flops_table.yaml"))
+
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"# toe-bench {args.command} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    if args.command == "op":
+        rows = bench_op(args, device)
+        columns = ["dim", "k", "stage", "tokens", "op", "reference", "speedup_vs_ref", "same_selection"]
+        columns += [c for c in ("step_ms", "op_share_of_step") if any(c in r for r in rows)]
+        print("times in ms, median [min-max]")
+        print(_markdown(rows, columns))
+    elif args.command == "step":
+        rows = bench_step(args, device)
+        print(f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
+              "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage")
+        print(_markdown(rows, ["stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G", "speedup",
+                               "flop_ratio", "efficiency"]))
+    else:
+        rows = bench_flops(args)
+        print(flops_markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"command": args.command, "device": str(device), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
