@@ -11,7 +11,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TINY_RUN = [
     "logger=none",
     "schedule.epochs=2",
-    "schedule.unit=epoch",
+    "schedule.length=${schedule.epochs}",
     "schedule.stage_starts=[0,1,2]",
     "model.kwargs.depth=2",
 ]

@@ -72,8 +72,7 @@ def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path)
         (["data=imagefolder", "data.root=/nonexistent/folder"], DataRootError, "does not exist"),
         (["data=cifar10", "data.root=/tmp"], DataRootError, "cifar-10-batches-py"),
         (["data=imagenet", "data.root=/tmp"], DataRootError, "no train/ folder"),
-        (["schedule.epochs=2", "schedule.unit=fraction", "schedule.stage_starts=[0,0.34,0.67]"], ConfigError,
-         "not strictly increasing"),
+        (["schedule.length=300", "schedule.stage_starts=[0,100,200]"], ConfigError, r"give start epochs \[0, 1, 1\] over 2 epochs"),
         (["toe.keep_rates=[0.5,0.4,1.0]"], ConfigError, "keep_rates must be strictly increasing"),
         (["toe.init_keep_rate=0.6"], ConfigError, "below the first keep rate"),
         (["recipe.batch_size=4096"], ConfigError, "larger than the training set"),
@@ -97,9 +96,11 @@ def test_cli_reports_a_missing_data_root_in_one_line(tmp_path):
 def test_official_and_hyper_schedules_give_the_papers_stage_epochs():
     official = build_schedule(compose_cfg(["schedule=official"]))
     hyper = build_schedule(compose_cfg(["schedule=hyper"]))
-    short = build_schedule(compose_cfg(["schedule=short", "schedule.epochs=300"]))
-    assert official.expansion_steps == short.expansion_steps == (0, 100, 200)
+    short = build_schedule(compose_cfg(["schedule=short"]))
+    assert official.expansion_steps == (0, 100, 200)
+    assert short.expansion_steps == (0, 10, 20)
     assert hyper.expansion_steps == (0, 130, 260)
+    assert build_schedule(compose_cfg(["schedule=hyper", "schedule.epochs=3"])).expansion_steps == (0, 1, 3)
     assert build_schedule(compose_cfg(["method=baseline"])) is None
     switched = build_schedule(compose_cfg(["toe.repeats=4", "toe.merge=drop", "toe.distance=manhattan"]))
     assert (switched.repeats, switched.merge, switched.distance) == (4, "drop", "manhattan")
@@ -115,7 +116,7 @@ def test_wandb_offline_run_is_written_and_a_broken_wandb_never_stops_training(ti
 
 
 def _cli(run_dir: Path, epochs: int = 3):
-    return [sys.executable, "-m", "toe.train", "logger=none", f"schedule.epochs={epochs}", "schedule.unit=epoch",
+    return [sys.executable, "-m", "toe.train", "logger=none", f"schedule.epochs={epochs}", "schedule.length=3",
             "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=2", f"hydra.run.dir={run_dir}"]
 
 
@@ -141,3 +142,10 @@ def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path
                 "images_seen", "train_flops_total"):
         assert [r[key] for r in a] == [r[key] for r in b], key
     assert "Resuming" in (killed / "train.log").read_text()
+
+
+def test_schedule_min_lr_replaces_the_recipe_min_lr(tiny_cfg, tmp_path):
+    train(tiny_cfg(), tmp_path / "recipe")
+    train(tiny_cfg("+schedule.min_lr=5e-4"), tmp_path / "hyper")
+    assert _metrics(tmp_path / "recipe")[-1]["lr"] == pytest.approx(1e-5)  # cosine ends at min_lr
+    assert _metrics(tmp_path / "hyper")[-1]["lr"] == pytest.approx(5e-4)

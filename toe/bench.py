@@ -47,6 +47,25 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
+def measure_interleaved(fns: List[Callable[[], Any]], device: torch.device, warmup: int,
+                        repeats: int) -> List[Dict[str, float]]:
+    """Like :func:`measure` for several functions timed in turn (A B C A B C ...), so that a machine whose speed
+    drifts during the run slows all of them alike and their ratios stay fair."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            bucket.append(time.perf_counter() - start)
+    return [{"median": statistics.median(t), "min": min(t), "max": max(t)} for t in times]
+
+
 def _spread(t: Dict[str, float], scale: float = 1e3) -> str:
     return f"{t['median'] * scale:.3g} [{t['min'] * scale:.3g}-{t['max'] * scale:.3g}]"
 
@@ -115,10 +134,15 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str,
     sched = ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
     bench = StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile)
     stage_epochs = [b - a for a, b in zip(sched.expansion_steps, list(sched.expansion_steps[1:]) + [args.epochs])]
+    stages = list(range(0, sched.num_stages + 1))
+
+    def at_stage(stage: int) -> Callable[[], None]:
+        return lambda: (bench.set_stage(stage), bench())
+
+    timings = measure_interleaved([at_stage(s) for s in stages], device, args.warmup, args.repeats)
     rows = []
-    for stage in range(0, sched.num_stages + 1):
+    for stage, t in zip(stages, timings):
         kept = bench.set_stage(stage)
-        t = measure(bench, device, args.warmup, args.repeats)
         rows.append({"stage": stage, "tokens": bench.shape.num_prefix_tokens + kept,
                      "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
                      "img_per_s": args.batch / t["median"], "step_ms": _spread(t),

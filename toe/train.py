@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,16 +36,16 @@ class ConfigError(ValueError):
 
 
 def stage_starts(cfg: DictConfig) -> List[int]:
-    """Stage start epochs from ``cfg.schedule``: given in epochs, or as fractions of the run length."""
-    epochs, starts = int(cfg.schedule.epochs), list(cfg.schedule.stage_starts)
-    if cfg.schedule.unit == "fraction":
-        starts = [int(round(float(f) * epochs)) for f in starts]
-    elif cfg.schedule.unit != "epoch":
-        raise ConfigError(f"schedule.unit={cfg.schedule.unit!r}: expected epoch or fraction")
+    """Stage start epochs: ``schedule.stage_starts`` are epochs of a ``schedule.length``-epoch run, scaled to
+    ``schedule.epochs`` and rounded half up (the official 0/100/200 of 300 gives 0/10/20 over 30 epochs)."""
+    epochs, length = int(cfg.schedule.epochs), float(cfg.schedule.length)
+    if epochs < 1 or length <= 0:
+        raise ConfigError(f"schedule.epochs={epochs} and schedule.length={length} must be positive")
+    starts = [math.floor(float(s) * epochs / length + 0.5) for s in cfg.schedule.stage_starts]
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(
-            f"schedule.stage_starts {list(cfg.schedule.stage_starts)} give start epochs {starts} over "
-            f"{epochs} epochs, which are not strictly increasing: run more epochs or give epochs explicitly"
+            f"schedule.stage_starts {list(cfg.schedule.stage_starts)} of a {length:g}-epoch run give start epochs "
+            f"{starts} over {epochs} epochs, which are not strictly increasing: run more epochs"
         )
     return starts
 
@@ -138,9 +139,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
+    min_lr = cfg.schedule.get("min_lr") if cfg.schedule.get("min_lr") is not None else cfg.recipe.min_lr
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.recipe.sched, num_epochs=epochs, warmup_epochs=cfg.recipe.warmup_epochs,
-        warmup_lr=cfg.recipe.warmup_lr, min_lr=cfg.recipe.min_lr,
+        warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
         step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes)
