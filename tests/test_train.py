@@ -81,6 +81,9 @@ def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path)
 def test_bad_input_gives_a_clear_error(tiny_cfg, tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         train(tiny_cfg(*overrides), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["epochs"] == 0
+    assert summary["error"].startswith(error.__name__)
 
 
 def test_cli_reports_a_missing_data_root_in_one_line(tmp_path):
@@ -142,6 +145,9 @@ def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path
                 "images_seen", "train_flops_total"):
         assert [r[key] for r in a] == [r[key] for r in b], key
     assert "Resuming" in (killed / "train.log").read_text()
+    resumed = json.loads((killed / "summary.json").read_text())
+    assert resumed["status"] == "completed" and len(resumed["resumed_at"]) == 1 and 1 <= resumed["resumed_at"][0] < 3
+    assert json.loads((straight / "summary.json").read_text())["resumed_at"] == []
 
 
 def test_schedule_min_lr_replaces_the_recipe_min_lr(tiny_cfg, tmp_path):

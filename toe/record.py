@@ -48,7 +48,8 @@ SUMMARY_FIELDS = (
     "train_flops_per_image",  # schedule-averaged analytic train MACs per image
     "images_seen",
     "device",
-    "lr",
+    "lr",  # the peak LR after batch scaling
+    "resumed_at",  # epochs at which the run resumed from its checkpoint (preemption, crash, requeue)
 )
 
 

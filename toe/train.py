@@ -12,8 +12,9 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -95,24 +96,39 @@ def build_loss_and_mixup(recipe: DictConfig, num_classes: int):
     return torch.nn.CrossEntropyLoss(), None
 
 
-def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
-    """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary."""
+@dataclass
+class Run:
+    """Everything one run trains with, built in timm's order by :func:`build_run`."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as called in training (compiled or not)
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    criterion: Any
+    mixup: Any
+    train_loader: Any
+    val_loader: Any
+    sampler_gen: torch.Generator
+    shape: ViTShape
+    device: torch.device
+    autocast: Any
+    lr: float
+
+
+def build_run(cfg: DictConfig) -> Run:
     import timm
     from timm.data import resolve_model_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, random_seed
 
-    run_dir = Path(run_dir)
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True))
-    record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    device, epochs = resolve_device(cfg.train.device), int(cfg.schedule.epochs)
+    device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype
                 else contextlib.nullcontext)
     random_seed(cfg.seed)
-
     train_set, val_set = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
     model = timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
@@ -120,7 +136,6 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     schedule = build_schedule(cfg)
     if schedule is not None:
         toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
-    shape = ViTShape.from_model(model)
     data_config = dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     model.to(device)
@@ -141,82 +156,116 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
     min_lr = cfg.schedule.get("min_lr") if cfg.schedule.get("min_lr") is not None else cfg.recipe.min_lr
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.recipe.sched, num_epochs=epochs, warmup_epochs=cfg.recipe.warmup_epochs,
-        warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
+        optimizer, sched=cfg.recipe.sched, num_epochs=int(cfg.schedule.epochs),
+        warmup_epochs=cfg.recipe.warmup_epochs, warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
         step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes)
+    return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
+               sampler_gen, ViTShape.from_model(model), device, autocast, lr)
 
-    start_epoch, num_updates, history, wandb_id = 0, 0, [], None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, num_updates = checkpoint["epoch"], checkpoint["num_updates"]
-        history, wandb_id = list(checkpoint["history"]), checkpoint.get("wandb_id")
-        restore_rng(checkpoint["rng"])
-        scheduler.step(start_epoch)
-        log.info("Resuming %s from epoch %d (%s)", run_dir, start_epoch, CHECKPOINT_FILE)
-    record.rewrite_metrics(history)
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    wandb_id = record.start_wandb(plain_cfg, wandb_id, name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
-    progress = sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress)
-    summary: Dict[str, Any] = {}
+
+@dataclass
+class Progress:
+    """What a run has done so far; saved in the checkpoint and summarised in summary.json."""
+
+    epoch: int = 0  # the next epoch to train
+    num_updates: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    resumed_at: List[int] = field(default_factory=list)  # epochs at which the run resumed from its checkpoint
+    wandb_id: Optional[str] = None
+
+
+def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(checkpoint["ema"])
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint["rng"])
+    run.scheduler.step(checkpoint["epoch"])
+    return Progress(checkpoint["epoch"], checkpoint["num_updates"], list(checkpoint["history"]),
+                    list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"))
+
+
+def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+    """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
+
+    Whatever happens, ``summary.json`` ends up saying so: ``completed``, or ``failed`` with the error.
+    """
+    run_dir = Path(run_dir)
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True))
+    record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    progress = Progress()
     try:
-        for epoch in range(start_epoch, epochs):
-            stage = toe.set_epoch(model, epoch)
-            if ema is not None:
-                toe.set_epoch(ema.module, epoch)
-            model.train()
-            op = toe.expansion_op(model)
-            kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
-            sampler_gen.manual_seed(cfg.seed * 100_003 + epoch)
-            result = train_one_epoch(
-                net, train_loader, criterion, optimizer, scheduler, device, num_updates, autocast, scaler, ema,
-                mixup, cfg.recipe.clip_grad, progress, desc=f"epoch {epoch + 1}/{epochs}")
-            num_updates = result.num_updates
-            scheduler.step(epoch + 1)
-            last = history[-1] if history else {}
-            row = {
-                "epoch": epoch, "stage": stage, "tokens_after_first_block": shape.num_prefix_tokens + kept,
-                "train_loss": result.loss, "train_img_per_s": result.images / result.seconds,
-                "epoch_seconds": result.seconds,
-                "train_seconds_total": last.get("train_seconds_total", 0.0) + result.seconds,
-                "train_flops_total": last.get("train_flops_total", 0.0) + result.images * shape.train_macs(kept),
-                "images_seen": last.get("images_seen", 0) + result.images,
-                "val_top1": None, "val_top5": None, "ema_top1": None,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-                row["val_top1"], row["val_top5"] = evaluate(net, val_loader, device, autocast, progress)
-                if ema is not None:
-                    row["ema_top1"] = evaluate(ema.module, val_loader, device, autocast, progress)[0]
-            history.append(row)
-            save_checkpoint(run_dir / CHECKPOINT_FILE, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
-                "num_updates": num_updates, "rng": capture_rng(), "wandb_id": wandb_id, "history": history,
-                "config": plain_cfg})
-            record.log_epoch(row)
-            log.info("epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs", epoch + 1, epochs,
-                     stage, row["tokens_after_first_block"], row["train_loss"], _pct(row["val_top1"]),
-                     _pct(row["ema_top1"]), row["train_img_per_s"], row["epoch_seconds"])
-            summary = summarize(cfg, history, device, lr, status="running")
-            record.write_summary(summary)
-        summary = summarize(cfg, history, device, lr, status="completed")
-        record.write_summary(summary)
-        record.finish(0)
+        summary = _fit(cfg, run_dir, record, progress)
     except BaseException as err:
-        summary = summarize(cfg, history, device, lr, status="failed")
+        summary = summarize(cfg, progress, status="failed")
         summary["error"] = f"{type(err).__name__}: {err}"
         record.write_summary(summary)
         record.finish(1)
         raise
+    record.finish(0)
+    return summary
+
+
+def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress) -> Dict[str, Any]:
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    run = build_run(cfg)
+    if checkpoint is not None:
+        vars(progress).update(vars(restore(run, checkpoint)))
+        log.info("Resuming %s from epoch %d (%s)", run_dir, progress.epoch, CHECKPOINT_FILE)
+    record.rewrite_metrics(progress.history)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    progress.wandb_id = record.start_wandb(plain_cfg, progress.wandb_id,
+                                           name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
+    bar = sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress)
+    epochs, shape = int(cfg.schedule.epochs), run.shape
+    for epoch in range(progress.epoch, epochs):
+        stage = toe.set_epoch(run.model, epoch)
+        if run.ema is not None:
+            toe.set_epoch(run.ema.module, epoch)
+        run.model.train()
+        op = toe.expansion_op(run.model)
+        kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
+        run.sampler_gen.manual_seed(cfg.seed * 100_003 + epoch)
+        result = train_one_epoch(
+            run.net, run.train_loader, run.criterion, run.optimizer, run.scheduler, run.device,
+            progress.num_updates, run.autocast, run.scaler, run.ema, run.mixup, cfg.recipe.clip_grad, bar,
+            desc=f"epoch {epoch + 1}/{epochs}")
+        run.scheduler.step(epoch + 1)
+        last = progress.history[-1] if progress.history else {}
+        row = {
+            "epoch": epoch, "stage": stage, "tokens_after_first_block": shape.num_prefix_tokens + kept,
+            "train_loss": result.loss, "train_img_per_s": result.images / result.seconds,
+            "epoch_seconds": result.seconds,
+            "train_seconds_total": last.get("train_seconds_total", 0.0) + result.seconds,
+            "train_flops_total": last.get("train_flops_total", 0.0) + result.images * shape.train_macs(kept),
+            "images_seen": last.get("images_seen", 0) + result.images,
+            "val_top1": None, "val_top5": None, "ema_top1": None,
+            "lr": run.optimizer.param_groups[0]["lr"],
+        }
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            row["val_top1"], row["val_top5"] = evaluate(run.net, run.val_loader, run.device, run.autocast, bar)
+            if run.ema is not None:
+                row["ema_top1"] = evaluate(run.ema.module, run.val_loader, run.device, run.autocast, bar)[0]
+        progress.history.append(row)
+        progress.epoch, progress.num_updates = epoch + 1, result.num_updates
+        save_checkpoint(run_dir / CHECKPOINT_FILE, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "epoch": progress.epoch,
+            "num_updates": progress.num_updates, "rng": capture_rng(), "wandb_id": progress.wandb_id,
+            "history": progress.history, "resumed_at": progress.resumed_at, "config": plain_cfg})
+        record.log_epoch(row)
+        log.info("epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs", epoch + 1, epochs,
+                 stage, row["tokens_after_first_block"], row["train_loss"], _pct(row["val_top1"]),
+                 _pct(row["ema_top1"]), row["train_img_per_s"], row["epoch_seconds"])
+        record.write_summary(summarize(cfg, progress, status="running", run=run))
+    summary = summarize(cfg, progress, status="completed", run=run)
+    record.write_summary(summary)
     return summary
 
 
@@ -224,8 +273,9 @@ def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def summarize(cfg: DictConfig, history: List[Dict[str, Any]], device: torch.device, lr: float,
-              status: str) -> Dict[str, Any]:
+def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Run] = None) -> Dict[str, Any]:
+    history = progress.history
+
     def values(key):
         return [row[key] for row in history if row.get(key) is not None]
 
@@ -239,27 +289,33 @@ def summarize(cfg: DictConfig, history: List[Dict[str, Any]], device: torch.devi
         "total_train_seconds": seconds, "device_hours": seconds / 3600.0,
         "total_train_flops": last.get("train_flops_total", 0.0),
         "train_flops_per_image": last.get("train_flops_total", 0.0) / images if images else None,
-        "images_seen": images, "device": str(device), "lr": lr,
+        "images_seen": images, "device": str(run.device) if run else None, "lr": run.lr if run else None,
+        "resumed_at": progress.resumed_at,
     }
 
 
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    hydra_cfg = HydraConfig.get()
     try:
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataRootError) as err:
-        log.error("%s", err)
-        sys.exit(2)
-    except MissingMandatoryValue as err:
-        log.error("missing value for %s: set it on the command line, e.g. %s=<value>", err.full_key, err.full_key)
-        sys.exit(2)
+        summary = train(cfg, Path(hydra_cfg.runtime.output_dir))
+    except (ConfigError, DataRootError, MissingMandatoryValue) as err:
+        message = (f"missing value for {err.full_key}: set it on the command line, e.g. {err.full_key}=<value>"
+                   if isinstance(err, MissingMandatoryValue) else str(err))
+        log.error("%s", message)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # this job fails and the sweep goes on with the others
+        sys.exit(2)  # a single run: one clear line, no traceback
     return summary.get("final_top1")
 
 
 def main() -> Optional[float]:
     import hydra
 
+    # The repository root is on Hydra's search path (conf/train.yaml), which makes experiments/ a config group.
+    os.environ.setdefault("TOE_ROOT", str(Path(__file__).resolve().parent.parent))
     config_dir = str(Path(__file__).resolve().parent.parent / "conf")
     return hydra.main(version_base="1.3", config_path=config_dir, config_name="train")(_hydra_main)()
 
