@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
-from typing import Any, List
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+import yaml
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from .record import SUMMARY_FILE
 
 log = logging.getLogger("toe.sweep")
 
@@ -67,3 +77,67 @@ class ValidateSweep(Callback):
                 build_schedule(job_cfg)
             except ConfigError as err:
                 raise ExperimentError(f"{source}: job {' '.join(job)}: {err}") from None
+
+
+# --- toe-sweep status ---------------------------------------------------------------------------------------------
+def _last_error_line(log_file: Path) -> Optional[str]:
+    if not log_file.exists():
+        return None
+    errors = [line for line in log_file.read_text(errors="replace").splitlines() if "[ERROR]" in line]
+    return errors[-1].split("[ERROR] - ", 1)[-1] if errors else None
+
+
+def run_state(run_dir: Path) -> Dict[str, Any]:
+    """State of one run dir of a sweep, from its run record (never from training internals)."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    summary_file = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    status = summary.get("status")
+    error = summary.get("error") or _last_error_line(run_dir / f"{run_dir.parent.name}.log")
+    if status is None:
+        state = "failed" if error else "not started"
+    elif status == "completed":
+        state = "done"
+    else:
+        state = status
+    if summary.get("resumed_at"):
+        state += f" (resumed at epoch {', '.join(str(e) for e in summary['resumed_at'])})"
+    return {"run": str(run_dir), "overrides": " ".join(overrides), "state": state, "epochs": summary.get("epochs"),
+            "final_top1": summary.get("final_top1"), "error": error if state.startswith("failed") else None,
+            "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary_file.stat().st_mtime))
+            if summary_file.exists() else None}
+
+
+def sweep_runs(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Every run under ``sweep_dir`` (recursively: Hydra multirun dirs, SLURM output dirs)."""
+    run_dirs = sorted({p.parent.parent for p in Path(sweep_dir).rglob(".hydra/overrides.yaml")})
+    return [run_state(d) for d in run_dirs]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="toe-sweep", description="Inspect the runs of a sweep.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="every run with its overrides and state; exits 1 if any failed")
+    status.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"toe-sweep: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows = sweep_runs(args.sweep_dir)
+    if not rows:
+        print(f"toe-sweep: no runs under {args.sweep_dir} (no .hydra/overrides.yaml found)", file=sys.stderr)
+        return 2
+    table = pd.DataFrame(rows)
+    table["run"] = [str(Path(r).relative_to(args.sweep_dir)) for r in table["run"]]
+    print(table[["run", "overrides", "state", "epochs", "final_top1", "updated"]].to_markdown(index=False))
+    failed = [r for r in rows if r["state"].startswith("failed")]
+    for row in failed:
+        print(f"\nFAILED {row['run']}: {row['error']}")
+    counts = pd.Series([r["state"].split(" (")[0] for r in rows]).value_counts()
+    print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toe.sweep import main as sweep_main
+from toe.sweep import sweep_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+SMOKE_COLLAPSED = {"model", "recipe", "data", "logger", "seed"}  # smoke=on sweeps one value of each
+
+
+def _toe_train(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "toe.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _smoke_jobs(name: str) -> int:
+    params = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    return math.prod(1 if key in SMOKE_COLLAPSED else len(str(value).split(",")) for key, value in params.items())
+
+
+def test_every_experiment_is_a_multirun_with_its_own_task_name():
+    assert {"table1_deit", "table2_consistency", "ablation_init", "ablation_expand", "ablation_merge",
+            "ablation_distance", "ablation_repeats", "ablation_keep_rates", "ablation_stage_split"} <= set(EXPERIMENTS)
+    for name in EXPERIMENTS:
+        spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
+        assert spec["task_name"] == name and spec["hydra"]["mode"] == "MULTIRUN"
+        assert str(spec["hydra"]["sweeper"]["params"]["seed"]) == "0,1,2" or "+variant" in spec["hydra"]["sweeper"]["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path):
+    proc = _toe_train(f"experiments={name}", "smoke=on", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sweep_runs(tmp_path)
+    assert len(runs) == _smoke_jobs(name)
+    assert all(r["state"] == "done" and r["epochs"] == 3 for r in runs), runs
+    for run in runs:
+        rows = [json.loads(line) for line in (Path(run["run"]) / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(0 <= r["val_top1"] <= 1 for r in rows)
+    assert sweep_main(["status", str(tmp_path)]) == 0
+
+
+def test_a_sweep_missing_a_value_stops_before_any_job_and_names_the_file(tmp_path):
+    proc = _toe_train("experiments=ablation_merge", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert "experiments/ablation_merge.yaml" in output and "missing value for data.root" in output
+    assert not list(tmp_path.glob("*/summary.json"))
+
+
+def test_a_typo_in_an_experiment_file_stops_before_any_job_and_names_file_and_key(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "typo.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      toe.mergee: mean,drop\n")
+    env = dict(os.environ, TOE_ROOT=str(tmp_path))
+    proc = _toe_train("experiments=typo", "smoke=on", f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    assert "experiments/typo.yaml" in output and "toe.mergee" in output
+    assert not (tmp_path / "sweep" / "0").exists()
+
+
+def test_a_schedule_that_cannot_work_stops_the_sweep_before_any_job(tmp_path):
+    proc = _toe_train("experiments=ablation_repeats", "smoke=on", "schedule.epochs=2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "experiments/ablation_repeats.yaml" in proc.stdout + proc.stderr
+    assert "not strictly increasing" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_sweep_status_lists_failed_runs_and_exits_non_zero(tmp_path, capsys):
+    proc = _toe_train("experiments=ablation_merge", "smoke=on", "toe.merge=mean", "recipe.batch_size=64,4096",
+                      f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode != 0  # Hydra re-raises the failed job after running the others
+    runs = {next(o for o in r["overrides"].split() if o.startswith("recipe.batch_size")): r
+            for r in sweep_runs(tmp_path)}
+    assert runs["recipe.batch_size=64"]["state"] == "done"
+    assert runs["recipe.batch_size=4096"]["state"] == "failed"
+    assert "larger than the training set" in runs["recipe.batch_size=4096"]["error"]
+    assert sweep_main(["status", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "1 done, 1 failed" in out and "FAILED" in out
+    assert sweep_main(["status", str(tmp_path / "nothing")]) == 2
