@@ -26,6 +26,7 @@ METRIC_FIELDS = (
     "epoch_seconds",  # training time of this epoch, evaluation excluded
     "train_seconds_total",
     "train_flops_total",  # analytic, MACs (see toe.flops), cumulative
+    "train_flops_linear_total",  # the same without the attention matmuls (what thop-style counters report)
     "images_seen",  # cumulative training images
     "val_top1",
     "val_top5",
@@ -46,6 +47,7 @@ SUMMARY_FIELDS = (
     "device_hours",  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
     "total_train_flops",
     "train_flops_per_image",  # schedule-averaged analytic train MACs per image
+    "train_flops_per_image_linear",  # the same without the attention matmuls
     "images_seen",
     "device",
     "lr",  # the peak LR after batch scaling

@@ -190,17 +190,18 @@ def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
                     list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"))
 
 
-def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
 
     Whatever happens, ``summary.json`` ends up saying so: ``completed``, or ``failed`` with the error.
+    ``overrides`` (Hydra's task overrides) go to W&B with the config, so the analysis can read them from there.
     """
     run_dir = Path(run_dir)
     record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True))
     record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     progress = Progress()
     try:
-        summary = _fit(cfg, run_dir, record, progress)
+        summary = _fit(cfg, run_dir, record, progress, overrides or [])
     except BaseException as err:
         summary = summarize(cfg, progress, status="failed")
         summary["error"] = f"{type(err).__name__}: {err}"
@@ -211,7 +212,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Dict[str, Any]:
     return summary
 
 
-def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress) -> Dict[str, Any]:
+def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
+         overrides: List[str]) -> Dict[str, Any]:
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
     run = build_run(cfg)
     if checkpoint is not None:
@@ -219,7 +221,7 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress) 
         log.info("Resuming %s from epoch %d (%s)", run_dir, progress.epoch, CHECKPOINT_FILE)
     record.rewrite_metrics(progress.history)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    progress.wandb_id = record.start_wandb(plain_cfg, progress.wandb_id,
+    progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
                                            name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
     bar = sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress)
     epochs, shape = int(cfg.schedule.epochs), run.shape
@@ -243,6 +245,8 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress) 
             "epoch_seconds": result.seconds,
             "train_seconds_total": last.get("train_seconds_total", 0.0) + result.seconds,
             "train_flops_total": last.get("train_flops_total", 0.0) + result.images * shape.train_macs(kept),
+            "train_flops_linear_total": last.get("train_flops_linear_total", 0.0)
+            + result.images * shape.train_macs(kept, attention=False),
             "images_seen": last.get("images_seen", 0) + result.images,
             "val_top1": None, "val_top5": None, "ema_top1": None,
             "lr": run.optimizer.param_groups[0]["lr"],
@@ -289,6 +293,7 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         "total_train_seconds": seconds, "device_hours": seconds / 3600.0,
         "total_train_flops": last.get("train_flops_total", 0.0),
         "train_flops_per_image": last.get("train_flops_total", 0.0) / images if images else None,
+        "train_flops_per_image_linear": last.get("train_flops_linear_total", 0.0) / images if images else None,
         "images_seen": images, "device": str(run.device) if run else None, "lr": run.lr if run else None,
         "resumed_at": progress.resumed_at,
     }
@@ -300,7 +305,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
 
     hydra_cfg = HydraConfig.get()
     try:
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir))
+        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     except (ConfigError, DataRootError, MissingMandatoryValue) as err:
         message = (f"missing value for {err.full_key}: set it on the command line, e.g. {err.full_key}=<value>"
                    if isinstance(err, MissingMandatoryValue) else str(err))

@@ -1,0 +1,132 @@
+"""Collect runs into tidy pandas tables, from run dirs on disk or from a W&B project.
+
+Only the run record is read (``config.yaml``, ``metrics.jsonl``, ``summary.json``, Hydra's ``overrides.yaml``):
+the contract between training and analysis. Runs that failed, are still running or have no summary are kept and
+flagged, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import pandas as pd
+import yaml
+
+from toe.record import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+
+RECORD_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
+
+
+@dataclass
+class Runs:
+    runs: pd.DataFrame  # one row per run: what it was (config, overrides) and how it ended (summary, flag)
+    epochs: pd.DataFrame  # one row per run and epoch: the metrics.jsonl lines, with the run id
+
+
+def override_column(key: str) -> str:
+    """``+variant`` -> ``variant``, ``+keep@toe`` -> ``keep``, ``toe.merge`` stays ``toe.merge``."""
+    return key.lstrip("+~").split("@", 1)[0]
+
+
+def parse_overrides(overrides: Iterable[str]) -> Dict[str, str]:
+    parsed = {}
+    for item in overrides:
+        if "=" in item:
+            key, value = item.split("=", 1)
+            parsed[override_column(key)] = value
+    return parsed
+
+
+def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], overrides: Iterable[str],
+                  history: List[Dict[str, Any]]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """One run's row and epoch rows from its record; the same mapping serves run dirs and W&B runs."""
+    config = config or {}
+    toe_cfg, schedule = config.get("toe") or {}, config.get("schedule") or {}
+    row: Dict[str, Any] = {
+        "run": run_id,
+        "experiment": config.get("task_name"),
+        "method": config.get("method_name") or summary.get("method"),
+        "model": (config.get("model") or {}).get("name") or summary.get("model"),
+        "data": (config.get("data") or {}).get("name") or summary.get("data"),
+        "seed": config.get("seed"),
+        "toe_enabled": toe_cfg.get("enabled"),
+        "keep_rates": str(toe_cfg.get("keep_rates")) if toe_cfg.get("enabled") else None,
+        "init_keep_rate": toe_cfg.get("init_keep_rate") if toe_cfg.get("enabled") else None,
+        "epochs_planned": schedule.get("epochs"),
+        "stage_starts": schedule.get("stage_starts"),
+        "schedule_length": schedule.get("length"),
+    }
+    row.update(parse_overrides(overrides))
+    for key, value in summary.items():
+        if key not in ("method", "model", "data"):
+            row[key] = value
+    status = summary.get("status")
+    row["status"] = status or "no summary"
+    if status == "failed":
+        row["flag"] = f"failed: {summary.get('error', 'unknown error')}"
+    elif status in (None, "running"):
+        row["flag"] = "no summary (never started or died before its first epoch)" if status is None else (
+            f"running or stopped (last epoch {summary.get('epochs', 0)} of {schedule.get('epochs', '?')})")
+    else:
+        row["flag"] = None
+    epoch_rows = [dict(line, run=run_id) for line in history]
+    return row, epoch_rows
+
+
+def find_run_dirs(root: Path) -> List[Path]:
+    """Every directory under ``root`` (itself included) that holds a run record, recursively."""
+    root = Path(root)
+    found = {p.parent for name in RECORD_FILES for p in root.rglob(name)}
+    return sorted(d for d in found if not any(part.startswith(".") for part in d.relative_to(root).parts))
+
+
+def load_run_dir(run_dir: Path, root: Path) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    def read(name, parse):
+        path = run_dir / name
+        return parse(path.read_text()) if path.exists() else None
+
+    config = read(CONFIG_FILE, yaml.safe_load) or {}
+    summary = read(SUMMARY_FILE, json.loads) or {}
+    history = read(METRICS_FILE, lambda t: [json.loads(line) for line in t.splitlines() if line.strip()]) or []
+    overrides = read(".hydra/overrides.yaml", yaml.safe_load) or []
+    run_id = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
+    return record_to_row(run_id, config, summary, overrides, history)
+
+
+def _frame(rows: List[Dict[str, Any]], epoch_rows: List[Dict[str, Any]]) -> Runs:
+    return Runs(pd.DataFrame(rows), pd.DataFrame(epoch_rows))
+
+
+def collect(root: Path) -> Runs:
+    """All runs under ``root``; raises ``FileNotFoundError`` when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    rows, epoch_rows = [], []
+    for run_dir in find_run_dirs(root):
+        row, epochs = load_run_dir(run_dir, root)
+        rows.append(row)
+        epoch_rows += epochs
+    if not rows:
+        raise FileNotFoundError(f"no run records (config.yaml, metrics.jsonl, summary.json) under {root}")
+    return _frame(rows, epoch_rows)
+
+
+def collect_wandb(project: str, api: Optional[Any] = None) -> Runs:
+    """The same tables from a W&B project ``entity/project`` (needs network access and a login)."""
+    import wandb
+
+    api = api or wandb.Api()
+    rows, epoch_rows = [], []
+    for run in api.runs(project):
+        config = {k: v for k, v in run.config.items() if not k.startswith("_")}
+        history = [r for r in run.scan_history() if "epoch" in r]
+        row, epochs = record_to_row(run.id, config, dict(run.summary), config.get("overrides") or [], history)
+        rows.append(row)
+        epoch_rows += epochs
+    if not rows:
+        raise FileNotFoundError(f"no runs in the W&B project {project}")
+    return _frame(rows, epoch_rows)

@@ -1,0 +1,118 @@
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.collect import collect, load_run_dir, record_to_row
+from analysis.report import main as report_main
+from analysis.tables import TABLES, build_table, spec_for, write_table
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real small sweep: baseline and ToE, two seeds each, plus one run that fails."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["logger=none", "schedule.epochs=3", "model.kwargs.depth=2"]
+    subprocess.run([sys.executable, "-m", "toe.train", "-m", "method=baseline,toe", "seed=0,1", *common,
+                    f"hydra.sweep.dir={root / 'sweep'}"], check=True, capture_output=True, timeout=600)
+    failed = subprocess.run([sys.executable, "-m", "toe.train", *common, "recipe.batch_size=4096",
+                             f"hydra.run.dir={root / 'failed'}"], capture_output=True, timeout=300)
+    assert failed.returncode == 2
+    return root
+
+
+def _summaries(root: Path):
+    out = {}
+    for path in (root / "sweep").glob("*/summary.json"):
+        config = yaml.safe_load((path.parent / "config.yaml").read_text())
+        out[(config["method_name"], config["seed"])] = json.loads(path.read_text())
+    return out
+
+
+def test_collect_keeps_every_run_and_flags_the_failed_one(sweep, tmp_path):
+    collected = collect(sweep)
+    runs = collected.runs
+    assert len(runs) == 5
+    assert sorted(runs["method"]) == ["baseline", "baseline", "toe", "toe", "toe"]
+    failed = runs[runs["run"] == "failed"].iloc[0]
+    assert failed["status"] == "failed" and "larger than the training set" in failed["flag"]
+    assert runs[runs["run"] != "failed"]["flag"].isna().all()
+    assert len(collected.epochs) == 4 * 3
+    toe_epochs = collected.epochs.merge(runs[["run", "method"]], on="run").query("method == 'toe'")
+    assert sorted(set(toe_epochs["tokens_after_first_block"])) == [33, 49, 65]
+    with pytest.raises(FileNotFoundError, match="no run records"):
+        collect(tmp_path)
+
+
+def test_table_holds_exactly_the_numbers_of_the_run_records(sweep):
+    runs = collect(sweep).runs
+    table = build_table(runs, spec_for("train", runs)).set_index("method")
+    summaries = _summaries(sweep)
+    for method in ("baseline", "toe"):
+        finals = [summaries[(method, seed)]["final_top1"] * 100 for seed in (0, 1)]
+        row = table.loc[method]
+        assert row["n"] == 2
+        assert row["top1_mean"] == pytest.approx(statistics.mean(finals))
+        assert row["top1_std"] == pytest.approx(statistics.stdev(finals))
+        flops = [summaries[(method, seed)]["train_flops_per_image"] / 3e9 for seed in (0, 1)]
+        assert row["gflops_attn"] == pytest.approx(statistics.mean(flops))
+        hours = [summaries[(method, seed)]["device_hours"] for seed in (0, 1)]
+        assert row["hours"] == pytest.approx(statistics.mean(hours))
+    assert table.loc["toe", "speedup"] == pytest.approx(table.loc["baseline", "hours"] / table.loc["toe", "hours"])
+    assert table.loc["toe", "top1_delta"] == pytest.approx(
+        table.loc["toe", "top1_mean"] - table.loc["baseline", "top1_mean"])
+    assert table.loc["toe", "gflops_linear"] < table.loc["baseline", "gflops_linear"]
+    assert table.loc["baseline", "is_reference"] and not table.loc["toe", "is_reference"]
+
+
+def test_tables_are_written_as_markdown_csv_and_latex_with_reference_columns(sweep, tmp_path):
+    runs = collect(sweep).runs
+    reference = pd.DataFrame({"model": ["vit_tiny_patch16_224"], "method": ["toe"], "top1": [72.5]})
+    table = build_table(runs, spec_for("train", runs), reference)
+    paths = write_table(table, tmp_path, "table1")
+    markdown = paths["md"].read_text()
+    assert "± " in markdown and "(n=2)" in markdown and "ref." in markdown
+    assert "72.5" in markdown and "not given" in markdown  # the baseline row has no reference number
+    assert pd.read_csv(paths["csv"])["top1_mean"].tolist() == pytest.approx(table["top1_mean"].tolist())
+    assert "\\begin{tabular}" in paths["tex"].read_text()
+
+
+def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, capsys):
+    assert report_main([str(sweep), "-o", str(tmp_path / "report"), "--html"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Runs of train" in report and "## Flagged runs" in report
+    assert "`failed`: failed: ConfigError" in report
+    assert "toe: faster by" in report or "toe: slower by" in report
+    assert "seed spread" in report
+    for name in ("top1_vs_epoch", "top1_vs_time", "tokens_vs_epoch"):
+        png = tmp_path / "report" / "train" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"train/{name}.png" in report
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "1 flagged" in capsys.readouterr().out
+    assert report_main([str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_wandb_and_disk_records_map_to_the_same_row(sweep):
+    run_dir = next((sweep / "sweep").glob("*/summary.json")).parent
+    row, epochs = load_run_dir(run_dir, sweep)
+    # What W&B returns for the same run: the logged config (with the overrides), its summary and its history.
+    config = dict(yaml.safe_load((run_dir / "config.yaml").read_text()),
+                  overrides=yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    wandb_row, wandb_epochs = record_to_row(row["run"], config, summary, config["overrides"], history)
+    assert wandb_row == row and wandb_epochs == epochs
+
+
+def test_known_experiments_get_the_paper_layout_and_others_their_varied_keys(sweep):
+    runs = collect(sweep).runs
+    assert spec_for("table1_deit", runs) is TABLES["table1_deit"]
+    assert TABLES["ablation_merge"].reference == {"toe.merge": "mean"}
+    assert spec_for("train", runs).rows == ["model", "method"]
