@@ -59,7 +59,9 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], 
         "stage_starts": schedule.get("stage_starts"),
         "schedule_length": schedule.get("length"),
     }
-    row.update(parse_overrides(overrides))
+    # Override columns add what the sweep varied; they never replace what the record says (model=deit_small is
+    # recorded as deit_small_patch16_224).
+    row.update({k: v for k, v in parse_overrides(overrides).items() if k not in row})
     for key, value in summary.items():
         if key not in ("method", "model", "data"):
             row[key] = value
@@ -67,6 +69,8 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], 
     row["status"] = status or "no summary"
     if status == "failed":
         row["flag"] = f"failed: {summary.get('error', 'unknown error')}"
+    elif status == "interrupted":
+        row["flag"] = f"interrupted after epoch {summary.get('epochs', 0)} (preempted or stopped; a rerun resumes)"
     elif status in (None, "running"):
         row["flag"] = "no summary (never started or died before its first epoch)" if status is None else (
             f"running or stopped (last epoch {summary.get('epochs', 0)} of {schedule.get('epochs', '?')})")

@@ -59,7 +59,8 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
         plots = plot_runs(subset, collected.epochs[collected.epochs["run"].isin(run_ids)] if len(collected.epochs)
                           else collected.epochs, table.attrs["rows"], spec.title, section)
         lines = verdicts(table)
-        parts += [f"\n## {spec.title}\n", f"Experiment `{name}`; rows pool seeds; speed-up and Δ top-1 against the "
+        data = ", ".join(sorted(str(d) for d in subset["data"].dropna().unique())) or "unknown"
+        parts += [f"\n## {spec.title}\n", f"Experiment `{name}`, data: {data}; rows pool seeds; speed-up and Δ top-1 against the "
                   f"reference row ({', '.join(f'{k}={v}' for k, v in spec.reference.items())}) of the same model.\n",
                   format_table(table).to_markdown(index=False), "\n\n**Verdicts**\n"]
         parts += [f"- {line}" for line in lines] or ["- (no row to compare)"]

@@ -31,7 +31,9 @@ TABLES: Dict[str, TableSpec] = {
     "table3_lvvit": TableSpec("Table 3: LV-ViT with token labeling", ["model", "method"]),
     "table4_efficienttrain": TableSpec("Table 4: EfficientTrain and EfficientTrain + ToE", ["model", "method"],
                                        {"method": "efficienttrain"}),
-    "finetune_cifar": TableSpec("Fine-tuning on CIFAR", ["data", "model", "pretrained", "method"]),
+    "finetune_cifar": TableSpec("Fine-tuning on CIFAR: pre-trained with full tokens or ToE, fine-tuned with ToE off "
+                                "or on", ["data", "model", "pretrained_from", "method"],
+                                {"pretrained_from": "baseline", "method": "baseline"}),
     "ablation_init": TableSpec("Ablation: seed initialisation", ["model", "toe.init"], {"toe.init": "spatial"}),
     "ablation_expand": TableSpec("Ablation: expansion", ["model", "toe.expand"], {"toe.expand": "widest"}),
     "ablation_merge": TableSpec("Ablation: merging", ["model", "toe.merge"], {"toe.merge": "mean"}),

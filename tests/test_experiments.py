@@ -27,18 +27,32 @@ def _smoke_jobs(name: str) -> int:
 
 
 def test_every_experiment_is_a_multirun_with_its_own_task_name():
-    assert {"table1_deit", "table2_consistency", "ablation_init", "ablation_expand", "ablation_merge",
+    assert {"table1_deit", "table2_consistency", "finetune_cifar", "ablation_init", "ablation_expand", "ablation_merge",
             "ablation_distance", "ablation_repeats", "ablation_keep_rates", "ablation_stage_split"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
         assert spec["task_name"] == name and spec["hydra"]["mode"] == "MULTIRUN"
-        assert str(spec["hydra"]["sweeper"]["params"]["seed"]) == "0,1,2" or "+variant" in spec["hydra"]["sweeper"]["params"]
+        assert str(spec["hydra"]["sweeper"]["params"]["seed"]) == "0,1,2"
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoints(tmp_path_factory):
+    """Two smoke-sized pre-trainings (full tokens and ToE) of the smoke model, for finetune_cifar."""
+    from conftest import compose_cfg
+    from toe.train import train
+
+    root = tmp_path_factory.mktemp("pretrained")
+    for method in ("baseline", "toe"):
+        train(compose_cfg(["logger=none", f"method={method}", "schedule.epochs=2", "schedule.length=2",
+                           "schedule.stage_starts=[0,1,2]"]), root / method)
+    return [f"pretrained.{m}={root / m / 'checkpoint.pth'}" for m in ("baseline", "toe")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path):
-    proc = _toe_train(f"experiments={name}", "smoke=on", f"hydra.sweep.dir={tmp_path}")
+def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
+    extra = request.getfixturevalue("digits_checkpoints") if name == "finetune_cifar" else []
+    proc = _toe_train(f"experiments={name}", "smoke=on", *extra, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sweep_runs(tmp_path)
     assert len(runs) == _smoke_jobs(name)
@@ -69,11 +83,26 @@ def test_a_typo_in_an_experiment_file_stops_before_any_job_and_names_file_and_ke
     assert not (tmp_path / "sweep" / "0").exists()
 
 
+def test_finetune_experiment_without_checkpoints_names_the_missing_value(tmp_path):
+    proc = _toe_train("experiments=finetune_cifar", "smoke=on", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "experiments/finetune_cifar.yaml" in proc.stdout + proc.stderr
+    assert "Missing mandatory value: pretrained.baseline" in proc.stdout + proc.stderr
+
+
 def test_a_schedule_that_cannot_work_stops_the_sweep_before_any_job(tmp_path):
     proc = _toe_train("experiments=ablation_repeats", "smoke=on", "schedule.epochs=2", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2
     assert "experiments/ablation_repeats.yaml" in proc.stdout + proc.stderr
     assert "not strictly increasing" in proc.stdout + proc.stderr
+
+
+def test_a_plain_multirun_is_checked_before_it_starts_too(tmp_path):
+    proc = _toe_train("-m", "method=baseline,toe", "schedule=official", "schedule.epochs=2",
+                      f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "the command line" in proc.stdout + proc.stderr and "not strictly increasing" in proc.stdout + proc.stderr
+    assert not (tmp_path / "0").exists()
 
 
 @pytest.mark.slow

@@ -155,3 +155,26 @@ def test_schedule_min_lr_replaces_the_recipe_min_lr(tiny_cfg, tmp_path):
     train(tiny_cfg("+schedule.min_lr=5e-4"), tmp_path / "hyper")
     assert _metrics(tmp_path / "recipe")[-1]["lr"] == pytest.approx(1e-5)  # cosine ends at min_lr
     assert _metrics(tmp_path / "hyper")[-1]["lr"] == pytest.approx(5e-4)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_one_run_with_the_global_batch(tmp_path):
+    """DDP on CPU: torchrun with 2 processes; recipe.batch_size stays the global batch and sets the LR."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "toe.train", "logger=none", "schedule.epochs=2", "schedule.length=2", "schedule.stage_starts=[0,1,2]",
+           "model.kwargs.depth=2", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = _metrics(tmp_path)
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert summary["lr"] == pytest.approx(2e-3)  # 2e-3 x 64 / 64: scaled by the global batch, not per process
+    # DistributedSampler: 719 images per process, 22 batches of 32 each, two processes.
+    assert [r["images_seen"] for r in rows] == [1408, 2816]
+    assert [r["tokens_after_first_block"] for r in rows] == [33, 49]
+    assert all(0 <= r["val_top1"] <= 1 for r in rows)
+    assert summary["device_hours"] == pytest.approx(2 * summary["total_train_seconds"] / 3600)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])

@@ -41,7 +41,9 @@ def train_one_epoch(
     clip_grad: Optional[float] = None,
     progress: bool = False,
     desc: str = "train",
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> EpochResult:
+    """One pass over ``loader``. ``reduce`` sums a tensor over processes (DDP), so loss and images are global."""
     model.train()
     loss_sum, images = torch.zeros((), device=device), 0
     _sync(device)
@@ -74,7 +76,8 @@ def train_one_epoch(
         images += inputs.shape[0]
     _sync(device)
     seconds = time.perf_counter() - start
-    mean_loss = float(loss_sum) / max(images, 1)  # one host sync per epoch, not per step
+    totals = reduce(torch.stack([loss_sum.float(), torch.tensor(float(images), device=device)]))
+    mean_loss, images = float(totals[0]) / max(float(totals[1]), 1.0), int(totals[1])  # one sync per epoch
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
             f"training loss is {mean_loss} in {desc}: lower recipe.lr, set recipe.clip_grad, or check the data"
@@ -89,8 +92,9 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> Tuple[float, float]:
-    """Top-1 and top-5 accuracy as fractions in [0, 1]."""
+    """Top-1 and top-5 accuracy as fractions in [0, 1], over the shards of all processes (``reduce``)."""
     model.eval()
     correct1 = correct5 = total = 0.0
     for inputs, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
@@ -101,4 +105,5 @@ def evaluate(
         correct1 += float(top1) * inputs.shape[0] / 100.0
         correct5 += float(top5) * inputs.shape[0] / 100.0
         total += inputs.shape[0]
-    return correct1 / total, correct5 / total
+    sums = reduce(torch.tensor([correct1, correct5, total], dtype=torch.float64, device=device))
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])

@@ -44,6 +44,7 @@ SUMMARY_FIELDS = (
     "best_ema_top1",
     "final_ema_top1",
     "total_train_seconds",
+    "world_size",  # processes (GPUs) of the run
     "device_hours",  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
     "total_train_flops",
     "train_flops_per_image",  # schedule-averaged analytic train MACs per image
@@ -64,27 +65,38 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class RunRecord:
     """Local files of one run, plus an optional W&B run that mirrors them."""
 
-    def __init__(self, run_dir: Path, wandb_cfg: Optional[Dict[str, Any]] = None):
+    def __init__(self, run_dir: Path, wandb_cfg: Optional[Dict[str, Any]] = None, enabled: bool = True):
+        """``enabled=False`` (processes other than rank 0 of a DDP run) makes every method a no-op."""
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.wandb_cfg = wandb_cfg or {}
         self._wandb = None
 
     def write_config(self, yaml_text: str) -> None:
+        if not self.enabled:
+            return
         (self.run_dir / CONFIG_FILE).write_text(yaml_text)
 
     def rewrite_metrics(self, history: List[Dict[str, Any]]) -> None:
         """Make ``metrics.jsonl`` hold exactly ``history`` (used on resume, so no epoch is logged twice)."""
+        if not self.enabled:
+            return
         tmp = self.run_dir / (METRICS_FILE + ".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
         os.replace(tmp, self.run_dir / METRICS_FILE)
 
     def log_epoch(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         self._wandb_call("log", {k: v for k, v in row.items() if v is not None}, step=row["epoch"])
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         if self._wandb is not None:
             try:
@@ -96,7 +108,7 @@ class RunRecord:
     def start_wandb(self, config: Dict[str, Any], run_id: Optional[str], name: str) -> Optional[str]:
         """Start (or resume, with ``run_id``) the W&B run; returns its id, or ``None`` when W&B is off or failed."""
         mode = self.wandb_cfg.get("mode", "disabled")
-        if mode == "disabled":
+        if mode == "disabled" or not self.enabled:
             return None
         try:
             import wandb

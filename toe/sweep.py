@@ -15,6 +15,7 @@ import yaml
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .record import SUMMARY_FILE
 
@@ -30,7 +31,8 @@ def _sweep_jobs(config: DictConfig) -> List[List[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=True)
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
     arguments = [f"{key}={value}" for key, value in params.items()]
     arguments += list(config.hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides(arguments)
@@ -66,8 +68,13 @@ class ValidateSweep(Callback):
                 job_cfg = loader.load_sweep_config(config, list(job))
             except Exception as err:  # noqa: BLE001 - Hydra raises several types for bad overrides
                 raise ExperimentError(f"{source}: job {' '.join(job)}: {err}".strip()) from None
-            with_hydra = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
-            missing = sorted(OmegaConf.missing_keys(with_hydra))
+            job_values = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
+            try:  # interpolations too: finetune.path: ${pretrained.baseline} with pretrained.baseline: ???
+                missing = sorted(OmegaConf.missing_keys(job_values))
+                if not missing:
+                    OmegaConf.to_container(job_values, resolve=True, throw_on_missing=True)
+            except OmegaConfBaseException as err:
+                raise ExperimentError(f"{source}: job {' '.join(job)}: {str(err).splitlines()[0]}") from None
             if missing:
                 raise ExperimentError(
                     f"{source}: job {' '.join(job)}: missing value for {', '.join(missing)} "

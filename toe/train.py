@@ -20,12 +20,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 import toe
 from toe.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from toe.data import DataRootError, build_datasets, build_transforms
+from toe.distributed import DistInfo, all_reduce_sum, cleanup, gather_objects, init_distributed
 from toe.engine import evaluate, train_one_epoch
+from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
 from toe.record import CHECKPOINT_FILE, RunRecord
 
@@ -69,9 +71,11 @@ def build_schedule(cfg: DictConfig) -> Optional[toe.ExpansionSchedule]:
         raise ConfigError(f"toe/schedule config: {err}") from None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -110,29 +114,61 @@ class Run:
     mixup: Any
     train_loader: Any
     val_loader: Any
-    sampler_gen: torch.Generator
+    sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
     shape: ViTShape
     device: torch.device
     autocast: Any
     lr: float
+    dist: DistInfo
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor, self.dist)
 
 
-def build_run(cfg: DictConfig) -> Run:
+class _EpochSampler(torch.utils.data.RandomSampler):
+    """A RandomSampler whose shuffle is a function of (seed, epoch), like DistributedSampler's: a resumed run
+    draws the same batches as an uninterrupted one."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
+    if not info.enabled:
+        return _EpochSampler(dataset, cfg.seed)
+    if cfg.recipe.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        return RepeatAugSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
+    return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed,
+                                               drop_last=True)
+
+
+def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     import timm
     from timm.data import resolve_model_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, random_seed
 
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, info.local_rank)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype
                 else contextlib.nullcontext)
-    random_seed(cfg.seed)
+    random_seed(cfg.seed, info.rank)
     train_set, val_set = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
     model = timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                               drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs)
+    if cfg.finetune.path:
+        try:
+            load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
+        except (FileNotFoundError, CheckpointMismatchError) as err:
+            raise ConfigError(str(err)) from None
     schedule = build_schedule(cfg)
     if schedule is not None:
         toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
@@ -140,18 +176,25 @@ def build_run(cfg: DictConfig) -> Run:
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     model.to(device)
 
-    batch_size = int(cfg.recipe.batch_size)
+    batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
+    if batch_size % info.world_size:
+        raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
+    local_batch = batch_size // info.world_size
     lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
     optimizer = create_optimizer_v2(model, opt=cfg.recipe.opt, lr=lr, weight_decay=cfg.recipe.weight_decay,
                                     momentum=cfg.recipe.momentum, eps=cfg.recipe.opt_eps)
     ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
     net = torch.compile(model) if cfg.train.compile else model
-    sampler_gen = torch.Generator()
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    sampler = _train_sampler(train_set, cfg, info)
     loader_kwargs = dict(num_workers=cfg.train.workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, drop_last=True,
-        sampler=torch.utils.data.RandomSampler(train_set, generator=sampler_gen), **loader_kwargs)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False, **loader_kwargs)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, drop_last=True, sampler=sampler,
+                                               **loader_kwargs)
+    # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
+    val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
     min_lr = cfg.schedule.get("min_lr") if cfg.schedule.get("min_lr") is not None else cfg.recipe.min_lr
@@ -162,7 +205,7 @@ def build_run(cfg: DictConfig) -> Run:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
-               sampler_gen, ViTShape.from_model(model), device, autocast, lr)
+               sampler, ViTShape.from_model(model), device, autocast, lr, info)
 
 
 @dataclass
@@ -184,7 +227,8 @@ def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
         run.ema.load_state_dict(checkpoint["ema"])
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng(checkpoint["rng"])
+    rng = checkpoint["rng"]
+    restore_rng(rng[run.dist.rank] if isinstance(rng, list) else rng)
     run.scheduler.step(checkpoint["epoch"])
     return Progress(checkpoint["epoch"], checkpoint["num_updates"], list(checkpoint["history"]),
                     list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"))
@@ -193,29 +237,37 @@ def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
 def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
 
-    Whatever happens, ``summary.json`` ends up saying so: ``completed``, or ``failed`` with the error.
+    Whatever happens, ``summary.json`` ends up saying so: ``completed``, ``failed`` with the error, or
+    ``interrupted`` (SystemExit or Ctrl-C: submitit's preemption/requeue handler, a scheduler's signal), after which
+    a rerun resumes.
     ``overrides`` (Hydra's task overrides) go to W&B with the config, so the analysis can read them from there.
     """
     run_dir = Path(run_dir)
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True))
+    info = init_distributed(use_cuda=resolve_device(cfg.train.device).type == "cuda")
+    if info.enabled:  # every process works in rank 0's run dir (Hydra's ${now:} may differ by a second)
+        run_dir = Path(gather_objects(str(run_dir), info)[0])
+    record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True), enabled=info.is_main)
     record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     progress = Progress()
     try:
-        summary = _fit(cfg, run_dir, record, progress, overrides or [])
+        summary = _fit(cfg, run_dir, record, progress, overrides or [], info)
     except BaseException as err:
-        summary = summarize(cfg, progress, status="failed")
+        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+        summary = summarize(cfg, progress, status="interrupted" if interrupted else "failed")
         summary["error"] = f"{type(err).__name__}: {err}"
         record.write_summary(summary)
         record.finish(1)
         raise
+    finally:
+        cleanup(info)
     record.finish(0)
     return summary
 
 
 def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
-         overrides: List[str]) -> Dict[str, Any]:
+         overrides: List[str], info: DistInfo) -> Dict[str, Any]:
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    run = build_run(cfg)
+    run = build_run(cfg, info)
     if checkpoint is not None:
         vars(progress).update(vars(restore(run, checkpoint)))
         log.info("Resuming %s from epoch %d (%s)", run_dir, progress.epoch, CHECKPOINT_FILE)
@@ -223,7 +275,7 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
                                            name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
-    bar = sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress)
+    bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
     epochs, shape = int(cfg.schedule.epochs), run.shape
     for epoch in range(progress.epoch, epochs):
         stage = toe.set_epoch(run.model, epoch)
@@ -232,11 +284,11 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
         run.model.train()
         op = toe.expansion_op(run.model)
         kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
-        run.sampler_gen.manual_seed(cfg.seed * 100_003 + epoch)
+        run.sampler.set_epoch(epoch)
         result = train_one_epoch(
             run.net, run.train_loader, run.criterion, run.optimizer, run.scheduler, run.device,
             progress.num_updates, run.autocast, run.scaler, run.ema, run.mixup, cfg.recipe.clip_grad, bar,
-            desc=f"epoch {epoch + 1}/{epochs}")
+            desc=f"epoch {epoch + 1}/{epochs}", reduce=run.reduce)
         run.scheduler.step(epoch + 1)
         last = progress.history[-1] if progress.history else {}
         row = {
@@ -252,17 +304,23 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
             "lr": run.optimizer.param_groups[0]["lr"],
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-            row["val_top1"], row["val_top5"] = evaluate(run.net, run.val_loader, run.device, run.autocast, bar)
+            row["val_top1"], row["val_top5"] = evaluate(run.net, run.val_loader, run.device, run.autocast, bar,
+                                                        reduce=run.reduce)
             if run.ema is not None:
-                row["ema_top1"] = evaluate(run.ema.module, run.val_loader, run.device, run.autocast, bar)[0]
+                row["ema_top1"] = evaluate(run.ema.module, run.val_loader, run.device, run.autocast, bar,
+                                           reduce=run.reduce)[0]
         progress.history.append(row)
         progress.epoch, progress.num_updates = epoch + 1, result.num_updates
-        save_checkpoint(run_dir / CHECKPOINT_FILE, {
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "epoch": progress.epoch,
-            "num_updates": progress.num_updates, "rng": capture_rng(), "wandb_id": progress.wandb_id,
-            "history": progress.history, "resumed_at": progress.resumed_at, "config": plain_cfg})
+        rng_states = gather_objects(capture_rng(), info)  # every rank's, so a resumed DDP run is exact too
+        if info.is_main:
+            save_checkpoint(run_dir / CHECKPOINT_FILE, {
+                "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "ema": run.ema.state_dict() if run.ema is not None else None,
+                "scaler": run.scaler.state_dict() if run.scaler is not None else None, "epoch": progress.epoch,
+                "num_updates": progress.num_updates, "rng": rng_states if info.enabled else rng_states[0],
+                "wandb_id": progress.wandb_id, "history": progress.history, "resumed_at": progress.resumed_at,
+                "config": plain_cfg})
         record.log_epoch(row)
         log.info("epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs", epoch + 1, epochs,
                  stage, row["tokens_after_first_block"], row["train_loss"], _pct(row["val_top1"]),
@@ -290,7 +348,8 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         "status": status, "method": cfg.method_name, "model": cfg.model.name, "data": cfg.data.name,
         "epochs": len(history), "best_top1": max(top1, default=None), "final_top1": top1[-1] if top1 else None,
         "best_ema_top1": max(ema, default=None), "final_ema_top1": ema[-1] if ema else None,
-        "total_train_seconds": seconds, "device_hours": seconds / 3600.0,
+        "total_train_seconds": seconds, "world_size": run.dist.world_size if run else None,
+        "device_hours": seconds * (run.dist.world_size if run else 1) / 3600.0,
         "total_train_flops": last.get("train_flops_total", 0.0),
         "train_flops_per_image": last.get("train_flops_total", 0.0) / images if images else None,
         "train_flops_per_image_linear": last.get("train_flops_linear_total", 0.0) / images if images else None,
@@ -306,9 +365,11 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     try:
         summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-    except (ConfigError, DataRootError, MissingMandatoryValue) as err:
-        message = (f"missing value for {err.full_key}: set it on the command line, e.g. {err.full_key}=<value>"
-                   if isinstance(err, MissingMandatoryValue) else str(err))
+    except (ConfigError, DataRootError, MissingMandatoryValue, InterpolationResolutionError) as err:
+        if isinstance(err, MissingMandatoryValue):
+            message = f"missing value for {err.full_key}: set it on the command line, e.g. {err.full_key}=<value>"
+        else:
+            message = str(err).splitlines()[0]
         log.error("%s", message)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # this job fails and the sweep goes on with the others
@@ -326,4 +387,7 @@ def main() -> Optional[float]:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable toe.train, not this __main__ copy: submitit pickles the task function by reference.
+    from toe.train import main as _main
+
+    _main()

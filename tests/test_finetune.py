@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import timm
+import torch
+
+from conftest import write_image_folder
+from toe.finetune import CheckpointMismatchError, load_pretrained
+from toe.train import ConfigError, train
+
+VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    from conftest import TINY_RUN, compose_cfg
+
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    train(compose_cfg(TINY_RUN), run_dir)
+    return run_dir / "checkpoint.pth"
+
+
+def test_loading_a_toe_checkpoint_replaces_the_head_and_keeps_the_backbone(digits_checkpoint):
+    saved = torch.load(digits_checkpoint, weights_only=True)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **VIT)
+    fresh_head = model.head.weight.clone()
+    notes = load_pretrained(model, digits_checkpoint)
+    assert notes == ["replaced head.weight (10, 64) -> (3, 64)", "replaced head.bias (10,) -> (3,)"]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, saved["model"]["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.head.weight, fresh_head)
+    ema = timm.create_model("vit_tiny_patch16_224", num_classes=10, **VIT)
+    load_pretrained(ema, digits_checkpoint, use_ema=True)
+    assert torch.equal(ema.pos_embed, saved["ema"]["module.pos_embed"])
+
+
+def test_position_embedding_is_resampled_for_another_resolution(digits_checkpoint):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **dict(VIT, img_size=48))
+    notes = load_pretrained(model, digits_checkpoint)
+    assert notes == ["resampled pos_embed (1, 65, 64) -> (1, 145, 64)"]
+
+
+def test_weights_that_do_not_fit_name_the_mismatched_keys(digits_checkpoint):
+    wider = timm.create_model("vit_tiny_patch16_224", num_classes=10, **dict(VIT, embed_dim=96, num_heads=3))
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch cls_token: checkpoint \(1, 1, 64\), model "
+                                                      r"\(1, 1, 96\)"):
+        load_pretrained(wider, digits_checkpoint)
+    deeper = timm.create_model("vit_tiny_patch16_224", num_classes=10, **dict(VIT, depth=3))
+    with pytest.raises(CheckpointMismatchError, match="missing in checkpoint: blocks.2.norm1.weight"):
+        load_pretrained(deeper, digits_checkpoint)
+
+
+def test_fine_tuning_run_from_a_digits_checkpoint_on_another_class_count(digits_checkpoint, tiny_cfg, tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"))
+    cfg = tiny_cfg("finetune=checkpoint", f"finetune.path={digits_checkpoint}", "data=imagefolder",
+                   f"data.root={root}", "recipe.batch_size=6", "schedule.epochs=1", "method=baseline")
+    summary = train(cfg, tmp_path / "ft")
+    assert summary["status"] == "completed"
+    assert torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)["model"]["head.weight"].shape == (3, 64)
+    with pytest.raises(ConfigError, match="no such file"):
+        train(tiny_cfg("finetune=checkpoint", "finetune.path=/nonexistent.pth"), tmp_path / "missing")
+    failed = json.loads((tmp_path / "missing" / "summary.json").read_text())
+    assert failed["status"] == "failed" and "no such file" in failed["error"]
