@@ -42,8 +42,14 @@ def train_one_epoch(
     progress: bool = False,
     desc: str = "train",
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    accumulation: int = 1,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> EpochResult:
-    """One pass over ``loader``. ``reduce`` sums a tensor over processes (DDP), so loss and images are global."""
+    """One pass over ``loader``. ``reduce`` sums a tensor over processes (DDP), so loss and images are global.
+
+    ``accumulation`` micro-batches make one optimiser step (EfficientTrain's update_freq); ``batch_transform``
+    changes each input batch on the device before Mixup (EfficientTrain's Fourier crop).
+    """
     model.train()
     loss_sum, images = torch.zeros((), device=device), 0
     _sync(device)
@@ -51,27 +57,34 @@ def train_one_epoch(
     for step, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if batch_transform is not None:
+            inputs = batch_transform(inputs)
         if mixup is not None:
             inputs, targets = mixup(inputs, targets)
         with autocast():
             loss = criterion(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
+        if step % accumulation == 0:
+            optimizer.zero_grad(set_to_none=True)
+        update = (step + 1) % accumulation == 0
         if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                dispatch_clip_grad(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.scale(loss / accumulation).backward()
+            if update:
+                if clip_grad:
+                    scaler.unscale_(optimizer)
+                    dispatch_clip_grad(model.parameters(), clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
         else:
-            loss.backward()
-            if clip_grad:
-                dispatch_clip_grad(model.parameters(), clip_grad)
-            optimizer.step()
-        num_updates += 1
-        scheduler.step_update(num_updates=num_updates)
-        if ema is not None:
-            ema.update(model, step=num_updates)
+            (loss / accumulation).backward()
+            if update:
+                if clip_grad:
+                    dispatch_clip_grad(model.parameters(), clip_grad)
+                optimizer.step()
+        if update:
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            if ema is not None:
+                ema.update(model, step=num_updates)
         loss_sum += loss.detach() * inputs.shape[0]
         images += inputs.shape[0]
     _sync(device)
@@ -93,12 +106,15 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = False,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[float, float]:
     """Top-1 and top-5 accuracy as fractions in [0, 1], over the shards of all processes (``reduce``)."""
     model.eval()
     correct1 = correct5 = total = 0.0
     for inputs, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if batch_transform is not None:
+            inputs = batch_transform(inputs)
         with autocast():
             logits = model(inputs)
         top1, top5 = accuracy(logits.float(), targets, topk=(1, min(5, logits.shape[-1])))

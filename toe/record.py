@@ -20,6 +20,7 @@ CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = "config.yaml", "metri
 METRIC_FIELDS = (
     "epoch",  # 0-based
     "stage",  # ToE stage (0 = full tokens before the first stage, or ToE off)
+    "img_size",  # training resolution of the epoch (EfficientTrain phases change it)
     "tokens_after_first_block",  # tokens blocks 2..L see in training, prefix tokens included
     "train_loss",
     "train_img_per_s",

@@ -57,6 +57,7 @@ class ValidateSweep(Callback):
     def check(self, config: DictConfig) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
+        from .curriculum import build_phases
         from .train import ConfigError, build_schedule
 
         experiment = config.hydra.runtime.choices.get("experiments")
@@ -82,7 +83,10 @@ class ValidateSweep(Callback):
                 )
             try:
                 build_schedule(job_cfg)
-            except ConfigError as err:
+                if job_cfg.get("curriculum") and job_cfg.curriculum.enabled:
+                    build_phases(job_cfg.curriculum, int(job_cfg.schedule.epochs), int(job_cfg.model.img_size),
+                                 int(job_cfg.model.kwargs.get("patch_size", 16)))
+            except (ConfigError, ValueError) as err:
                 raise ExperimentError(f"{source}: job {' '.join(job)}: {err}") from None
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -24,6 +24,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 import toe
 from toe.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from toe.curriculum import Phase, build_phases, fourier_crop, phase_at
 from toe.data import DataRootError, build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum, cleanup, gather_objects, init_distributed
 from toe.engine import evaluate, train_one_epoch
@@ -115,11 +116,14 @@ class Run:
     train_loader: Any
     val_loader: Any
     sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
+    make_train_loader: Any  # (micro_batch, auto_augment) -> DataLoader, for curriculum phases
     shape: ViTShape
     device: torch.device
     autocast: Any
     lr: float
     dist: DistInfo
+    phases: List[Phase]  # EfficientTrain curriculum phases; empty without a curriculum
+    local_batch: int
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.dist)
@@ -162,8 +166,12 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     random_seed(cfg.seed, info.rank)
     train_set, val_set = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
+    curriculum = cfg.get("curriculum") or {}
+    # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
+    # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
+    dynamic = {"dynamic_img_size": True} if curriculum.get("enabled") else {}
     model = timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
-                              drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs)
+                              drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs, **dynamic)
     if cfg.finetune.path:
         try:
             load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
@@ -190,8 +198,25 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
                                                         else None)
     sampler = _train_sampler(train_set, cfg, info)
     loader_kwargs = dict(num_workers=cfg.train.workers, pin_memory=device.type == "cuda")
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, drop_last=True, sampler=sampler,
-                                               **loader_kwargs)
+
+    def make_train_loader(micro_batch: int, auto_augment: Optional[str] = None):
+        if auto_augment is not None:
+            train_set.transform = build_transforms(data_config, OmegaConf.merge(
+                cfg.recipe, {"auto_augment": auto_augment}))[0]
+        return torch.utils.data.DataLoader(train_set, batch_size=micro_batch, drop_last=True, sampler=sampler,
+                                           **loader_kwargs)
+
+    train_loader = make_train_loader(local_batch)
+    phases: List[Phase] = []
+    if curriculum.get("enabled"):
+        try:
+            phases = build_phases(curriculum, int(cfg.schedule.epochs), cfg.model.img_size,
+                                  model.patch_embed.patch_size[0])
+        except ValueError as err:
+            raise ConfigError(f"curriculum: {err}") from None
+        if any(local_batch % p.accumulation for p in phases):
+            raise ConfigError(f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
+                              f"the curriculum's accumulation steps {[p.accumulation for p in phases]}")
     # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
     val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **loader_kwargs)
@@ -205,7 +230,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
-               sampler, ViTShape.from_model(model), device, autocast, lr, info)
+               sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, phases,
+               local_batch)
 
 
 @dataclass
@@ -276,23 +302,37 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
     progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
                                            name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
     bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
-    epochs, shape = int(cfg.schedule.epochs), run.shape
+    epochs, phase = int(cfg.schedule.epochs), None
     for epoch in range(progress.epoch, epochs):
         stage = toe.set_epoch(run.model, epoch)
         if run.ema is not None:
             toe.set_epoch(run.ema.module, epoch)
         run.model.train()
+        img_size, crop, accumulation = cfg.model.img_size, None, 1
+        if run.phases:
+            if phase != phase_at(run.phases, epoch):
+                phase = phase_at(run.phases, epoch)
+                run.train_loader = run.make_train_loader(run.local_batch // phase.accumulation,
+                                                         cfg.curriculum.auto_augment.format(magnitude=phase.magnitude))
+                log.info("curriculum phase %d from epoch %d: %d px, RandAugment m%d, %d micro-batches of %d per step",
+                         phase.index, epoch, phase.img_size, phase.magnitude, phase.accumulation,
+                         run.local_batch // phase.accumulation)
+            img_size, accumulation = phase.img_size, phase.accumulation
+            crop = functools.partial(fourier_crop, size=img_size) if img_size < cfg.model.img_size else None
+        patch = run.model.patch_embed.patch_size[0]
+        shape = replace(run.shape, num_patches=(img_size // patch) ** 2)
         op = toe.expansion_op(run.model)
         kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
         run.sampler.set_epoch(epoch)
         result = train_one_epoch(
             run.net, run.train_loader, run.criterion, run.optimizer, run.scheduler, run.device,
             progress.num_updates, run.autocast, run.scaler, run.ema, run.mixup, cfg.recipe.clip_grad, bar,
-            desc=f"epoch {epoch + 1}/{epochs}", reduce=run.reduce)
+            desc=f"epoch {epoch + 1}/{epochs}", reduce=run.reduce, accumulation=accumulation, batch_transform=crop)
         run.scheduler.step(epoch + 1)
         last = progress.history[-1] if progress.history else {}
         row = {
-            "epoch": epoch, "stage": stage, "tokens_after_first_block": shape.num_prefix_tokens + kept,
+            "epoch": epoch, "stage": stage, "img_size": img_size,
+            "tokens_after_first_block": shape.num_prefix_tokens + kept,
             "train_loss": result.loss, "train_img_per_s": result.images / result.seconds,
             "epoch_seconds": result.seconds,
             "train_seconds_total": last.get("train_seconds_total", 0.0) + result.seconds,
@@ -305,10 +345,10 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
             row["val_top1"], row["val_top5"] = evaluate(run.net, run.val_loader, run.device, run.autocast, bar,
-                                                        reduce=run.reduce)
+                                                        reduce=run.reduce, batch_transform=crop)
             if run.ema is not None:
                 row["ema_top1"] = evaluate(run.ema.module, run.val_loader, run.device, run.autocast, bar,
-                                           reduce=run.reduce)[0]
+                                           reduce=run.reduce, batch_transform=crop)[0]
         progress.history.append(row)
         progress.epoch, progress.num_updates = epoch + 1, result.num_updates
         rng_states = gather_objects(capture_rng(), info)  # every rank's, so a resumed DDP run is exact too
