@@ -120,3 +120,13 @@ def test_sweep_status_lists_failed_runs_and_exits_non_zero(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 done, 1 failed" in out and "FAILED" in out
     assert sweep_main(["status", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_smoke_experiment(tmp_path):
+    proc = _toe_train("experiments=ablation_merge", "smoke=on", "hydra/launcher=submitit_local",
+                      "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sweep_runs(tmp_path)
+    assert len(runs) == 2 and all(r["state"] == "done" for r in runs)
+    assert list((tmp_path / ".submitit").glob("*/*_log.out"))

@@ -64,14 +64,21 @@ def test_smoke_experiment_runs_through_the_slurm_launcher(tmp_path, env):
         assert [json.loads(r)["epoch"] for r in rows] == [0, 1, 2]
 
 
-def _job_id(timeout: float = 120) -> str:
+def _job_id(sweep_dir: Path, timeout: float = 120) -> str:
+    """The SLURM id of this sweep's (single) job, from submitit's folder ``<sweep>/.submitit/<job id>/``; never
+    another test's job that is still finishing."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], capture_output=True, text=True).stdout.split()
-        if out:
-            return out[0]
-        time.sleep(0.5)
-    raise AssertionError("no job started running")
+        folders = [p.name for p in (sweep_dir / ".submitit").glob("*") if p.is_dir() and p.name[0].isdigit()]
+        if folders:
+            return folders[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no submitit job folder under {sweep_dir}")
+
+
+def _state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def _wait_for_epoch(run_dir: Path, epoch: int, timeout: float = 300) -> None:
@@ -92,14 +99,16 @@ def _wait_for_epoch(run_dir: Path, epoch: int, timeout: float = 300) -> None:
 def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, env, interrupt):
     """USR2 is what SLURM sends before a time limit or a preemption (submitit checkpoints and requeues); a plain
     `scontrol requeue` kills the job and reruns it. Either way the run must continue, not start over."""
-    epochs = 8
+    epochs = 12
     proc = subprocess.Popen(
         _toe_train("-m", "logger=none", f"schedule.epochs={epochs}", "model.kwargs.depth=2", *LAUNCH,
                    f"hydra.sweep.dir={tmp_path}"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    job = None
     try:
-        job = _job_id()
+        job = _job_id(tmp_path)
         _wait_for_epoch(tmp_path / "0", 2)
+        assert _state(job) == "RUNNING", f"job {job} is {_state(job)} before it could be interrupted"
         if interrupt == "usr2":
             subprocess.run(["scancel", "--signal=USR2", job], check=True)
         else:
@@ -107,6 +116,8 @@ def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, env, interrupt):
         output, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
+        if job is not None and proc.returncode != 0:
+            subprocess.run(["scancel", job])  # leave no job behind for the next test
     assert proc.returncode == 0, output[-3000:]
     run_dir = tmp_path / "0"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -114,7 +125,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, env, interrupt):
     assert len(summary["resumed_at"]) == 1 and 2 <= summary["resumed_at"][0] < epochs, summary
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(epochs))
-    assert [r["stage"] for r in rows] == [1, 1, 1, 2, 2, 3, 3, 3]  # 0/100/200 of 300 over 8 epochs: 0/3/5
+    assert [r["stage"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4  # 0/100/200 of 300 over 12 epochs: 0/4/8
     log = next(tmp_path.glob("*.log"), None) or next(run_dir.glob("*.log"))
     assert "Resuming" in log.read_text()
 
