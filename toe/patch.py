@@ -52,11 +52,16 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
         raise TypeError(
             f"toe.patch needs a vision transformer with at least two `blocks`; got {type(model).__name__}"
         )
+    op = TokenExpansion(schedule, num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+                        sparse_eval=sparse_eval)
+    if hasattr(model, "token_expansion"):
+        # Hosts that apply the op themselves after the first block and need its indices (LV-ViT scatters the
+        # reduced tokens back to their positions for its dense head) expose a `token_expansion` slot.
+        model.token_expansion = op
+        return model
     first = blocks[0]
     first.__class__ = _toe_block_class(first.__class__)
-    first.token_expansion = TokenExpansion(
-        schedule, num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)), sparse_eval=sparse_eval
-    )
+    first.token_expansion = op
     return model
 
 
