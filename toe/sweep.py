@@ -58,7 +58,7 @@ class ValidateSweep(Callback):
         from hydra.core.global_hydra import GlobalHydra
 
         from .curriculum import build_phases
-        from .train import ConfigError, build_schedule
+        from .run import ConfigError, build_schedule
 
         experiment = config.hydra.runtime.choices.get("experiments")
         source = f"experiments/{experiment}.yaml" if experiment else "the command line"
