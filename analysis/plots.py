@@ -3,7 +3,6 @@ and tokens after the first block vs epoch. One line or marker style per table ro
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from toe.schedule import scale_epoch  # noqa: E402
+
+from .tables import device_kind  # noqa: E402
 
 
 def _label(run: pd.Series, rows: List[str]) -> str:
@@ -25,7 +28,7 @@ def _stage_boundaries(runs: pd.DataFrame, last_epoch: int) -> List[int]:
     for _, run in runs[runs["toe_enabled"] == True].iterrows():  # noqa: E712 - pandas element-wise
         epochs, length = run.get("epochs_planned"), run.get("schedule_length") or run.get("epochs_planned")
         if isinstance(run.get("stage_starts"), list) and epochs and length:
-            starts |= {math.floor(float(s) * epochs / length + 0.5) for s in run["stage_starts"]}
+            starts |= {scale_epoch(s, epochs, length) for s in run["stage_starts"]}
     return sorted(s for s in starts if 0 < s <= last_epoch)
 
 
@@ -65,8 +68,7 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
 
     done = runs[runs["status"] == "completed"].dropna(subset=["final_top1"]).copy()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    unit = "GPU" if done.get("device", pd.Series(dtype=str)).astype(str).str.startswith("cuda").any() else "CPU"
-    done["time"], time_label = _time_axis(done["device_hours"], unit)
+    done["time"], time_label = _time_axis(done["device_hours"], device_kind(done))
     for i, (label, group) in enumerate(done.groupby("label")):
         color = f"C{i}"
         ax.scatter(group["time"], group["final_top1"] * 100, color=color, alpha=0.45, s=25)

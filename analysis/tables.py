@@ -54,9 +54,10 @@ def spec_for(experiment: Optional[str], runs: pd.DataFrame) -> TableSpec:
     return TableSpec(f"Runs of {experiment or 'an ad-hoc sweep'}", ["model", "method"] + sorted(varied))
 
 
-def _time_unit(runs: pd.DataFrame) -> str:
+def device_kind(runs: pd.DataFrame) -> str:
+    """``GPU`` if any of the runs trained on CUDA, else ``CPU``: what their device-hours are hours of."""
     devices = runs.get("device", pd.Series(dtype=object)).dropna().astype(str)
-    return "GPU-h" if devices.str.startswith("cuda").any() else "CPU-h"
+    return "GPU" if devices.str.startswith("cuda").any() else "CPU"
 
 
 def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -93,7 +94,7 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
         keys = [c for c in rows if c in reference_csv.columns]
         extra = reference_csv.rename(columns={c: f"ref_{c}" for c in reference_csv.columns if c not in keys})
         table = table.merge(extra.astype({k: str for k in keys}), on=keys, how="left")
-    table.attrs.update(title=spec.title, rows=rows, time_unit=_time_unit(done))
+    table.attrs.update(title=spec.title, rows=rows, time_unit=f"{device_kind(done)}-h")
     return table
 
 

@@ -8,11 +8,12 @@ stage follows the global epoch across phases, and the token count follows the re
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, List, Sequence
 
 import torch
+
+from .schedule import scale_epoch
 
 
 def fourier_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -51,7 +52,7 @@ def build_phases(curriculum: Any, epochs: int, model_img_size: int, patch_size: 
     length = float(curriculum.length)
     starts, total = [], 0.0
     for spec in specs:
-        starts.append(math.floor(total * epochs / length + 0.5))
+        starts.append(scale_epoch(total, epochs, length))
         total += float(spec.epochs)
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ValueError(f"curriculum phases start at epochs {starts} over {epochs} epochs: run more epochs")

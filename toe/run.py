@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,6 +22,7 @@ from toe.data import build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
+from toe.schedule import scale_epoch
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,7 @@ def stage_starts(cfg: DictConfig) -> List[int]:
     epochs, length = int(cfg.schedule.epochs), float(cfg.schedule.length)
     if epochs < 1 or length <= 0:
         raise ConfigError(f"schedule.epochs={epochs} and schedule.length={length} must be positive")
-    starts = [math.floor(float(s) * epochs / length + 0.5) for s in cfg.schedule.stage_starts]
+    starts = [scale_epoch(s, epochs, length) for s in cfg.schedule.stage_starts]
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(
             f"schedule.stage_starts {list(cfg.schedule.stage_starts)} of a {length:g}-epoch run give start epochs "

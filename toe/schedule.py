@@ -9,6 +9,7 @@ seed stride is ``int(1 // r0)``, so ``1 // 0.2 == 4.0`` gives a stride of 4.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
@@ -16,6 +17,12 @@ DISTANCES = ("cosine", "manhattan", "euclidean")
 INIT_MODES = ("spatial", "random")
 EXPAND_MODES = ("widest", "random")
 MERGE_MODES = ("mean", "drop")
+
+
+def scale_epoch(epoch: float, epochs: int, length: float) -> int:
+    """An epoch of a ``length``-epoch run (a stage or phase start) moved to a run of ``epochs`` epochs, rounded half
+    up: 100 of 300 is 10 of 30 and 1 of 3. Stage starts, EfficientTrain phases and the analysis all scale this way."""
+    return math.floor(float(epoch) * epochs / float(length) + 0.5)
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
