@@ -40,6 +40,8 @@ class DigitsDataset(Dataset):
             Image.fromarray(pixels[i]).resize((img_size, img_size), Image.BILINEAR).convert("RGB") for i in chosen
         ]
         self.targets = [int(t) for t in digits.target[chosen]]
+        # <class>/<index in load_digits>: the key of each image's label map for token labeling
+        self.names = [f"{digits.target[i]}/{i:04d}" for i in chosen]
         self.transform: Optional[Callable] = None
 
     def __len__(self) -> int:
@@ -114,8 +116,9 @@ def build_transforms(data_config: dict, recipe: Any) -> Tuple[Callable, Callable
     """timm train/eval transforms from the model's data config and the recipe's augmentation settings."""
     from timm.data import create_transform
 
+    train_interpolation = recipe.get("train_interpolation") or data_config["interpolation"]
     train = create_transform(
-        **data_config,
+        **dict(data_config, interpolation=train_interpolation),
         is_training=True,
         scale=tuple(recipe.scale),
         hflip=recipe.hflip,

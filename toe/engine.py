@@ -26,6 +26,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _to_device(target, device: torch.device):
+    """Class indices, or a dict of tensors (token labeling's label maps and crop boxes)."""
+    if isinstance(target, dict):
+        return {key: value.to(device, non_blocking=True) for key, value in target.items()}
+    return target.to(device, non_blocking=True)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader,
@@ -56,7 +63,7 @@ def train_one_epoch(
     start = time.perf_counter()
     for step, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = _to_device(targets, device)
         if batch_transform is not None:
             inputs = batch_transform(inputs)
         if mixup is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import toe
+import toe.models  # noqa: F401 - registers LV-ViT with timm
 from toe.checkpoint import restore_rng
 from toe.curriculum import Phase, build_phases
 from toe.data import build_datasets, build_transforms
@@ -23,6 +25,9 @@ from toe.distributed import DistInfo, all_reduce_sum
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
 from toe.schedule import scale_epoch
+from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -78,13 +83,19 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_loss_and_mixup(recipe: DictConfig, num_classes: int):
+def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
+    """timm's Mixup/CutMix and loss; LV-ViT hosts (``token_label``) get the token-labeling loss, which takes
+    their ``(cls, dense, box)`` training output."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+    mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
         mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
                       switch_prob=recipe.mixup_switch_prob, label_smoothing=recipe.smoothing, num_classes=num_classes)
+    if token_label is not None:
+        return token_label, mixup
+    if mixup is not None:
         return SoftTargetCrossEntropy(), mixup
     if recipe.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=recipe.smoothing), None
@@ -167,6 +178,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
             load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
         except (FileNotFoundError, CheckpointMismatchError) as err:
             raise ConfigError(str(err)) from None
+    train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
     schedule = build_schedule(cfg)
     if schedule is not None:
         toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
@@ -218,10 +230,46 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
         warmup_epochs=cfg.recipe.warmup_epochs, warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
         step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes)
+    criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
                sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, phases,
                local_batch)
+
+
+def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
+    """LV-ViT hosts (a dense head, ``drop_dense_head``) train with token labels from ``token_label.root``, or
+    with the class-token loss alone when no root is given. Returns the training set (wrapped to carry label maps)
+    and the loss, or ``(train_set, None)`` for other models."""
+    node = cfg.get("token_label") or {}
+    root = node.get("root")
+    if not hasattr(model, "drop_dense_head"):
+        if root:
+            raise ConfigError(f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
+                              "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)")
+        return train_set, None
+    if (cfg.get("curriculum") or {}).get("enabled"):
+        raise ConfigError(f"model.name={cfg.model.name}: LV-ViT has a fixed position embedding and does not take "
+                          "the EfficientTrain curriculum's changing resolution")
+    try:
+        loss = TokenLabelLoss(num_classes, tuple(model.patch_embed.grid_size), smoothing=cfg.recipe.smoothing,
+                              dense_weight=node.get("dense_weight", 1.0), cls_weight=node.get("cls_weight", 1.0),
+                              ground_truth=bool(node.get("ground_truth", False)),
+                              box_order=node.get("box_order", "official"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if root:
+        if cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0:
+            raise ConfigError("token labeling with recipe.mixup/cutmix > 0: MixToken replaces Mixup and CutMix in "
+                              "LV-ViT (recipe=lvvit sets both to 0)")
+        try:
+            train_set = LabelMapDataset(train_set, Path(str(root)).expanduser())
+        except LabelMapError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        log.warning("LV-ViT without label maps (token_label.root is not set): training with the class-token loss "
+                    "alone, the dense head dropped")
+        model.drop_dense_head()
+    return train_set, loss
 
 
 @dataclass

@@ -3,8 +3,8 @@ registered with timm (``timm.create_model("lvvit_s")``).
 
 Convolutional 4_2 patch stem, pre-LN blocks whose residual branches are divided by ``skip_lam``, a class head on
 the CLS token and an auxiliary dense head on every patch token, MixToken on the stem's feature map in training.
-Training returns ``(cls_logits, dense_logits [B, N, C], mix_box)``; evaluation returns
-``cls_logits + 0.5 * dense_logits.max(1)``. Under ToE (``toe.patch``) the reduced tokens are scattered back to
+Training returns ``(cls_logits, dense_logits [B, N, C], mix_box)`` (``dense_logits`` is None once the dense head
+is dropped, for training without label maps); evaluation returns ``cls_logits + 0.5 * dense_logits.max(1)``. Under ToE (``toe.patch``) the reduced tokens are scattered back to
 their positions after the final norm and the positions that were merged away are exact zeros, as in the official
 ToE code, so the dense head sees every position.
 """
@@ -126,6 +126,10 @@ class LVViT(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def drop_dense_head(self) -> None:
+        """Train without token labels: no auxiliary head (it would get no gradient and only add noise at eval)."""
+        self.aux_head, self.return_dense = None, False
+
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
@@ -145,6 +149,15 @@ class LVViT(nn.Module):
             x = restored.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
         return x
 
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normed ``[B, 1 + N, D]`` tokens, without MixToken (teachers writing label maps use this)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.forward_tokens(self.pos_drop(x + self.pos_embed))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
     def forward(self, images: torch.Tensor):
         feature_map = self.patch_embed(images)  # [B, D, H, W]
         box = (0, 0, 0, 0)
@@ -162,7 +175,7 @@ class LVViT(nn.Module):
         x = self.forward_tokens(self.pos_drop(x + self.pos_embed))
         cls_logits = self.head(x[:, 0])
         if self.aux_head is None:
-            return cls_logits
+            return (cls_logits, None, box) if self.training else cls_logits
         dense = self.aux_head(x[:, 1:])
         if not self.training:
             return cls_logits + 0.5 * dense.max(1)[0]
