@@ -27,7 +27,7 @@ def _smoke_jobs(name: str) -> int:
 
 
 def test_every_experiment_is_a_multirun_with_its_own_task_name():
-    assert {"table1_deit", "table2_consistency", "table4_efficienttrain", "finetune_cifar", "ablation_init", "ablation_expand", "ablation_merge",
+    assert {"table1_deit", "table2_consistency", "table3_lvvit", "table4_efficienttrain", "finetune_cifar", "ablation_init", "ablation_expand", "ablation_merge",
             "ablation_distance", "ablation_repeats", "ablation_keep_rates", "ablation_stage_split"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
@@ -48,10 +48,21 @@ def digits_checkpoints(tmp_path_factory):
     return [f"pretrained.{m}={root / m / 'checkpoint.pth'}" for m in ("baseline", "toe")]
 
 
+@pytest.fixture(scope="module")
+def digits_label_maps(digits_checkpoints):
+    """Label maps of the digits training set written by the full-token pre-training, for table3_lvvit."""
+    from toe.token_label import main as write_label_maps
+
+    teacher = Path(digits_checkpoints[0].split("=", 1)[1]).parent
+    assert write_label_maps([str(teacher), str(teacher / "label_maps")]) == 0
+    return [f"label_maps={teacher / 'label_maps'}"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
-    extra = request.getfixturevalue("digits_checkpoints") if name == "finetune_cifar" else []
+    fixture = {"finetune_cifar": "digits_checkpoints", "table3_lvvit": "digits_label_maps"}.get(name)
+    extra = request.getfixturevalue(fixture) if fixture else []
     proc = _toe_train(f"experiments={name}", "smoke=on", *extra, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sweep_runs(tmp_path)
@@ -89,6 +100,13 @@ def test_finetune_experiment_without_checkpoints_names_the_missing_value(tmp_pat
     assert proc.returncode == 2
     assert "experiments/finetune_cifar.yaml" in proc.stdout + proc.stderr
     assert "Missing mandatory value: pretrained.baseline" in proc.stdout + proc.stderr
+
+
+def test_lvvit_experiment_without_label_maps_names_the_missing_value(tmp_path):
+    proc = _toe_train("experiments=table3_lvvit", "smoke=on", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "experiments/table3_lvvit.yaml" in proc.stdout + proc.stderr
+    assert "Missing mandatory value: label_maps" in proc.stdout + proc.stderr
 
 
 def test_a_schedule_that_cannot_work_stops_the_sweep_before_any_job(tmp_path):
