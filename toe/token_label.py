@@ -2,7 +2,7 @@
 
 The label-map format is the official one (``generate_label.py`` of TokenLabeling): one ``.pt`` file per training
 image at ``<label_root>/<class folder>/<image stem>.pt``, a float16 tensor ``[2, 5, H, W]`` holding a teacher's
-top-5 dense logits (``[0]``) and their class indices (``[1]``). ``python -m toe.token_label`` writes such maps
+top-5 dense logits (``[0]``) and their class indices (``[1]``). ``toe-label-maps`` writes such maps
 from a toe-train checkpoint (or any timm model) for any data set toe reads.
 
 Data flow, as in the official code:
@@ -63,7 +63,7 @@ def load_label_map(path: Path) -> torch.Tensor:
         label_map = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LabelMapError(f"no label map {path} (expected <label_root>/<class>/<image stem>.pt, as written by "
-                            "TokenLabeling's generate_label.py or python -m toe.token_label)") from None
+                            "TokenLabeling's generate_label.py or toe-label-maps)") from None
     if not isinstance(label_map, torch.Tensor) or label_map.dim() != 4 or label_map.shape[0] != 2:
         shape = tuple(label_map.shape) if isinstance(label_map, torch.Tensor) else type(label_map).__name__
         raise LabelMapError(f"label map {path} has shape {shape}; expected [2, k, H, W] (top-k logits, indices)")
@@ -272,9 +272,9 @@ def write_label_maps(model: nn.Module, dataset: Dataset, out: Path, topk: int = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m toe.token_label <run dir or checkpoint.pth> <out dir>``: label maps for the training set of the
+    """``toe-label-maps <run dir or checkpoint.pth> <out dir>``: label maps for the training set of the
     run's data, from the run's model (EMA weights with --ema)."""
-    parser = argparse.ArgumentParser(prog="python -m toe.token_label", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="toe-label-maps", description=main.__doc__)
     parser.add_argument("run", type=Path, help="a toe-train run directory (config.yaml + checkpoint.pth)")
     parser.add_argument("out", type=Path, help="label-map root to write (<out>/<class>/<image stem>.pt)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
