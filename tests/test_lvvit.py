@@ -18,6 +18,16 @@ def test_published_sizes(name, millions):
     assert model.patch_embed.num_patches == 196 and model.num_prefix_tokens == 1
 
 
+def test_flops_count_the_conv_stem_and_dense_head_and_match_the_published_figure():
+    from toe.flops import ViTShape
+
+    shape = ViTShape.from_model(timm.create_model("lvvit_s"))
+    assert round(shape.forward_macs() / 1e9, 1) == 6.6  # TokenLabeling README: LV-ViT-S 6.6G
+    # the stem (7x7 s2 + two 3x3 at 112x112, 64 channels) and the dense head run on every position under ToE too
+    stem = 112 * 112 * 64 * (3 * 49 + 2 * 64 * 9)
+    assert shape.patch_macs * 196 == pytest.approx(stem + 196 * (64 * 64 * 384 + 384 * 1000))
+
+
 def _small(**kwargs):
     torch.manual_seed(0)
     return timm.create_model("lvvit_t", img_size=64, num_classes=7, depth=3, **kwargs)

@@ -2,8 +2,9 @@
 
 Convention (the paper's, thop's and ``toe-paper.md`` section 2.3's): one FLOP is one multiply-accumulate. Per
 block with ``t`` tokens, width ``D`` and MLP hidden width ``H``: ``t * (4 D^2 + 2 D H)`` for the linear layers
-(``12 t D^2`` at MLP ratio 4) plus ``2 t^2 D`` for the attention matmuls. Patch embedding and head are included;
-norms, softmax and the conv stem of hybrid models are not. A training step costs 3x the forward pass.
+(``12 t D^2`` at MLP ratio 4) plus ``2 t^2 D`` for the attention matmuls. Patch embedding (with a conv stem such
+as LV-ViT's) and heads (with LV-ViT's dense head on every position) are included; norms and softmax are not. A
+training step costs 3x the forward pass.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ViTShape:
     mlp_hidden: int
     num_patches: int
     num_prefix_tokens: int
-    patch_macs: int  # multiply-accumulates per patch in the patch embedding
+    patch_macs: int  # multiply-accumulates per patch: patch embedding (conv stem included), dense head
     num_classes: int
 
     @classmethod
@@ -34,13 +35,18 @@ class ViTShape:
         proj = model.patch_embed.proj
         kernel = proj.kernel_size[0] * proj.kernel_size[1] if hasattr(proj, "kernel_size") else 1
         in_chans = proj.in_channels if hasattr(proj, "in_channels") else proj.in_features
+        num_patches = model.patch_embed.num_patches
+        per_patch = in_chans * kernel * model.embed_dim + _stem_macs(model.patch_embed, proj) / num_patches
+        dense_head = getattr(model, "aux_head", None)
+        if isinstance(dense_head, nn.Linear):
+            per_patch += dense_head.in_features * dense_head.out_features
         return cls(
             embed_dim=model.embed_dim,
             depth=len(model.blocks),
             mlp_hidden=model.blocks[0].mlp.fc1.out_features,
-            num_patches=model.patch_embed.num_patches,
+            num_patches=num_patches,
             num_prefix_tokens=model.num_prefix_tokens,
-            patch_macs=in_chans * kernel * model.embed_dim,
+            patch_macs=per_patch,
             num_classes=getattr(model, "num_classes", 0),
         )
 
@@ -66,6 +72,23 @@ class ViTShape:
 
     def train_macs(self, kept_patches: int | None = None, attention: bool = True) -> float:
         return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention)
+
+
+def _stem_macs(patch_embed: nn.Module, proj: nn.Module) -> float:
+    """MACs per image of the convolutions before ``proj`` (LV-ViT's conv stem), applied in module order to the
+    patch embedding's input size; 0 for a plain ViT."""
+    convs = [m for m in patch_embed.modules() if isinstance(m, nn.Conv2d) and m is not proj]
+    if not convs:
+        return 0.0
+    patch = patch_embed.patch_size[0] if isinstance(patch_embed.patch_size, (tuple, list)) else patch_embed.patch_size
+    height, width = (g * patch for g in patch_embed.grid_size)
+    macs = 0.0
+    for conv in convs:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        height = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        width = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        macs += height * width * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+    return macs
 
 
 def schedule_average_macs(
