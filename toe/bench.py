@@ -167,8 +167,15 @@ def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None)
     table = yaml.safe_load(Path(args.table).read_text())
     rows = []
     for spec in table["rows"]:
-        shape = ViTShape(spec["embed_dim"], spec["depth"], spec["mlp_ratio"] * spec["embed_dim"], 196, 1,
-                         3 * 16 * 16 * spec["embed_dim"], 1000)
+        if spec.get("model"):  # the real host, read from its timm model (LV-ViT: conv stem and dense head too)
+            import timm
+
+            import toe.models  # noqa: F401 - registers LV-ViT with timm
+
+            shape = ViTShape.from_model(timm.create_model(spec["model"]))
+        else:
+            shape = ViTShape(spec["embed_dim"], spec["depth"], spec["mlp_ratio"] * spec["embed_dim"], 196, 1,
+                             3 * 16 * 16 * spec["embed_dim"], 1000)
         sched = ExpansionSchedule(**spec["toe"]) if spec.get("toe") else None
         phases = [(p["epochs"], p["img_size"]) for p in spec["phases"]]
         row: Dict[str, Any] = {"schedule": spec["name"]}
