@@ -149,11 +149,15 @@ class LVViT(nn.Module):
             x = restored.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
         return x
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normed ``[B, 1 + N, D]`` tokens, without MixToken (teachers writing label maps use this)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+    def _encode(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The stem's ``[B, D, H, W]`` map -> normed ``[B, 1 + N, D]`` tokens (CLS, position embedding, blocks)."""
+        x = feature_map.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.forward_tokens(self.pos_drop(x + self.pos_embed))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normed ``[B, 1 + N, D]`` tokens, without MixToken (teachers writing label maps use this)."""
+        return self._encode(self.patch_embed(images))
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -170,9 +174,7 @@ class LVViT(nn.Module):
             mixed[:, :, y1:y2, x1:x2] = feature_map.flip(0)[:, :, y1:y2, x1:x2]
             feature_map = mixed
         height, width = feature_map.shape[2], feature_map.shape[3]
-        x = feature_map.flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.forward_tokens(self.pos_drop(x + self.pos_embed))
+        x = self._encode(feature_map)
         cls_logits = self.head(x[:, 0])
         if self.aux_head is None:
             return (cls_logits, None, box) if self.training else cls_logits
