@@ -68,10 +68,19 @@ def test_targets_are_softmax_over_all_classes_with_the_official_smoothing():
     assert cls_target.argmax(-1).item() in range(4)
 
 
-def test_classes_beyond_the_model_are_an_error():
-    scores, classes = _position_map()
-    with pytest.raises(ValueError, match="model has 6 classes"):
-        token_label_targets(_batch(scores, classes, [0, 0, 1, 1]), NUM_CLASSES, (4, 4))
+def test_classes_beyond_the_model_are_an_error(tmp_path):
+    from timm.data import create_dataset
+
+    data = write_image_folder(tmp_path / "data")
+    maps = tmp_path / "maps"
+    _write_maps(maps, data)
+    scores, classes = _position_map()  # classes up to 15
+    torch.save(torch.stack([scores, classes.float()]).half(), maps / "cat" / "cat_2.pt")
+    dataset = LabelMapDataset(create_dataset("", root=str(data), split="train", is_training=True), maps, NUM_CLASSES)
+    dataset.transform = timm.data.create_transform(input_size=(3, 16, 16), is_training=True)
+    assert dataset[1][1]["classes"].max() < NUM_CLASSES
+    with pytest.raises(LabelMapError, match="cat_2.pt names class 15, but the model has 6 classes"):
+        dataset[2]
 
 
 def _write_maps(root: Path, dataset_root: Path, size=4):
@@ -107,7 +116,7 @@ def test_dataset_crop_box_matches_the_image_crop_and_flip_mirrors_the_map(tmp_pa
         (maps / name).mkdir(parents=True)
         scores, classes = _position_map(4, 4, k=2)
         torch.save(torch.stack([scores, classes.float()]).half(), maps / name / f"{name}0.pt")
-    dataset = LabelMapDataset(create_dataset("", root=str(data), split="train", is_training=True), maps)
+    dataset = LabelMapDataset(create_dataset("", root=str(data), split="train", is_training=True), maps, 16)
     for hflip in (0.0, 1.0):
         dataset.transform = create_transform(input_size=(3, 16, 16), is_training=True, scale=(0.2, 0.6), hflip=hflip,
                                              mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear",
@@ -129,11 +138,11 @@ def test_missing_or_malformed_label_maps_are_named(tmp_path):
     data = write_image_folder(tmp_path / "data")
     train = create_dataset("", root=str(data), split="train", is_training=True)
     with pytest.raises(LabelMapError, match="cat/cat_0.pt"):
-        LabelMapDataset(train, tmp_path)
+        LabelMapDataset(train, tmp_path, 2)
     maps = tmp_path / "maps"
     _write_maps(maps, data)
     torch.save(torch.zeros(5, 4, 4), maps / "cat" / "cat_1.pt")
-    dataset = LabelMapDataset(train, maps)
+    dataset = LabelMapDataset(train, maps, 2)
     dataset.transform = timm.data.create_transform(input_size=(3, 16, 16), is_training=True)
     with pytest.raises(LabelMapError, match=r"cat_1.pt has shape \(5, 4, 4\)"):
         dataset[1]

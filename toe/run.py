@@ -102,6 +102,21 @@ def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Opti
     return torch.nn.CrossEntropyLoss(), None
 
 
+def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Module:
+    """The run's model as timm builds it from ``cfg.model`` (LV-ViT included: importing toe.models registers it)."""
+    import timm
+
+    return timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
+                             drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs, **extra)
+
+
+def model_data_config(model: torch.nn.Module, cfg: DictConfig) -> Dict[str, Any]:
+    """timm's data config of ``model`` at the run's image size."""
+    from timm.data import resolve_model_data_config
+
+    return dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
+
+
 @dataclass
 class Run:
     """Everything one run trains with, built in timm's order by :func:`build_run`."""
@@ -154,8 +169,6 @@ def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
 
 
 def build_run(cfg: DictConfig, info: DistInfo) -> Run:
-    import timm
-    from timm.data import resolve_model_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, random_seed
@@ -171,8 +184,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
     # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
     dynamic = {"dynamic_img_size": True} if curriculum.get("enabled") else {}
-    model = timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
-                              drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs, **dynamic)
+    model = create_model(cfg, num_classes, **dynamic)
     if cfg.finetune.path:
         try:
             load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
@@ -182,7 +194,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     schedule = build_schedule(cfg)
     if schedule is not None:
         toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
-    data_config = dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
+    data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     model.to(device)
 
@@ -240,8 +252,8 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
     """LV-ViT hosts (a dense head, ``drop_dense_head``) train with token labels from ``token_label.root``, or
     with the class-token loss alone when no root is given. Returns the training set (wrapped to carry label maps)
     and the loss, or ``(train_set, None)`` for other models."""
-    node = cfg.get("token_label") or {}
-    root = node.get("root")
+    node = cfg.token_label
+    root = node.root
     if not hasattr(model, "drop_dense_head"):
         if root:
             raise ConfigError(f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
@@ -252,9 +264,8 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
                           "the EfficientTrain curriculum's changing resolution")
     try:
         loss = TokenLabelLoss(num_classes, tuple(model.patch_embed.grid_size), smoothing=cfg.recipe.smoothing,
-                              dense_weight=node.get("dense_weight", 1.0), cls_weight=node.get("cls_weight", 1.0),
-                              ground_truth=bool(node.get("ground_truth", False)),
-                              box_order=node.get("box_order", "official"))
+                              dense_weight=node.dense_weight, cls_weight=node.cls_weight,
+                              ground_truth=bool(node.ground_truth), box_order=node.box_order)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if root:
@@ -262,7 +273,7 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
             raise ConfigError("token labeling with recipe.mixup/cutmix > 0: MixToken replaces Mixup and CutMix in "
                               "LV-ViT (recipe=lvvit sets both to 0)")
         try:
-            train_set = LabelMapDataset(train_set, Path(str(root)).expanduser())
+            train_set = LabelMapDataset(train_set, Path(str(root)).expanduser(), num_classes)
         except LabelMapError as err:
             raise ConfigError(str(err)) from None
     else:

@@ -89,10 +89,13 @@ def _split_train_transform(transform: Callable):
 
 class LabelMapDataset(Dataset):
     """Wraps a training set (its images untransformed) and adds each image's label map and crop box to its target:
-    ``(image, {"label", "scores", "classes", "box"})``. Set ``transform`` to a timm train transform."""
+    ``(image, {"label", "scores", "classes", "box"})``. Set ``transform`` to a timm train transform.
 
-    def __init__(self, base: Dataset, label_root: Path, check: int = 16):
-        self.base, self.label_root = base, Path(label_root)
+    Maps naming a class beyond ``num_classes`` are refused here, on the loader's CPU side, so the training step
+    needs no device sync to check them."""
+
+    def __init__(self, base: Dataset, label_root: Path, num_classes: int, check: int = 16):
+        self.base, self.label_root, self.num_classes = base, Path(label_root), num_classes
         self.base.transform = None
         self.classes = getattr(base, "classes", None)
         self.names = sample_names(base)
@@ -104,19 +107,17 @@ class LabelMapDataset(Dataset):
             if not (self.label_root / f"{name}.pt").is_file():
                 raise LabelMapError(f"token_label.root={label_root} has no label map for training image {name} "
                                     f"(expected {self.label_root / name}.pt)")
-        self._crop = None
-        self._flip = 0.0
-        self._rest: Optional[Callable] = None
+        self.transform = None
 
     @property
-    def transform(self):
+    def transform(self) -> Optional[Callable]:
         return self._transform
 
     @transform.setter
-    def transform(self, transform: Callable) -> None:
+    def transform(self, transform: Optional[Callable]) -> None:
         self._transform = transform
-        if transform is not None:
-            self._crop, self._flip, self._rest = _split_train_transform(transform)
+        self._crop, self._flip, self._rest = (_split_train_transform(transform) if transform is not None
+                                              else (None, 0.0, None))
 
     def __len__(self) -> int:
         return len(self.base)
@@ -124,10 +125,14 @@ class LabelMapDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[Any, Dict[str, torch.Tensor]]:
         from torchvision.transforms import functional as TF
 
-        image, label = self.base[index]
-        label_map = load_label_map(self.label_root / f"{self.names[index]}.pt")
         if self._crop is None:
             raise RuntimeError("LabelMapDataset.transform is not set")
+        image, label = self.base[index]
+        path = self.label_root / f"{self.names[index]}.pt"
+        label_map = load_label_map(path)
+        if int(label_map[1].max()) >= self.num_classes:
+            raise LabelMapError(f"label map {path} names class {int(label_map[1].max())}, but the model has "
+                                f"{self.num_classes} classes")
         if self._flip and random.random() < self._flip:  # flip first, then crop in the flipped frame (official)
             image, label_map = TF.hflip(image), label_map.flip(-1)
         width, height = image.size
@@ -160,8 +165,6 @@ def token_label_targets(target: Dict[str, torch.Tensor], num_classes: int, grid:
     if box_order not in BOX_ORDERS:
         raise ValueError(f"box_order={box_order!r}: expected one of {BOX_ORDERS}")
     scores, classes, box = target["scores"], target["classes"], target["box"].float()
-    if int(classes.max()) >= num_classes:
-        raise ValueError(f"label maps name class {int(classes.max())}, but the model has {num_classes} classes")
     batch, _, height, width = scores.shape
     dense_map = scores.new_zeros(batch, num_classes, height, width).scatter_(1, classes, scores)
     if box_order == "xy":
@@ -266,7 +269,7 @@ def write_label_maps(model: nn.Module, dataset: Dataset, out: Path, topk: int = 
         for label_map in maps:
             path = out / f"{names[written]}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(label_map.clone(), path)
+            torch.save(label_map.clone(), path)  # a view would save the whole batch's storage
             written += 1
     return written
 
@@ -284,12 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import timm
     from omegaconf import OmegaConf
-    from timm.data import resolve_model_data_config
 
     from toe.data import build_datasets, build_transforms
     from toe.finetune import load_pretrained
+    from toe.run import create_model, model_data_config
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pth").is_file():
@@ -297,12 +299,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cfg = OmegaConf.load(run_dir / "config.yaml")
     train_set, _ = build_datasets(cfg)
-    import toe.models  # noqa: F401 - registers LV-ViT with timm
-
-    model = timm.create_model(cfg.model.name, num_classes=cfg.data.num_classes or len(train_set.classes),
-                              img_size=cfg.model.img_size, **cfg.model.kwargs)
+    model = create_model(cfg, cfg.data.num_classes or len(train_set.classes))
     load_pretrained(model, run_dir / "checkpoint.pth", use_ema=args.ema)
-    data_config = dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
+    data_config = model_data_config(model, cfg)
     # The whole image, resized (official generator: --crop-pct 1.0)
     train_set.transform = build_transforms(dict(data_config, crop_pct=1.0),
                                            OmegaConf.merge(cfg.recipe, {"eval_crop_pct": 1.0}))[1]
