@@ -1,23 +1,20 @@
 """Collect runs into tidy pandas tables, from run dirs on disk or from a W&B project.
 
-Only the run record is read (``config.yaml``, ``metrics.jsonl``, ``summary.json``, Hydra's ``overrides.yaml``):
-the contract between training and analysis. Runs that failed, are still running or have no summary are kept and
-flagged, never dropped.
+Only the run record is read, through :func:`toe.record.read_run_dir` (the reader ``toe-sweep`` uses too):
+``config.yaml``, ``metrics.jsonl``, ``summary.json`` and Hydra's ``overrides.yaml``, the contract between training
+and analysis. Runs that failed, are still running, have no summary or an unreadable file are kept and flagged,
+never dropped.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import pandas as pd
-import yaml
 
-from toe.record import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-
-RECORD_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
+from toe.record import find_run_dirs, parse_overrides, read_run_dir
 
 
 @dataclass
@@ -26,23 +23,11 @@ class Runs:
     epochs: pd.DataFrame  # one row per run and epoch: the metrics.jsonl lines, with the run id
 
 
-def override_column(key: str) -> str:
-    """``+variant`` -> ``variant``, ``+keep@toe`` -> ``keep``, ``toe.merge`` stays ``toe.merge``."""
-    return key.lstrip("+~").split("@", 1)[0]
-
-
-def parse_overrides(overrides: Iterable[str]) -> Dict[str, str]:
-    parsed = {}
-    for item in overrides:
-        if "=" in item:
-            key, value = item.split("=", 1)
-            parsed[override_column(key)] = value
-    return parsed
-
-
 def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], overrides: Iterable[str],
-                  history: List[Dict[str, Any]]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """One run's row and epoch rows from its record; the same mapping serves run dirs and W&B runs."""
+                  history: List[Dict[str, Any]], problems: Iterable[str] = (), state: Optional[str] = None
+                  ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """One run's row and epoch rows from its record; the same mapping serves run dirs and W&B runs. ``state`` is
+    the reader's (:data:`toe.record.RUN_STATES`); W&B runs give none and their summary's status is used."""
     config = config or {}
     toe_cfg, schedule = config.get("toe") or {}, config.get("schedule") or {}
     row: Dict[str, Any] = {
@@ -61,43 +46,34 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], 
     }
     # Override columns add what the sweep varied; they never replace what the record says (model=deit_small is
     # recorded as deit_small_patch16_224).
-    row.update({k: v for k, v in parse_overrides(overrides).items() if k not in row})
+    row.update({k: v for k, v in parse_overrides(list(overrides)).items() if k not in row})
     for key, value in summary.items():
         if key not in ("method", "model", "data"):
             row[key] = value
-    status = summary.get("status")
-    row["status"] = status or "no summary"
+    status = state or summary.get("status") or "not started"
+    row["status"] = status
+    flags = list(problems)
     if status == "failed":
-        row["flag"] = f"failed: {summary.get('error', 'unknown error')}"
+        flags.append(f"failed: {summary.get('error', 'unknown error')}")
     elif status == "interrupted":
-        row["flag"] = f"interrupted after epoch {summary.get('epochs', 0)} (preempted or stopped; a rerun resumes)"
-    elif status in (None, "running"):
-        row["flag"] = "no summary (never started or died before its first epoch)" if status is None else (
-            f"running or stopped (last epoch {summary.get('epochs', 0)} of {schedule.get('epochs', '?')})")
-    else:
-        row["flag"] = None
+        flags.append(f"interrupted after epoch {summary.get('epochs', 0)} (preempted or stopped; a rerun resumes)")
+    elif status == "running":
+        flags.append(f"running or stopped (last epoch {summary.get('epochs', 0)} of {schedule.get('epochs', '?')})")
+    elif status == "not started":
+        flags.append("not started (no summary: the job never ran or died before writing one)")
+    elif status == "completed" and not history:
+        flags.append("completed without a single epoch in metrics.jsonl: not counted")
+        row["status"] = "no epochs"
+    row["flag"] = "; ".join(flags) or None
     epoch_rows = [dict(line, run=run_id) for line in history]
     return row, epoch_rows
 
 
-def find_run_dirs(root: Path) -> List[Path]:
-    """Every directory under ``root`` (itself included) that holds a run record, recursively."""
-    root = Path(root)
-    found = {p.parent for name in RECORD_FILES for p in root.rglob(name)}
-    return sorted(d for d in found if not any(part.startswith(".") for part in d.relative_to(root).parts))
-
-
 def load_run_dir(run_dir: Path, root: Path) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    def read(name, parse):
-        path = run_dir / name
-        return parse(path.read_text()) if path.exists() else None
-
-    config = read(CONFIG_FILE, yaml.safe_load) or {}
-    summary = read(SUMMARY_FILE, json.loads) or {}
-    history = read(METRICS_FILE, lambda t: [json.loads(line) for line in t.splitlines() if line.strip()]) or []
-    overrides = read(".hydra/overrides.yaml", yaml.safe_load) or []
+    run = read_run_dir(run_dir)
     run_id = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    return record_to_row(run_id, config, summary, overrides, history)
+    summary = dict(run.summary, error=run.error) if run.error else run.summary
+    return record_to_row(run_id, run.config, summary, run.overrides, run.history, run.problems, run.state)
 
 
 def _frame(rows: List[Dict[str, Any]], epoch_rows: List[Dict[str, Any]]) -> Runs:

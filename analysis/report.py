@@ -41,6 +41,19 @@ def verdicts(table: pd.DataFrame) -> List[str]:
     return lines
 
 
+def read_reference(path: Path) -> pd.DataFrame:
+    """A CSV of reference numbers: the table's row columns as text, number columns (top1*, speedup*, gflops*,
+    time*) as numbers; a number column holding text is refused with the column's name."""
+    reference = pd.read_csv(path, dtype=str)
+    for column in reference.columns:
+        if column.startswith(("top1", "speedup", "gflops", "time")):
+            try:
+                reference[column] = pd.to_numeric(reference[column])
+            except ValueError as err:
+                raise ValueError(f"column {column}: {err}") from None
+    return reference
+
+
 def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Optional[pd.DataFrame] = None,
                  html: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,11 +118,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileNotFoundError as err:
         print(f"toe-report: {err}", file=sys.stderr)
         return 2
-    reference = pd.read_csv(args.reference, dtype=str) if args.reference else None
-    if reference is not None:
-        for column in reference.columns:
-            reference[column] = pd.to_numeric(reference[column], errors="ignore") if column.startswith(
-                ("top1", "speedup", "gflops", "time")) else reference[column]
+    reference = None
+    if args.reference:
+        try:
+            reference = read_reference(args.reference)
+        except (OSError, ValueError) as err:
+            parser.error(f"--reference {args.reference}: {str(err).splitlines()[0]}")
     path = build_report(collected, args.out, args.source, reference, html=args.html)
     flagged = collected.runs["flag"].notna().sum()
     print(f"toe-report: wrote {path} ({len(collected.runs)} runs, {flagged} flagged)")

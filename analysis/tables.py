@@ -1,8 +1,8 @@
-"""The paper's tables (skeletons in ``toe-paper.md`` section 2) filled from collected runs.
+"""The paper's tables (the ToE paper's Tables 1-4 and ablations) filled from collected runs.
 
 Every table has one row per setting (seeds pooled) and the paper's columns: top-1 mean +- std over seeds with n,
 analytic GFLOPs per image (forward, epoch-averaged, linear layers only and with the attention matmuls, the units of
-``toe-paper.md`` 2.3), train time as measured (GPU- or CPU-hours), speed-up against the reference row of the same
+the paper's FLOP counts), train time as measured (GPU- or CPU-hours), speed-up against the reference row of the same
 model, and the top-1 change against it. Reference numbers (e.g. the paper's) can come from a CSV.
 """
 
@@ -39,7 +39,7 @@ TABLES: Dict[str, TableSpec] = {
     "ablation_merge": TableSpec("Ablation: merging", ["model", "toe.merge"], {"toe.merge": "mean"}),
     "ablation_distance": TableSpec("Ablation: distance", ["model", "toe.distance"], {"toe.distance": "cosine"}),
     "ablation_repeats": TableSpec("Ablation: repetition step k", ["model", "toe.repeats"], {"toe.repeats": "2"}),
-    "ablation_keep_rates": TableSpec("Ablation: kept-rate sets", ["model", "keep"], {"keep": "r0.5"}),
+    "ablation_keep_rates": TableSpec("Ablation: kept-rate sets", ["model", "toe"], {"toe": "r0.5"}),
     "ablation_stage_split": TableSpec("Ablation: stage split", ["model", "schedule"], {"schedule": "official"}),
 }
 NOT_ROW_KEYS = {"seed", "experiments", "smoke", "logger", "data.root", "hydra.sweep.dir", "hydra.run.dir"}
@@ -49,7 +49,7 @@ def spec_for(experiment: Optional[str], runs: pd.DataFrame) -> TableSpec:
     """The layout of a known experiment, else model x method x whatever else the sweep varied."""
     if experiment in TABLES:
         return TABLES[experiment]
-    varied = [c for c in runs.columns if ("." in c or c in ("variant", "keep", "schedule"))
+    varied = [c for c in runs.columns if ("." in c or c in ("variant", "toe", "schedule"))
               and c not in NOT_ROW_KEYS and runs[c].nunique(dropna=True) > 1]
     return TableSpec(f"Runs of {experiment or 'an ad-hoc sweep'}", ["model", "method"] + sorted(varied))
 

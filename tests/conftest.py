@@ -2,10 +2,8 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 # Two epochs over the first two ToE stages of a small ViT on digits: every path of a run in a few seconds.
 TINY_RUN = [
@@ -18,7 +16,7 @@ TINY_RUN = [
 
 
 def compose_cfg(overrides: List[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 

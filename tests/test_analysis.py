@@ -18,9 +18,9 @@ def sweep(tmp_path_factory):
     """A real small sweep: baseline and ToE, two seeds each, plus one run that fails."""
     root = tmp_path_factory.mktemp("runs")
     common = ["logger=none", "schedule.epochs=3", "model.kwargs.depth=2"]
-    subprocess.run([sys.executable, "-m", "toe.train", "-m", "method=baseline,toe", "seed=0,1", *common,
+    subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", "method=baseline,toe", "seed=0,1", *common,
                     f"hydra.sweep.dir={root / 'sweep'}"], check=True, capture_output=True, timeout=600)
-    failed = subprocess.run([sys.executable, "-m", "toe.train", *common, "recipe.batch_size=4096",
+    failed = subprocess.run([sys.executable, "-m", "toe.cli.train", *common, "recipe.batch_size=4096",
                              f"hydra.run.dir={root / 'failed'}"], capture_output=True, timeout=300)
     assert failed.returncode == 2
     return root

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from toe.bench import main
+from toe.cli.bench import main
 
-# toe-paper.md section 2.3: (full, stage 1, stage 2, epoch-avg) as "linear-only / incl. attn", forward GMACs.
+# FLOPs derived from the official token schedules: (full, stage 1, stage 2, epoch-avg) as "linear-only / incl. attn", forward GMACs.
 REFERENCE_TABLE = [
     ((1.075, 1.254), (0.598, 0.654), (0.836, 0.944), (0.836, 0.951)),
     ((4.241, 4.599), (2.334, 2.446), (3.287, 3.502), (3.287, 3.516)),

@@ -7,7 +7,8 @@ import torch
 from conftest import compose_cfg
 from toe.curriculum import build_phases, fourier_crop, phase_at
 from toe.flops import ViTShape, schedule_average_macs
-from toe.train import build_schedule, train
+from toe.schema import build_expansion_schedule as build_schedule
+from toe.train import train
 
 
 def _grid(freq: float, size: int) -> torch.Tensor:
@@ -38,12 +39,12 @@ def test_official_phases_give_resolution_magnitude_and_accumulation_per_epoch():
 
 
 def test_et_toe_token_counts_per_epoch_follow_resolution_and_global_stage():
-    """methods-facts.md 1.4: 0-99 60/100, 100-179 80/100, 180-199 114/144, 200-239 all 144, 240-299 all 196."""
+    """ET_training.py's global-epoch stages: 0-99 60/100, 100-179 80/100, 180-199 114/144, 200-239 all 144, 240-299 all 196."""
     cfg = compose_cfg(["method=efficienttrain_toe", "schedule=official", "model=deit_small"])
     sched, phases = build_schedule(cfg), build_phases(cfg.curriculum, 300, 224, 16)
     kept = [sched.kept_tokens((phase_at(phases, e).img_size // 16) ** 2, sched.stage_at(e)) for e in range(300)]
     assert kept == [60] * 100 + [80] * 80 + [114] * 20 + [144] * 40 + [196] * 60
-    # and the schedule-averaged FLOPs of toe-paper.md 2.3 (DeiT-S, ET + ToE: 2.375 linear-only, 2.511 with attention)
+    # and the schedule-averaged FLOPs of the official schedule (DeiT-S, ET + ToE: 2.375 linear-only, 2.511 with attention)
     phases_epochs = [(p2.start - p1.start, p1.img_size) for p1, p2 in zip(phases, phases[1:])]
     phases_epochs.append((300 - phases[-1].start, phases[-1].img_size))
     shape = ViTShape.deit(384)
@@ -67,7 +68,7 @@ def test_efficienttrain_runs_through_every_phase(tmp_path, method, tokens):
 
 
 def test_a_run_too_short_for_the_phases_is_stopped_before_it_starts(tmp_path):
-    from toe.train import ConfigError
+    from toe.schema import ConfigError
 
     with pytest.raises(ConfigError, match="curriculum phases start at epochs"):
         train(compose_cfg(["logger=none", "method=efficienttrain", "schedule.epochs=3"]), tmp_path)

@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toe.sweep import main as sweep_main
+from toe.cli.sweep import main as sweep_main
 from toe.sweep import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +16,7 @@ SMOKE_COLLAPSED = {"model", "recipe", "data", "logger", "seed"}  # smoke=on swee
 
 
 def _toe_train(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "toe.train", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "toe.cli.train", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -51,7 +50,7 @@ def digits_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digits_label_maps(digits_checkpoints):
     """Label maps of the digits training set written by the full-token pre-training, for table3_lvvit."""
-    from toe.token_label import main as write_label_maps
+    from toe.cli.label_maps import main as write_label_maps
 
     teacher = Path(digits_checkpoints[0].split("=", 1)[1]).parent
     assert write_label_maps([str(teacher), str(teacher / "label_maps")]) == 0
@@ -68,9 +67,9 @@ def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
     runs = sweep_runs(tmp_path)
     epochs = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text()).get("smoke_epochs", 3)
     assert len(runs) == _smoke_jobs(name)
-    assert all(r["state"] == "done" and r["epochs"] == epochs for r in runs), runs
+    assert all(r.state == "completed" and len(r.history) == epochs for r in runs), runs
     for run in runs:
-        rows = [json.loads(line) for line in (Path(run["run"]) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == epochs and all(0 <= r["val_top1"] <= 1 for r in rows)
     assert sweep_main(["status", str(tmp_path)]) == 0
 
@@ -87,8 +86,8 @@ def test_a_typo_in_an_experiment_file_stops_before_any_job_and_names_file_and_ke
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "typo.yaml").write_text(
         "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      toe.mergee: mean,drop\n")
-    env = dict(os.environ, TOE_ROOT=str(tmp_path))
-    proc = _toe_train("experiments=typo", "smoke=on", f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env)
+    proc = _toe_train("--config-dir", str(tmp_path), "experiments=typo", "smoke=on",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-2000:]
     assert "experiments/typo.yaml" in output and "toe.mergee" in output
@@ -99,14 +98,14 @@ def test_finetune_experiment_without_checkpoints_names_the_missing_value(tmp_pat
     proc = _toe_train("experiments=finetune_cifar", "smoke=on", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2
     assert "experiments/finetune_cifar.yaml" in proc.stdout + proc.stderr
-    assert "Missing mandatory value: pretrained.baseline" in proc.stdout + proc.stderr
+    assert "missing value for pretrained.baseline" in proc.stdout + proc.stderr
 
 
 def test_lvvit_experiment_without_label_maps_names_the_missing_value(tmp_path):
     proc = _toe_train("experiments=table3_lvvit", "smoke=on", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2
     assert "experiments/table3_lvvit.yaml" in proc.stdout + proc.stderr
-    assert "Missing mandatory value: label_maps" in proc.stdout + proc.stderr
+    assert "missing value for label_maps" in proc.stdout + proc.stderr
 
 
 def test_a_schedule_that_cannot_work_stops_the_sweep_before_any_job(tmp_path):
@@ -129,15 +128,16 @@ def test_sweep_status_lists_failed_runs_and_exits_non_zero(tmp_path, capsys):
     proc = _toe_train("experiments=ablation_merge", "smoke=on", "toe.merge=mean", "recipe.batch_size=64,4096",
                       f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode != 0  # Hydra re-raises the failed job after running the others
-    runs = {next(o for o in r["overrides"].split() if o.startswith("recipe.batch_size")): r
-            for r in sweep_runs(tmp_path)}
-    assert runs["recipe.batch_size=64"]["state"] == "done"
-    assert runs["recipe.batch_size=4096"]["state"] == "failed"
-    assert "larger than the training set" in runs["recipe.batch_size=4096"]["error"]
+    runs = {next(o for o in r.overrides if o.startswith("recipe.batch_size")): r for r in sweep_runs(tmp_path)}
+    assert runs["recipe.batch_size=64"].state == "completed"
+    assert runs["recipe.batch_size=4096"].state == "failed"
+    assert "larger than the training set" in runs["recipe.batch_size=4096"].error
     assert sweep_main(["status", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "1 done, 1 failed" in out and "FAILED" in out
-    assert sweep_main(["status", str(tmp_path / "nothing")]) == 2
+    assert "1 completed, 1 failed" in out and "FAILED" in out
+    with pytest.raises(SystemExit) as refused:
+        sweep_main(["status", str(tmp_path / "nothing")])
+    assert refused.value.code == 2
 
 
 @pytest.mark.slow
@@ -146,5 +146,5 @@ def test_submitit_local_launcher_runs_a_smoke_experiment(tmp_path):
                       "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sweep_runs(tmp_path)
-    assert len(runs) == 2 and all(r["state"] == "done" for r in runs)
+    assert len(runs) == 2 and all(r.state == "completed" for r in runs)
     assert list((tmp_path / ".submitit").glob("*/*_log.out"))

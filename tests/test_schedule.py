@@ -10,7 +10,7 @@ ET = dict(expansion_steps=[0, 100, 200], keep_rates=[0.6, 0.8, 1.0], init_keep_r
 @pytest.mark.parametrize(
     "recipe, n, seeds, stage1_substeps, counts",
     [
-        # toe-paper.md section 1.4, row by row
+        # the official code's token counts, row by row
         (DEIT, 196, 49, [24, 25], [98, 147, 196]),
         (LVVIT, 196, 39, [19, 20], [78, 136, 196]),
         (ET, 196, 58, [29, 29], [116, 155, 196]),

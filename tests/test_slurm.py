@@ -49,7 +49,7 @@ def env():
 
 
 def _toe_train(*args):
-    return [sys.executable, "-m", "toe.train", *args]
+    return [sys.executable, "-m", "toe.cli.train", *args]
 
 
 def test_smoke_experiment_runs_through_the_slurm_launcher(tmp_path, env):
@@ -57,10 +57,10 @@ def test_smoke_experiment_runs_through_the_slurm_launcher(tmp_path, env):
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     runs = sweep_runs(tmp_path)
-    assert len(runs) == 2 and all(r["state"] == "done" and r["epochs"] == 3 for r in runs), runs
+    assert len(runs) == 2 and all(r.state == "completed" and len(r.history) == 3 for r in runs), runs
     assert list((tmp_path / ".submitit").glob("*/*_log.out")), "submitit wrote no job logs"
     for run in runs:
-        rows = (Path(run["run"]) / "metrics.jsonl").read_text().splitlines()
+        rows = (run.path / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["epoch"] for r in rows] == [0, 1, 2]
 
 

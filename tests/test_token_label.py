@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg, write_image_folder
-from toe.run import ConfigError
+from toe.schema import ConfigError
 from toe.token_label import (LabelMapDataset, LabelMapError, TokenLabelLoss, dense_logits, smoothing_values,
                              token_label_targets, write_label_maps)
 
@@ -197,7 +197,7 @@ def test_label_maps_written_from_a_vit_and_a_cnn_hold_their_top_k_dense_logits(t
 def digits_label_maps(tmp_path_factory):
     """Label maps of the digits training set written by a real (briefly trained) teacher: toe-train, then
     ``python -m toe.token_label``."""
-    from toe.token_label import main as write_main
+    from toe.cli.label_maps import main as write_main
     from toe.train import train
 
     root = tmp_path_factory.mktemp("teacher")
@@ -231,8 +231,8 @@ def test_lvvit_without_label_maps_trains_on_the_class_token_and_says_so(tmp_path
     (["token_label.root=/nowhere"], "no dense head"),
     (["model=lvvit_cpu", "token_label.root=/nowhere"], "is not a directory"),
     (["model=lvvit_cpu", "token_label.root=.", "recipe.mixup=0.8"], "MixToken replaces Mixup"),
-    (["model=lvvit_cpu", "token_label.root=.", "token_label.box_order=yx"], "box_order='yx'"),
-    (["model=lvvit_cpu", "method=efficienttrain"], "fixed position embedding"),
+    (["model=lvvit_cpu", "token_label.root=.", "token_label.box_order=yx"], "box_order=yx"),
+    (["model=lvvit_cpu", "method=efficienttrain", "schedule.epochs=5"], "fixed position embedding"),
 ])
 def test_bad_token_label_settings_are_config_errors(tmp_path, overrides, message):
     from toe.train import train

@@ -12,7 +12,6 @@ is slow enough that a fixed, small repeat count matters more than auto-ranging.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ from .patch import expansion_op, patch
 from .reference import reference_expand_tokens
 from .schedule import ExpansionSchedule
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
 
 
@@ -163,6 +161,13 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str,
     return rows
 
 
+def default_flops_table() -> Path:
+    """``conf/bench/flops_table.yaml`` as installed with the package (``toe.conf``)."""
+    from importlib.resources import files
+
+    return Path(str(files("toe.conf") / "bench" / "flops_table.yaml"))
+
+
 def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
     table = yaml.safe_load(Path(args.table).read_text())
     rows = []
@@ -202,69 +207,5 @@ def flops_markdown(rows: List[Dict[str, Any]]) -> str:
     return table.to_markdown(index=False)
 
 
-def _markdown(rows: List[Dict[str, Any]], columns: List[str], floatfmt: str = ".3g") -> str:
+def markdown(rows: List[Dict[str, Any]], columns: List[str], floatfmt: str = ".3g") -> str:
     return pd.DataFrame(rows)[columns].to_markdown(index=False, floatfmt=floatfmt)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="toe-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cpu = not torch.cuda.is_available()
-
-    op = sub.add_parser("op", help="the operator vs the loop reference")
-    op.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768], choices=sorted(DEIT))
-    op.add_argument("--batch", type=int, default=64)
-    op.add_argument("--repeats-k", type=int, nargs="+", default=[1, 2, 4])
-    op.add_argument("--share-dims", type=int, nargs="*", default=[384] if cpu else [192, 384, 768],
-                    help="widths whose op share of a DeiT train step is measured")
-    op.add_argument("--step-batch", type=int, default=16 if cpu else 64)
-    op.add_argument("--warmup", type=int, default=3)
-    op.add_argument("--repeats", type=int, default=10)
-    op.add_argument("--ref-repeats", type=int, default=3)
-    op.add_argument("--step-repeats", type=int, default=3)
-    op.add_argument("--amp", action="store_true", help="bf16 autocast for the train step (CUDA)")
-
-    step = sub.add_parser("step", help="train-step img/s per ToE stage vs full tokens")
-    step.add_argument("--model", default="deit_small_patch16_224")
-    step.add_argument("--batch", type=int, default=16 if cpu else 128)
-    step.add_argument("--img-size", type=int, default=224)
-    step.add_argument("--keep-rates", type=float, nargs="+", default=[0.5, 0.75, 1.0])
-    step.add_argument("--init-keep-rate", type=float, default=0.25)
-    step.add_argument("--stage-starts", type=int, nargs="+", default=[0, 100, 200])
-    step.add_argument("--epochs", type=int, default=300)
-    step.add_argument("--k", type=int, default=2)
-    step.add_argument("--warmup", type=int, default=2)
-    step.add_argument("--repeats", type=int, default=5)
-    step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    step.add_argument("--compile", action="store_true", help="torch.compile the model")
-
-    flops = sub.add_parser("flops", help="analytic FLOPs of the official schedules")
-    flops.add_argument("--table", default=str(CONF_DIR / "bench" / "flops_table.yaml"))
-
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    print(f"# toe-bench {args.command} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-          f" (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    if args.command == "op":
-        rows = bench_op(args, device)
-        columns = ["dim", "k", "stage", "tokens", "op", "reference", "speedup_vs_ref", "same_selection"]
-        columns += [c for c in ("step_ms", "op_share_of_step") if any(c in r for r in rows)]
-        print("times in ms, median [min-max]")
-        print(_markdown(rows, columns))
-    elif args.command == "step":
-        rows = bench_step(args, device)
-        print(f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
-              "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage")
-        print(_markdown(rows, ["stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G", "speedup",
-                               "flop_ratio", "efficiency"]))
-    else:
-        rows = bench_flops(args)
-        print(flops_markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"command": args.command, "device": str(device), "rows": rows}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

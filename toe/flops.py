@@ -1,6 +1,6 @@
 """Analytic FLOPs of a plain ViT under a ToE token schedule.
 
-Convention (the paper's, thop's and ``toe-paper.md`` section 2.3's): one FLOP is one multiply-accumulate. Per
+Convention (the paper's and thop's): one FLOP is one multiply-accumulate. Per
 block with ``t`` tokens, width ``D`` and MLP hidden width ``H``: ``t * (4 D^2 + 2 D H)`` for the linear layers
 (``12 t D^2`` at MLP ratio 4) plus ``2 t^2 D`` for the attention matmuls. Patch embedding (with a conv stem such
 as LV-ViT's) and heads (with LV-ViT's dense head on every position) are included; norms and softmax are not. A

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -145,3 +146,108 @@ class RunRecord:
     def finish(self, exit_code: int = 0) -> None:
         self._wandb_call("finish", exit_code=exit_code)
         self._wandb = None
+
+
+# --- reading run dirs: the one reader that toe-sweep and analysis share ---------------------------------------------
+RUN_STATES = ("completed", "running", "interrupted", "failed", "not started", "unreadable")
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+@dataclass
+class RunDir:
+    """What one run dir says about its run, read without trusting any file to be whole.
+
+    ``state`` is one of :data:`RUN_STATES`: the summary's status, ``not started`` for a job whose dir Hydra made
+    but that wrote no summary, ``failed`` for one whose log names an error before its record existed, and
+    ``unreadable`` when ``summary.json`` cannot be parsed. ``problems`` names each file that could not be read.
+    """
+
+    path: Path
+    config: Dict[str, Any] = field(default_factory=dict)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    overrides: List[str] = field(default_factory=list)
+    state: str = "not started"
+    error: Optional[str] = None
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def override_values(self) -> Dict[str, str]:
+        return parse_overrides(self.overrides)
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, str]:
+    """Hydra's own reading of override strings: ``{column: value}`` with the column the key or group without
+    ``+``/``~`` and package (``+variant=toe_r0.4`` -> ``variant``, ``toe.merge=drop`` -> ``toe.merge``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed: Dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.is_delete():
+            continue
+        parsed[override.key_or_group] = override.get_value_element_as_str()
+    return parsed
+
+
+def _last_error_line(run_dir: Path) -> Optional[str]:
+    """The last ``[ERROR]`` line of the run's Hydra log: what a job said when it died before its summary."""
+    errors: List[str] = []
+    for log_file in sorted(run_dir.glob("*.log")):
+        errors += [line for line in log_file.read_text(errors="replace").splitlines() if "[ERROR]" in line]
+    return errors[-1].split("[ERROR] - ", 1)[-1] if errors else None
+
+
+def read_run_dir(run_dir: Path) -> RunDir:
+    import yaml
+
+    run = RunDir(Path(run_dir))
+
+    def read(name: Any, parse: Any, default: Any) -> Any:
+        path = run.path / name
+        if not path.exists():
+            return default
+        try:
+            value = parse(path.read_text())
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            run.problems.append(f"{name}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+            return default
+        return default if value is None else value
+
+    run.config = read(CONFIG_FILE, yaml.safe_load, {})
+    run.overrides = [str(o) for o in read(HYDRA_OVERRIDES, yaml.safe_load, [])]
+    run.history = read(METRICS_FILE, lambda text: _read_metric_lines(text, run.problems), [])
+    run.summary = read(SUMMARY_FILE, json.loads, {})
+    if not isinstance(run.summary, dict):
+        run.problems.append(f"{SUMMARY_FILE}: not a JSON object")
+        run.summary = {}
+    status = run.summary.get("status")
+    run.error = run.summary.get("error") or _last_error_line(run.path)
+    if status in RUN_STATES:
+        run.state = status
+    elif (run.path / SUMMARY_FILE).exists():
+        run.state = "unreadable"
+    else:
+        run.state = "failed" if run.error else "not started"
+    return run
+
+
+def _read_metric_lines(text: str, problems: List[str]) -> List[Dict[str, Any]]:
+    rows, lines = [], text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            last = number == len(lines)
+            problems.append(f"{METRICS_FILE}: line {number} is {'half-written (ignored)' if last else 'unreadable'}")
+    return rows
+
+
+def find_run_dirs(root: Path) -> List[Path]:
+    """Every run dir under ``root`` (itself included), recursively: a dir holding a run record or a Hydra job's
+    ``.hydra/overrides.yaml``; hidden dirs (``.submitit``, ``.hydra``) are not runs."""
+    root = Path(root)
+    found = {p.parent for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE) for p in root.rglob(name)}
+    found |= {p.parent.parent for p in root.rglob(str(HYDRA_OVERRIDES))}
+    return sorted(d for d in found if not any(part.startswith(".") for part in d.relative_to(root).parts))

@@ -19,52 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
 from toe.checkpoint import restore_rng
-from toe.curriculum import Phase, build_phases
+from toe.curriculum import Phase
 from toe.data import build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
-from toe.schedule import scale_epoch
+from toe.schema import ConfigError, build_expansion_schedule, plan_schedule
 from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key."""
-
-
-def stage_starts(cfg: DictConfig) -> List[int]:
-    """Stage start epochs: ``schedule.stage_starts`` are epochs of a ``schedule.length``-epoch run, scaled to
-    ``schedule.epochs`` and rounded half up (the official 0/100/200 of 300 gives 0/10/20 over 30 epochs)."""
-    epochs, length = int(cfg.schedule.epochs), float(cfg.schedule.length)
-    if epochs < 1 or length <= 0:
-        raise ConfigError(f"schedule.epochs={epochs} and schedule.length={length} must be positive")
-    starts = [scale_epoch(s, epochs, length) for s in cfg.schedule.stage_starts]
-    if any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ConfigError(
-            f"schedule.stage_starts {list(cfg.schedule.stage_starts)} of a {length:g}-epoch run give start epochs "
-            f"{starts} over {epochs} epochs, which are not strictly increasing: run more epochs"
-        )
-    return starts
-
-
-def build_schedule(cfg: DictConfig) -> Optional[toe.ExpansionSchedule]:
-    if not cfg.toe.enabled:
-        return None
-    try:
-        return toe.ExpansionSchedule(
-            expansion_steps=stage_starts(cfg),
-            keep_rates=list(cfg.toe.keep_rates),
-            init_keep_rate=cfg.toe.init_keep_rate,
-            repeats=cfg.toe.repeats,
-            distance=cfg.toe.distance,
-            init=cfg.toe.init,
-            expand=cfg.toe.expand,
-            merge=cfg.toe.merge,
-        )
-    except ValueError as err:
-        raise ConfigError(f"toe/schedule config: {err}") from None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -106,8 +69,14 @@ def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Mo
     """The run's model as timm builds it from ``cfg.model`` (LV-ViT included: importing toe.models registers it)."""
     import timm
 
-    return timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
-                             drop_path_rate=cfg.model.drop_path, **cfg.model.kwargs, **extra)
+    try:
+        return timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
+                                 patch_size=cfg.model.patch_size, drop_path_rate=cfg.model.drop_path,
+                                 **cfg.model.kwargs, **extra)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
+    except TypeError as err:  # a keyword the model class does not take
+        raise ConfigError(f"model.kwargs={OmegaConf.to_container(cfg.model.kwargs)}: {err}") from None
 
 
 def model_data_config(model: torch.nn.Module, cfg: DictConfig) -> Dict[str, Any]:
@@ -140,6 +109,8 @@ class Run:
     dist: DistInfo
     phases: List[Phase]  # EfficientTrain curriculum phases; empty without a curriculum
     local_batch: int
+    epochs: int
+    patch_size: int
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.dist)
@@ -180,18 +151,24 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     random_seed(cfg.seed, info.rank)
     train_set, val_set = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
-    curriculum = cfg.get("curriculum") or {}
+    plan = plan_schedule(cfg)
     # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
     # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
-    dynamic = {"dynamic_img_size": True} if curriculum.get("enabled") else {}
-    model = create_model(cfg, num_classes, **dynamic)
+    dynamic = {"dynamic_img_size": True} if plan.phases else {}
+    try:
+        model = create_model(cfg, num_classes, **dynamic)
+    except ConfigError as err:
+        if "dynamic_img_size" not in str(err):
+            raise
+        raise ConfigError(f"model.name={cfg.model.name} has a fixed position embedding and does not take the "
+                          "EfficientTrain curriculum's changing resolution (timm's dynamic_img_size)") from None
     if cfg.finetune.path:
         try:
             load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
         except (FileNotFoundError, CheckpointMismatchError) as err:
             raise ConfigError(str(err)) from None
     train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
-    schedule = build_schedule(cfg)
+    schedule = build_expansion_schedule(cfg, plan.stage_starts)
     if schedule is not None:
         toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
     data_config = model_data_config(model, cfg)
@@ -221,13 +198,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
                                            **loader_kwargs)
 
     train_loader = make_train_loader(local_batch)
-    phases: List[Phase] = []
-    if curriculum.get("enabled"):
-        try:
-            phases = build_phases(curriculum, int(cfg.schedule.epochs), cfg.model.img_size,
-                                  model.patch_embed.patch_size[0])
-        except ValueError as err:
-            raise ConfigError(f"curriculum: {err}") from None
+    phases: List[Phase] = plan.phases
+    if phases:
         if any(local_batch % p.accumulation for p in phases):
             raise ConfigError(f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
                               f"the curriculum's accumulation steps {[p.accumulation for p in phases]}")
@@ -236,16 +208,16 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
-    min_lr = cfg.schedule.get("min_lr") if cfg.schedule.get("min_lr") is not None else cfg.recipe.min_lr
+    min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.recipe.sched, num_epochs=int(cfg.schedule.epochs),
+        optimizer, sched=cfg.recipe.sched, num_epochs=plan.epochs,
         warmup_epochs=cfg.recipe.warmup_epochs, warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
         step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
                sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, phases,
-               local_batch)
+               local_batch, plan.epochs, cfg.model.patch_size)
 
 
 def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
@@ -259,9 +231,6 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
             raise ConfigError(f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
                               "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)")
         return train_set, None
-    if (cfg.get("curriculum") or {}).get("enabled"):
-        raise ConfigError(f"model.name={cfg.model.name}: LV-ViT has a fixed position embedding and does not take "
-                          "the EfficientTrain curriculum's changing resolution")
     try:
         loss = TokenLabelLoss(num_classes, tuple(model.patch_embed.grid_size), smoothing=cfg.recipe.smoothing,
                               dense_weight=node.dense_weight, cls_weight=node.cls_weight,

@@ -1,6 +1,6 @@
 """The ToE stage schedule: when each stage starts, how many tokens it keeps, and the operator's switches.
 
-Token counts follow the official code's integer and float arithmetic exactly (``toe-paper.md`` section 1.4):
+Token counts follow the official code's integer and float arithmetic exactly (the official ``TokenSelect`` of Osilly/TokenExpansion):
 the per-stage kept-rate increments are float differences, every stage but the last adds ``int(n * increment)``
 tokens, the last adds what reaches ``int(n * r_last)`` from ``int(n * (r0 + sum(increments so far)))``, and the
 seed stride is ``int(1 // r0)``, so ``1 // 0.2 == 4.0`` gives a stride of 4.

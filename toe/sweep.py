@@ -1,47 +1,81 @@
-"""Sweeps: the check that runs before a multirun starts, and ``toe-sweep status``."""
+"""Sweeps: the check that runs before a multirun starts, and the state of a sweep's runs (``toe-sweep status``).
+
+The check composes every job the sweep can know before launch with Hydra's public ``compose`` API and runs
+:func:`toe.schema.validate` on it; a job it cannot know in advance (a sweeper that draws values as it goes) is
+checked when it starts, since :func:`toe.train.train` validates its config before writing anything.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import pandas as pd
-import yaml
-
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from .record import SUMMARY_FILE
+from .record import RunDir, find_run_dirs, read_run_dir
 
 log = logging.getLogger("toe.sweep")
+LOCAL_LAUNCHERS = ("basic", "submitit_local")  # jobs run on this machine, so its devices are the jobs' devices
 
 
 class ExperimentError(ValueError):
-    """An experiment file or a sweep that cannot run; the message names the file and the key."""
+    """An experiment file or a sweep that cannot run; the message names the file, the job and the key."""
 
 
-def _sweep_jobs(config: DictConfig) -> List[List[str]]:
-    """The override list of every job of the multirun, expanded as Hydra's basic sweeper does."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def sweep_jobs(config: DictConfig) -> Optional[List[List[str]]]:
+    """The override list of every job of the multirun, as Hydra's basic sweeper expands it (the sweeper's
+    ``params`` first, the command line's overrides after, a later value of a key replacing an earlier one), or
+    ``None`` when a value is not a list of choices (a range or interval that another sweeper samples)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = config.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
-    arguments = [f"{key}={value}" for key, value in params.items()]
-    arguments += list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    choices: Dict[str, List[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return None
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def check_jobs(config: DictConfig) -> int:
+    """Compose and validate every job of the multirun ``config``; returns how many were checked, raises
+    :class:`ExperimentError` naming the first job that cannot run."""
+    from hydra import compose
+
+    from .schema import ConfigError, compose_error_line, is_compose_error, validate
+
+    experiment = config.hydra.runtime.choices.get("experiments")
+    source = f"experiments/{experiment}.yaml" if experiment else "the command line"
+    launcher = config.hydra.runtime.choices.get("hydra/launcher")
+    jobs = sweep_jobs(config)
+    if jobs is None:
+        log.info("%s: the sweeper samples its values; each job is checked when it starts", source)
+        return 0
+    for number, job in enumerate(jobs):
+        where = f"{source}: job {number} ({' '.join(job)})"
+        try:
+            validate(compose(config_name="train", overrides=job), devices=launcher in LOCAL_LAUNCHERS)
+        except ConfigError as err:
+            raise ExperimentError(f"{where}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - Hydra and OmegaConf raise several types for a bad job
+            if not is_compose_error(err):
+                raise
+            raise ExperimentError(f"{where}: {compose_error_line(err)}") from None
+    return len(jobs)
 
 
 class ValidateSweep(Callback):
-    """Compose and check every job of a multirun before any starts: unknown groups, options and keys, missing
-    values (``data.root``) and impossible ToE schedules stop the sweep at once, naming the experiment file.
+    """Check every job of a multirun before the first starts: unknown groups, options and keys, wrong types,
+    values out of range, missing values (``data.root``) and impossible schedules stop the sweep at once.
 
     Hydra turns exceptions raised in callbacks into warnings and goes on, so the error is logged here and the
     process ends with ``SystemExit(2)``.
@@ -49,106 +83,15 @@ class ValidateSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            self.check(config)
+            checked = check_jobs(config)
         except ExperimentError as err:
             log.error("%s", err)
             raise SystemExit(2) from None
-
-    def check(self, config: DictConfig) -> None:
-        from hydra.core.global_hydra import GlobalHydra
-
-        from .curriculum import build_phases
-        from .run import ConfigError, build_schedule
-
-        experiment = config.hydra.runtime.choices.get("experiments")
-        source = f"experiments/{experiment}.yaml" if experiment else "the command line"
-        loader = GlobalHydra.instance().config_loader()
-        jobs = _sweep_jobs(config)
-        for job in jobs:
-            try:
-                job_cfg = loader.load_sweep_config(config, list(job))
-            except Exception as err:  # noqa: BLE001 - Hydra raises several types for bad overrides
-                raise ExperimentError(f"{source}: job {' '.join(job)}: {err}".strip()) from None
-            job_values = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
-            try:  # interpolations too: finetune.path: ${pretrained.baseline} with pretrained.baseline: ???
-                missing = sorted(OmegaConf.missing_keys(job_values))
-                if not missing:
-                    OmegaConf.to_container(job_values, resolve=True, throw_on_missing=True)
-            except OmegaConfBaseException as err:
-                raise ExperimentError(f"{source}: job {' '.join(job)}: {str(err).splitlines()[0]}") from None
-            if missing:
-                raise ExperimentError(
-                    f"{source}: job {' '.join(job)}: missing value for {', '.join(missing)} "
-                    f"(add e.g. {missing[0]}=<value> to the command)"
-                )
-            try:
-                build_schedule(job_cfg)
-                if job_cfg.get("curriculum") and job_cfg.curriculum.enabled:
-                    build_phases(job_cfg.curriculum, int(job_cfg.schedule.epochs), int(job_cfg.model.img_size),
-                                 int(job_cfg.model.kwargs.get("patch_size", 16)))
-            except (ConfigError, ValueError) as err:
-                raise ExperimentError(f"{source}: job {' '.join(job)}: {err}") from None
+        if checked:
+            log.info("checked the configs of all %d jobs", checked)
 
 
-# --- toe-sweep status ---------------------------------------------------------------------------------------------
-def _last_error_line(log_file: Path) -> Optional[str]:
-    if not log_file.exists():
-        return None
-    errors = [line for line in log_file.read_text(errors="replace").splitlines() if "[ERROR]" in line]
-    return errors[-1].split("[ERROR] - ", 1)[-1] if errors else None
-
-
-def run_state(run_dir: Path) -> Dict[str, Any]:
-    """State of one run dir of a sweep, from its run record (never from training internals)."""
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    summary_file = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    status = summary.get("status")
-    error = summary.get("error") or _last_error_line(run_dir / f"{run_dir.parent.name}.log")
-    if status is None:
-        state = "failed" if error else "not started"
-    elif status == "completed":
-        state = "done"
-    else:
-        state = status
-    if summary.get("resumed_at"):
-        state += f" (resumed at epoch {', '.join(str(e) for e in summary['resumed_at'])})"
-    return {"run": str(run_dir), "overrides": " ".join(overrides), "state": state, "epochs": summary.get("epochs"),
-            "final_top1": summary.get("final_top1"), "error": error if state.startswith("failed") else None,
-            "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary_file.stat().st_mtime))
-            if summary_file.exists() else None}
-
-
-def sweep_runs(sweep_dir: Path) -> List[Dict[str, Any]]:
-    """Every run under ``sweep_dir`` (recursively: Hydra multirun dirs, SLURM output dirs)."""
-    run_dirs = sorted({p.parent.parent for p in Path(sweep_dir).rglob(".hydra/overrides.yaml")})
-    return [run_state(d) for d in run_dirs]
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="toe-sweep", description="Inspect the runs of a sweep.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="every run with its overrides and state; exits 1 if any failed")
-    status.add_argument("sweep_dir", type=Path)
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"toe-sweep: {args.sweep_dir} is not a directory", file=sys.stderr)
-        return 2
-    rows = sweep_runs(args.sweep_dir)
-    if not rows:
-        print(f"toe-sweep: no runs under {args.sweep_dir} (no .hydra/overrides.yaml found)", file=sys.stderr)
-        return 2
-    table = pd.DataFrame(rows)
-    table["run"] = [str(Path(r).relative_to(args.sweep_dir)) for r in table["run"]]
-    print(table[["run", "overrides", "state", "epochs", "final_top1", "updated"]].to_markdown(index=False))
-    failed = [r for r in rows if r["state"].startswith("failed")]
-    for row in failed:
-        print(f"\nFAILED {row['run']}: {row['error']}")
-    counts = pd.Series([r["state"].split(" (")[0] for r in rows]).value_counts()
-    print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items()))
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+# --- the state of a sweep ---------------------------------------------------------------------------------------
+def sweep_runs(sweep_dir: Path) -> List[RunDir]:
+    """Every run under ``sweep_dir`` (recursively: Hydra multirun dirs, SLURM output dirs), each read on its own."""
+    return [read_run_dir(d) for d in find_run_dirs(Path(sweep_dir))]

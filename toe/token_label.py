@@ -23,19 +23,15 @@ RandAugment's geometric ops (rotate, shear, translate) to the map; here RandAugm
 
 from __future__ import annotations
 
-import argparse
-import logging
 import random
-import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-log = logging.getLogger(__name__)
 
 BOX_ORDERS = ("official", "xy")
 
@@ -272,44 +268,3 @@ def write_label_maps(model: nn.Module, dataset: Dataset, out: Path, topk: int = 
             torch.save(label_map.clone(), path)  # a view would save the whole batch's storage
             written += 1
     return written
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``toe-label-maps <run dir or checkpoint.pth> <out dir>``: label maps for the training set of the
-    run's data, from the run's model (EMA weights with --ema)."""
-    parser = argparse.ArgumentParser(prog="toe-label-maps", description=main.__doc__)
-    parser.add_argument("run", type=Path, help="a toe-train run directory (config.yaml + checkpoint.pth)")
-    parser.add_argument("out", type=Path, help="label-map root to write (<out>/<class>/<image stem>.pt)")
-    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from omegaconf import OmegaConf
-
-    from toe.data import build_datasets, build_transforms
-    from toe.finetune import load_pretrained
-    from toe.run import create_model, model_data_config
-
-    run_dir = args.run if args.run.is_dir() else args.run.parent
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pth").is_file():
-        print(f"error: {args.run} is not a toe-train run directory (config.yaml and checkpoint.pth)", file=sys.stderr)
-        return 2
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    train_set, _ = build_datasets(cfg)
-    model = create_model(cfg, cfg.data.num_classes or len(train_set.classes))
-    load_pretrained(model, run_dir / "checkpoint.pth", use_ema=args.ema)
-    data_config = model_data_config(model, cfg)
-    # The whole image, resized (official generator: --crop-pct 1.0)
-    train_set.transform = build_transforms(dict(data_config, crop_pct=1.0),
-                                           OmegaConf.merge(cfg.recipe, {"eval_crop_pct": 1.0}))[1]
-    written = write_label_maps(model, train_set, args.out, args.topk, args.batch_size, args.device,
-                               progress=sys.stderr.isatty())
-    log.info("wrote %d label maps to %s", written, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

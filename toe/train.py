@@ -9,32 +9,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 import toe
 from toe.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 from toe.curriculum import fourier_crop, phase_at
-from toe.data import DataRootError
 from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
 from toe.engine import evaluate, train_one_epoch
 from toe.record import CHECKPOINT_FILE, RunRecord
-from toe.run import (  # noqa: F401 - ConfigError, build_schedule and stage_starts are part of toe.train's API
-    ConfigError,
-    Progress,
-    Run,
-    build_run,
-    build_schedule,
-    resolve_device,
-    restore,
-    stage_starts,
-)
+from toe.run import Progress, Run, build_run, resolve_device, restore
+from toe.schema import validate
 
 log = logging.getLogger("toe.train")
 
@@ -46,7 +35,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None)
     ``interrupted`` (SystemExit or Ctrl-C: submitit's preemption/requeue handler, a scheduler's signal), after which
     a rerun resumes.
     ``overrides`` (Hydra's task overrides) go to W&B with the config, so the analysis can read them from there.
+    The config is checked (:func:`toe.schema.validate`) before anything is written: a bad value raises
+    :class:`ConfigError` and leaves the run dir as it was.
     """
+    validate(cfg)
     run_dir = Path(run_dir)
     info = init_distributed(use_cuda=resolve_device(cfg.train.device).type == "cuda")
     if info.enabled:  # every process works in rank 0's run dir (Hydra's ${now:} may differ by a second)
@@ -81,7 +73,7 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
     progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
                                            name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
     bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
-    epochs, phase = int(cfg.schedule.epochs), None
+    epochs, phase = run.epochs, None
     for epoch in range(progress.epoch, epochs):
         stage = toe.set_epoch(run.model, epoch)
         if run.ema is not None:
@@ -98,8 +90,7 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
                          run.local_batch // phase.accumulation)
             img_size, accumulation = phase.img_size, phase.accumulation
             crop = functools.partial(fourier_crop, size=img_size) if img_size < cfg.model.img_size else None
-        patch = run.model.patch_embed.patch_size[0]
-        shape = replace(run.shape, num_patches=(img_size // patch) ** 2)
+        shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
         op = toe.expansion_op(run.model)
         kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
         run.sampler.set_epoch(epoch)
@@ -175,38 +166,3 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         "images_seen": images, "device": str(run.device) if run else None, "lr": run.lr if run else None,
         "resumed_at": progress.resumed_at,
     }
-
-
-def _hydra_main(cfg: DictConfig) -> Optional[float]:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_cfg = HydraConfig.get()
-    try:
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-    except (ConfigError, DataRootError, MissingMandatoryValue, InterpolationResolutionError) as err:
-        if isinstance(err, MissingMandatoryValue):
-            message = f"missing value for {err.full_key}: set it on the command line, e.g. {err.full_key}=<value>"
-        else:
-            message = str(err).splitlines()[0]
-        log.error("%s", message)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # this job fails and the sweep goes on with the others
-        sys.exit(2)  # a single run: one clear line, no traceback
-    return summary.get("final_top1")
-
-
-def main() -> Optional[float]:
-    import hydra
-
-    # The repository root is on Hydra's search path (conf/train.yaml), which makes experiments/ a config group.
-    os.environ.setdefault("TOE_ROOT", str(Path(__file__).resolve().parent.parent))
-    config_dir = str(Path(__file__).resolve().parent.parent / "conf")
-    return hydra.main(version_base="1.3", config_path=config_dir, config_name="train")(_hydra_main)()
-
-
-if __name__ == "__main__":
-    # Run the importable toe.train, not this __main__ copy: submitit pickles the task function by reference.
-    from toe.train import main as _main
-
-    _main()

@@ -1,4 +1,4 @@
-"""LV-ViT (Jiang et al., NeurIPS 2021, "All Tokens Matter"), written from ``methods-facts.md`` section 2.1 and
+"""LV-ViT (Jiang et al., NeurIPS 2021, "All Tokens Matter"), written from TokenLabeling's ``tlt/models/lvvit.py`` and
 registered with timm (``timm.create_model("lvvit_s")``).
 
 Convolutional 4_2 patch stem, pre-LN blocks whose residual branches are divided by ``skip_lam``, a class head on
@@ -98,7 +98,7 @@ class LVViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 16, num_heads: int = 6, head_dim: int = 64,
                  mlp_ratio: float = 3.0, skip_lam: float = 2.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 mix_token: bool = True, return_dense: bool = True, **_: object):
+                 mix_token: bool = True, return_dense: bool = True):
         super().__init__()
         self.num_classes, self.embed_dim, self.num_prefix_tokens = num_classes, embed_dim, 1
         self.mix_token, self.return_dense = mix_token, return_dense
@@ -193,6 +193,8 @@ class LVViT(nn.Module):
 def _create(variant: str, pretrained: bool = False, **kwargs) -> LVViT:
     if pretrained:
         raise ValueError(f"{variant}: no pretrained weights ship with toe; use finetune.path=<checkpoint>")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # what timm.create_model adds
+        kwargs.pop(key, None)
     return LVViT(**kwargs)
 
 

@@ -1,0 +1,132 @@
+"""The config schema (toe/schema.py): every bad config is refused before training, in one line naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from conftest import TINY_RUN
+from toe.schema import ConfigError, compose_error_line, is_compose_error, validate
+
+# (overrides, what the one-line refusal must contain). Each is composed as toe-train composes it and checked by
+# validate(), the function train() and the sweep check call before anything is written.
+BAD_CONFIGS = [
+    (["schedule.epochs=abc"], "schedule.epochs=abc"),
+    (["schedule.epochs=0"], "schedule.epochs=0: must be >= 1"),
+    (["schedule.stage_starts=[0,100]"], "schedule.stage_starts=[0,100]"),
+    (["schedule.length=300", "schedule.stage_starts=[0,100,200]"], "schedule.stage_starts=[0,100,200]"),
+    (["schedule.stage_starts=[0,-5,200]"], "schedule.stage_starts=[0,-5,200]: must be >= 0"),
+    (["toe.sparse_eval=maybe"], "toe.sparse_eval=maybe"),
+    (["toe.keep_rates=[0.5,0.4,1.0]"], "toe.keep_rates=[0.5,0.4,1.0]"),
+    (["toe.keep_rates=[0.5,0.75,1.5]"], "toe.keep_rates=[0.5,0.75,1.5]: must be > 0 and <= 1"),
+    (["toe.init_keep_rate=0.6"], "toe.init_keep_rate=0.6"),
+    (["toe.init_keep_rate=0"], "toe.init_keep_rate=0.0: must be > 0"),
+    (["toe.repeats=0"], "toe.repeats=0: must be >= 1"),
+    (["toe.distance=l1"], "toe.distance=l1: expected one of cosine, manhattan, euclidean"),
+    (["toe.merge=max"], "toe.merge=max"),
+    (["toe.foo=1"], "toe.foo=1"),
+    (["+foo=1"], "foo=1: no such key"),
+    (["model=nope"], "model/nope"),
+    (["model.img_size=30"], "model.img_size=30: the patch size 4"),
+    (["model.drop_path=1.5"], "model.drop_path=1.5"),
+    (["model.kwargs.bogus=1"], "model.kwargs.bogus=1"),
+    (["recipe.batch_size=0"], "recipe.batch_size=0: must be >= 1"),
+    (["recipe.batch_size=1.5"], "recipe.batch_size=1.5"),
+    (["recipe.lr=-1"], "recipe.lr=-1.0: must be > 0"),
+    (["recipe.smoothing=1.0"], "recipe.smoothing=1.0"),
+    (["recipe.mixup_prob=2"], "recipe.mixup_prob=2.0"),
+    (["recipe.opt=adamz"], "recipe.opt=adamz"),
+    (["recipe.auto_augment=rand-zz9"], "recipe.auto_augment=rand-zz9"),
+    (["train.device=gpu"], "train.device=gpu"),
+    (["train.device=cuda:99"], "train.device=cuda:99"),
+    (["train.amp=fp8"], "train.amp=fp8"),
+    (["train.workers=-1"], "train.workers=-1"),
+    (["train.eval_every=0"], "train.eval_every=0"),
+    (["train.progress=maybe"], "train.progress=maybe"),
+    (["data=imagenet"], "missing value for data.root"),
+    (["data.name=mnist"], "data.name=mnist"),
+    (["logger.wandb.mode=cloud"], "logger.wandb.mode=cloud"),
+    (["finetune=checkpoint"], "missing value for finetune.path"),
+    (["finetune=checkpoint", "finetune.path=/nonexistent.pth"], "finetune.path=/nonexistent.pth: no such file"),
+    (["token_label.box_order=yx"], "token_label.box_order=yx"),
+    (["model=lvvit_cpu", "token_label.root=.", "recipe.mixup=0.8"], "token_label.root=."),
+    (["method=efficienttrain", "schedule.epochs=3"], "curriculum.phases"),
+    (["seed=-1"], "seed=-1: must be >= 0"),
+]
+
+
+def refusal(overrides):
+    """The one line toe-train would print for ``overrides``, or None if the config is accepted."""
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        try:
+            validate(compose(config_name="train", overrides=TINY_RUN + overrides))
+        except ConfigError as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 - what Hydra raises while composing
+            assert is_compose_error(err), f"{type(err).__name__} is not a config error: {err}"
+            return compose_error_line(err)
+    return None
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_a_bad_config_is_refused_in_one_line_naming_the_key(overrides, message):
+    line = refusal(overrides)
+    assert line is not None, f"{overrides} was accepted"
+    assert message in line and "\n" not in line, line
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["method=baseline"], ["toe=r0.3"], ["model=lvvit_cpu"], ["recipe=deit"], ["train.progress=true"],
+    ["schedule=hyper", "schedule.epochs=30"], ["+model.kwargs.qkv_bias=false"], ["experiments=table1_deit", "data=digits"],
+])
+def test_good_configs_are_accepted(overrides):
+    assert refusal(overrides) is None
+
+
+def test_the_operator_settings_are_their_own_group():
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        official = compose(config_name="train").toe
+        et = compose(config_name="train", overrides=["method=efficienttrain_toe"]).toe
+        lvvit = compose(config_name="train", overrides=["experiments=table3_lvvit", "label_maps=x"]).toe
+        chosen = compose(config_name="train", overrides=["method=efficienttrain_toe", "toe=r0.4"]).toe
+    assert (official.init_keep_rate, list(official.keep_rates), official.repeats) == (0.25, [0.5, 0.75, 1.0], 2)
+    assert (et.init_keep_rate, list(et.keep_rates), et.enabled) == (0.3, [0.6, 0.8, 1.0], True)
+    assert (lvvit.init_keep_rate, list(lvvit.keep_rates)) == (0.2, [0.4, 0.7, 1.0])
+    assert list(chosen.keep_rates) == [0.4, 0.7, 1.0]  # the command line beats a method's choice
+
+
+def test_recipes_share_the_deit_base_and_keep_their_own_values():
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        recipes = {name: compose(config_name="train", overrides=[f"recipe={name}"]).recipe
+                   for name in ("deit", "cpu", "lvvit", "efficienttrain", "finetune_cifar")}
+    assert recipes["deit"].lr == 5e-4 and recipes["deit"].mixup == 0.8 and recipes["deit"].ema_decay == 0.99996
+    assert recipes["lvvit"].lr == 1.6e-3 and recipes["lvvit"].mixup == 0.0 and recipes["lvvit"].opt == "adamw"
+    assert recipes["efficienttrain"].batch_size == 4096 and recipes["efficienttrain"].ema is False
+    assert recipes["finetune_cifar"].opt == "sgd" and recipes["finetune_cifar"].auto_augment == "rand-m9-mstd0.5-inc1"
+    assert recipes["cpu"].batch_size == 64 and recipes["cpu"].hflip == 0.0 and recipes["cpu"].weight_decay == 0.05
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.epochs=abc", "schedule.epochs=abc"),  # refused by Hydra while composing
+    ("recipe.batch_size=0", "recipe.batch_size=0"),  # refused by validate()
+    ("model=nope", "model/nope"),
+])
+def test_the_command_line_refuses_in_one_line_without_a_traceback_and_writes_nothing(tmp_path, override, message):
+    proc = subprocess.run([sys.executable, "-m", "toe.cli.train", "logger=none", override,
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert message in output and "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
+    assert [line for line in output.splitlines() if message in line] and len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_multirun_with_one_bad_job_starts_no_job_and_names_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", "logger=none", "recipe.lr=1e-3,-1",
+                           f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "the command line: job 1 (logger=none recipe.lr=-1): recipe.lr=-1.0: must be > 0" in output
+    assert not (tmp_path / "0").exists() and not (tmp_path / "1").exists()
