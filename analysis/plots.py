@@ -52,10 +52,13 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, group in per_epoch.dropna(subset=["val_top1"]).groupby("label"):
-        curve = group.groupby("epoch")["val_top1"].agg(["mean", "std"]) * 100
-        ax.plot(curve.index + 1, curve["mean"], marker="o", markersize=3, label=label)
-        ax.fill_between(curve.index + 1, curve["mean"] - curve["std"].fillna(0),
-                        curve["mean"] + curve["std"].fillna(0), alpha=0.15)
+        # float first: a column with nulls (epochs without evaluation) is object-typed on older pandas
+        curve = group.astype({"val_top1": float}).groupby("epoch")["val_top1"].agg(["mean", "std"]) * 100
+        # numpy arrays, not Series: matplotlib 3.7.0's fill_between cannot take pandas 2 Series
+        x, mean, std = (curve.index.to_numpy(dtype=float) + 1, curve["mean"].to_numpy(dtype=float),
+                        curve["std"].fillna(0).to_numpy(dtype=float))
+        ax.plot(x, mean, marker="o", markersize=3, label=label)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     plotted = runs[runs["run"].isin(per_epoch["run"])]
     last = int(per_epoch["epoch"].max()) if len(per_epoch) else 0
     for boundary in _stage_boundaries(plotted, last):
@@ -71,7 +74,8 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
     done["time"], time_label = _time_axis(done["device_hours"], device_kind(done))
     for i, (label, group) in enumerate(done.groupby("label")):
         color = f"C{i}"
-        ax.scatter(group["time"], group["final_top1"] * 100, color=color, alpha=0.45, s=25)
+        ax.scatter(group["time"].to_numpy(dtype=float), group["final_top1"].to_numpy(dtype=float) * 100,
+                   color=color, alpha=0.45, s=25)
         ax.scatter(group["time"].mean(), group["final_top1"].mean() * 100, color=color, marker="*",
                    s=180, edgecolor="black", label=f"{label} (mean of {len(group)})")
     ax.set(xlabel=time_label, ylabel="final val top-1 (%)",
@@ -83,7 +87,7 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, group in per_epoch.groupby("label"):
         tokens = group.groupby("epoch")["tokens_after_first_block"].mean()
-        ax.step(tokens.index + 1, tokens.values, where="mid", label=label)
+        ax.step(tokens.index.to_numpy(dtype=float) + 1, tokens.to_numpy(dtype=float), where="mid", label=label)
     ax.set(xlabel="epoch", ylabel="tokens after the first block", title=f"{title}\ntokens per block vs epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)

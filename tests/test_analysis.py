@@ -116,3 +116,38 @@ def test_known_experiments_get_the_paper_layout_and_others_their_varied_keys(swe
     assert spec_for("table1_deit", runs) is TABLES["table1_deit"]
     assert TABLES["ablation_merge"].reference == {"toe.merge": "mean"}
     assert spec_for("train", runs).rows == ["model", "method"]
+
+
+def test_report_reads_reference_numbers_from_a_csv_file_and_refuses_a_bad_one(sweep, tmp_path, capsys):
+    paper = tmp_path / "paper.csv"
+    paper.write_text("model,method,top1\nvit_tiny_patch16_224,toe,72.5\nvit_tiny_patch16_224,baseline,72.2\n")
+    assert report_main([str(sweep), "-o", str(tmp_path / "report"), "--reference", str(paper)]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "reference: top1" in report and "72.5" in report and "72.2" in report
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,method,top1\nvit_tiny_patch16_224,toe,about 72\n")
+    with pytest.raises(SystemExit) as refused:
+        report_main([str(sweep), "-o", str(tmp_path / "bad_report"), "--reference", str(bad)])
+    assert refused.value.code == 2 and "column top1" in capsys.readouterr().err
+
+
+def test_an_unreadable_record_is_flagged_and_every_good_run_still_reported(sweep, tmp_path, capsys):
+    import shutil
+
+    from toe.cli.sweep import main as sweep_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    summaries = sorted((copy / "sweep").glob("*/summary.json"))
+    summaries[0].write_text('{"status": "compl')  # cut short
+    metrics = summaries[1].parent / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 3, "train_lo')  # a half-written last line
+    assert report_main([str(copy), "-o", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"`sweep/{summaries[0].parent.name}`: summary.json: unreadable" in report
+    assert "line 4 is half-written (ignored)" in report
+    runs = collect(copy).runs
+    assert (runs["status"] == "completed").sum() == 3 and (runs["status"] == "unreadable").sum() == 1
+    assert sweep_main(["status", str(copy / "sweep")]) == 1
+    out = capsys.readouterr().out
+    assert "UNREADABLE" in out and "3 completed, 1 unreadable" in out

@@ -1,0 +1,134 @@
+"""``toe-report <sweep dir | wandb:entity/project> [-o out/]``: every table the runs allow, the plots, the flagged
+runs, and a one-line verdict per setting against its reference row. Markdown plus PNGs, or one HTML file."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pandas as pd
+
+from .collect import Runs, collect, collect_wandb
+from .plots import plot_runs
+from .tables import build_table, format_table, spec_for, write_table
+
+
+def verdicts(table: pd.DataFrame) -> List[str]:
+    """'<row>: faster by 1.27x, top-1 -0.10 (within the seed spread of 0.15)' for every non-reference row."""
+    rows, lines = table.attrs["rows"], []
+    reference = table[table["is_reference"]]
+    for _, row in table[~table["is_reference"]].iterrows():
+        name = ", ".join(str(row[c]) for c in rows)
+        if pd.isna(row["speedup"]):
+            lines.append(f"{name}: no reference row to compare with")
+            continue
+        same = reference
+        for column in rows:
+            if column in ("model", "data", "pretrained"):
+                same = same[same[column] == row[column]]
+        spread = pd.concat([same["top1_std"], pd.Series([row["top1_std"]])]).max()
+        faster = f"faster by {row['speedup']:.2f}x" if row["speedup"] >= 1 else f"slower by {1 / row['speedup']:.2f}x"
+        if pd.isna(spread):
+            judged = "no seed spread to judge by (one seed)"
+        elif abs(row["top1_delta"]) <= spread:
+            judged = f"within the seed spread of {spread:.2f}"
+        else:
+            judged = f"outside the seed spread of {spread:.2f}"
+        lines.append(f"{name}: {faster}, top-1 {row['top1_delta']:+.2f} points ({judged})")
+    return lines
+
+
+def read_reference(path: Path) -> pd.DataFrame:
+    """A CSV of reference numbers: the table's row columns as text, number columns (top1*, speedup*, gflops*,
+    time*) as numbers; a number column holding text is refused with the column's name."""
+    reference = pd.read_csv(path, dtype=str)
+    for column in reference.columns:
+        if column.startswith(("top1", "speedup", "gflops", "time")):
+            try:
+                reference[column] = pd.to_numeric(reference[column])
+            except ValueError as err:
+                raise ValueError(f"column {column}: {err}") from None
+    return reference
+
+
+def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Optional[pd.DataFrame] = None,
+                 html: bool = False) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = collected.runs
+    parts = [f"# toe report: {source}\n", f"{len(runs)} runs, {int((runs['status'] == 'completed').sum())} completed.\n"]
+    html_parts = [f"<h1>toe report: {source}</h1>"]
+    experiments = runs["experiment"].fillna("runs")
+    for experiment in sorted(experiments.unique()):
+        subset = runs[experiments == experiment]
+        spec = spec_for(experiment, subset)
+        table = build_table(subset, spec, reference_csv)
+        name = str(experiment)
+        section = out_dir / name
+        write_table(table, section, "table")
+        run_ids = set(subset["run"])
+        plots = plot_runs(subset, collected.epochs[collected.epochs["run"].isin(run_ids)] if len(collected.epochs)
+                          else collected.epochs, table.attrs["rows"], spec.title, section)
+        lines = verdicts(table)
+        data = ", ".join(sorted(str(d) for d in subset["data"].dropna().unique())) or "unknown"
+        parts += [f"\n## {spec.title}\n", f"Experiment `{name}`, data: {data}; rows pool seeds; speed-up and Δ top-1 against the "
+                  f"reference row ({', '.join(f'{k}={v}' for k, v in spec.reference.items())}) of the same model.\n",
+                  format_table(table).to_markdown(index=False), "\n\n**Verdicts**\n"]
+        parts += [f"- {line}" for line in lines] or ["- (no row to compare)"]
+        parts += [""] + [f"![{key}]({name}/{path.name})" for key, path in plots.items()]
+        html_parts += [f"<h2>{spec.title}</h2>", format_table(table).to_html(index=False),
+                       "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"]
+        html_parts += [f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                       for key, p in plots.items()]
+    flagged = runs[runs["flag"].notna()]
+    parts.append("\n## Flagged runs\n")
+    if len(flagged):
+        parts += [f"- `{r['run']}`: {r['flag']}" for _, r in flagged.iterrows()]
+        html_parts += ["<h2>Flagged runs</h2><ul>"] + [f"<li>{r['run']}: {r['flag']}</li>" for _, r in
+                                                        flagged.iterrows()] + ["</ul>"]
+    else:
+        parts.append("None: every run completed.")
+    (out_dir / "runs.csv").write_text(runs.to_csv(index=False))
+    markdown = out_dir / "report.md"
+    markdown.write_text("\n".join(parts) + "\n")
+    if html:
+        page = out_dir / "report.html"
+        page.write_text("<!doctype html><meta charset='utf-8'><title>toe report</title>"
+                        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
+                        "collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style>"
+                        + "\n".join(html_parts))
+        return page
+    return markdown
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="toe-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a sweep or runs directory, or wandb:<entity>/<project>")
+    parser.add_argument("-o", "--out", type=Path, default=Path("report"), help="output directory (default: report)")
+    parser.add_argument("--reference", type=Path, help="CSV of reference numbers keyed by the table's row columns")
+    parser.add_argument("--html", action="store_true", help="also write one self-contained report.html")
+    args = parser.parse_args(argv)
+    try:
+        if args.source.startswith("wandb:"):
+            collected = collect_wandb(args.source[len("wandb:"):])
+        else:
+            collected = collect(Path(args.source))
+    except FileNotFoundError as err:
+        print(f"toe-report: {err}", file=sys.stderr)
+        return 2
+    reference = None
+    if args.reference:
+        try:
+            reference = read_reference(args.reference)
+        except (OSError, ValueError) as err:
+            parser.error(f"--reference {args.reference}: {str(err).splitlines()[0]}")
+    path = build_report(collected, args.out, args.source, reference, html=args.html)
+    flagged = collected.runs["flag"].notna().sum()
+    print(f"toe-report: wrote {path} ({len(collected.runs)} runs, {flagged} flagged)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

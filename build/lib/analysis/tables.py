@@ -1,0 +1,136 @@
+"""The paper's tables (the ToE paper's Tables 1-4 and ablations) filled from collected runs.
+
+Every table has one row per setting (seeds pooled) and the paper's columns: top-1 mean +- std over seeds with n,
+analytic GFLOPs per image (forward, epoch-averaged, linear layers only and with the attention matmuls, the units of
+the paper's FLOP counts), train time as measured (GPU- or CPU-hours), speed-up against the reference row of the same
+model, and the top-1 change against it. Reference numbers (e.g. the paper's) can come from a CSV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+from toe.flops import TRAIN_TO_FORWARD
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    title: str
+    rows: List[str]  # run columns that make a row (seeds are pooled)
+    reference: Dict[str, str] = field(default_factory=lambda: {"method": "baseline"})  # the row others compare to
+
+
+TABLES: Dict[str, TableSpec] = {
+    "table1_deit": TableSpec("Table 1: DeiT on ImageNet-1K, full tokens vs ToE", ["model", "method"]),
+    "table2_consistency": TableSpec("Table 2: training consistency (ToE_r1 and ToE^Hyper_r1)", ["model", "variant"]),
+    "table3_lvvit": TableSpec("Table 3: LV-ViT with token labeling", ["model", "method"]),
+    "table4_efficienttrain": TableSpec("Table 4: EfficientTrain and EfficientTrain + ToE", ["model", "method"],
+                                       {"method": "efficienttrain"}),
+    "finetune_cifar": TableSpec("Fine-tuning on CIFAR: pre-trained with full tokens or ToE, fine-tuned with ToE off "
+                                "or on", ["data", "model", "pretrained_from", "method"],
+                                {"pretrained_from": "baseline", "method": "baseline"}),
+    "ablation_init": TableSpec("Ablation: seed initialisation", ["model", "toe.init"], {"toe.init": "spatial"}),
+    "ablation_expand": TableSpec("Ablation: expansion", ["model", "toe.expand"], {"toe.expand": "widest"}),
+    "ablation_merge": TableSpec("Ablation: merging", ["model", "toe.merge"], {"toe.merge": "mean"}),
+    "ablation_distance": TableSpec("Ablation: distance", ["model", "toe.distance"], {"toe.distance": "cosine"}),
+    "ablation_repeats": TableSpec("Ablation: repetition step k", ["model", "toe.repeats"], {"toe.repeats": "2"}),
+    "ablation_keep_rates": TableSpec("Ablation: kept-rate sets", ["model", "toe"], {"toe": "r0.5"}),
+    "ablation_stage_split": TableSpec("Ablation: stage split", ["model", "schedule"], {"schedule": "official"}),
+}
+NOT_ROW_KEYS = {"seed", "experiments", "smoke", "logger", "data.root", "hydra.sweep.dir", "hydra.run.dir"}
+
+
+def spec_for(experiment: Optional[str], runs: pd.DataFrame) -> TableSpec:
+    """The layout of a known experiment, else model x method x whatever else the sweep varied."""
+    if experiment in TABLES:
+        return TABLES[experiment]
+    varied = [c for c in runs.columns if ("." in c or c in ("variant", "toe", "schedule"))
+              and c not in NOT_ROW_KEYS and runs[c].nunique(dropna=True) > 1]
+    return TableSpec(f"Runs of {experiment or 'an ad-hoc sweep'}", ["model", "method"] + sorted(varied))
+
+
+def device_kind(runs: pd.DataFrame) -> str:
+    """``GPU`` if any of the runs trained on CUDA, else ``CPU``: what their device-hours are hours of."""
+    devices = runs.get("device", pd.Series(dtype=object)).dropna().astype(str)
+    return "GPU" if devices.str.startswith("cuda").any() else "CPU"
+
+
+def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per setting of ``spec.rows`` over completed runs, with the paper's columns (numbers, not text)."""
+    done = runs[runs["status"] == "completed"].copy()
+    rows = [c for c in spec.rows if c in done.columns]
+    for column in rows:
+        done[column] = done[column].astype(str)
+    grouped = done.groupby(rows, sort=True, dropna=False)
+    table = grouped.agg(
+        n=("final_top1", "count"),
+        top1_mean=("final_top1", "mean"),
+        top1_std=("final_top1", "std"),
+        gflops_linear=("train_flops_per_image_linear", "mean"),
+        gflops_attn=("train_flops_per_image", "mean"),
+        hours=("device_hours", "mean"),
+    ).reset_index()
+    table[["top1_mean", "top1_std"]] *= 100.0
+    table[["gflops_linear", "gflops_attn"]] /= TRAIN_TO_FORWARD * 1e9
+    is_reference = np.logical_and.reduce([table[k] == v for k, v in spec.reference.items() if k in table] or
+                                         [np.zeros(len(table), dtype=bool)])
+    table["is_reference"] = is_reference
+    per_model = [c for c in rows if c in ("model", "data", "pretrained")]
+    reference = table.loc[table["is_reference"], per_model + ["hours", "top1_mean"]].rename(
+        columns={"hours": "ref_hours", "top1_mean": "ref_top1"}).drop_duplicates(subset=per_model)
+    if per_model:
+        table = table.merge(reference, on=per_model, how="left")
+    else:
+        table["ref_hours"] = reference["ref_hours"].iloc[0] if len(reference) else np.nan
+        table["ref_top1"] = reference["ref_top1"].iloc[0] if len(reference) else np.nan
+    table["speedup"] = table.pop("ref_hours") / table["hours"]
+    table["top1_delta"] = table["top1_mean"] - table.pop("ref_top1")
+    if reference_csv is not None:
+        keys = [c for c in rows if c in reference_csv.columns]
+        extra = reference_csv.rename(columns={c: f"ref_{c}" for c in reference_csv.columns if c not in keys})
+        table = table.merge(extra.astype({k: str for k in keys}), on=keys, how="left")
+    table.attrs.update(title=spec.title, rows=rows, time_unit=f"{device_kind(done)}-h")
+    return table
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as the paper prints it: text cells, units in the headers."""
+    unit = table.attrs.get("time_unit", "h")
+
+    def pm(row):
+        std = "" if pd.isna(row["top1_std"]) else f" ± {row['top1_std']:.2f}"
+        return f"{row['top1_mean']:.2f}{std} (n={row['n']})"
+
+    out = table[table.attrs["rows"]].copy()
+    out["Top-1 (%)"] = table.apply(pm, axis=1)
+    out["GFLOPs/img fwd (linear / +attn)"] = [f"{a:.4g} / {b:.4g}" for a, b in zip(table["gflops_linear"],
+                                                                                  table["gflops_attn"])]
+    out[f"Train time ({unit})"] = [f"{h:.4g}" for h in table["hours"]]
+    out["Speed-up"] = ["ref." if r else ("n/a" if pd.isna(s) else f"{s:.2f}x")
+                       for s, r in zip(table["speedup"], table["is_reference"])]
+    out["Δ top-1"] = ["ref." if r else ("n/a" if pd.isna(d) else f"{d:+.2f}")
+                      for d, r in zip(table["top1_delta"], table["is_reference"])]
+    ref_columns = [c for c in table.columns if c.startswith("ref_")]
+    if ref_columns:
+        for column in ref_columns:
+            out[column.replace("ref_", "reference: ")] = table[column].map(
+                lambda v: "not given" if pd.isna(v) else v)
+    else:
+        out["Reference"] = "not given"
+    return out
+
+
+def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> Dict[str, Path]:
+    """``name.md``, ``name.csv`` (numbers) and ``name.tex`` (the formatted cells) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = format_table(table)
+    paths = {"md": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv", "tex": out_dir / f"{name}.tex"}
+    paths["md"].write_text(f"**{table.attrs['title']}**\n\n{shown.to_markdown(index=False)}\n")
+    table.to_csv(paths["csv"], index=False)
+    paths["tex"].write_text(shown.to_latex(index=False, caption=table.attrs["title"]))
+    return paths

@@ -1,0 +1,211 @@
+"""``toe-bench``: ToE's cost and speed-up, measured side by side in one process.
+
+- ``toe-bench op``    the operator vs the plain loop-based reference (DeiT-T/S/B token shapes, every stage, k)
+- ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
+- ``toe-bench flops`` the analytic per-image FLOPs table of the official schedules (``conf/bench/flops_table.yaml``)
+
+Timings: warm-up calls, then ``--repeats`` timed calls, each closed by a device synchronisation; the median and
+the min-max spread are reported. A hand-written loop rather than ``torch.utils.benchmark`` because the reference
+is slow enough that a fixed, small repeat count matters more than auto-ranging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pandas as pd
+import torch
+import yaml
+
+from .expansion import expand_tokens
+from .flops import ViTShape, schedule_average_macs
+from .patch import expansion_op, patch
+from .reference import reference_expand_tokens
+from .schedule import ExpansionSchedule
+
+DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Dict[str, float]:
+    """Median, min and max seconds of ``fn`` over ``repeats`` timed calls after ``warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def measure_interleaved(fns: List[Callable[[], Any]], device: torch.device, warmup: int,
+                        repeats: int) -> List[Dict[str, float]]:
+    """Like :func:`measure` for several functions timed in turn (A B C A B C ...), so that a machine whose speed
+    drifts during the run slows all of them alike and their ratios stay fair."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            bucket.append(time.perf_counter() - start)
+    return [{"median": statistics.median(t), "min": min(t), "max": max(t)} for t in times]
+
+
+def _spread(t: Dict[str, float], scale: float = 1e3) -> str:
+    return f"{t['median'] * scale:.3g} [{t['min'] * scale:.3g}-{t['max'] * scale:.3g}]"
+
+
+def deit_schedule(repeats: int = 2) -> ExpansionSchedule:
+    return ExpansionSchedule([0, 100, 200], [0.5, 0.75, 1.0], 0.25, repeats=repeats)
+
+
+class StepBench:
+    """One optimiser step (forward, backward, AdamW) of a timm model at a fixed batch, per ToE stage."""
+
+    def __init__(self, model_name: str, batch: int, img_size: int, schedule: ExpansionSchedule,
+                 device: torch.device, amp: bool, compile_model: bool):
+        import timm
+
+        self.model = patch(timm.create_model(model_name, img_size=img_size), schedule).to(device).train()
+        self.shape = ViTShape.from_model(self.model)
+        self.net = torch.compile(self.model) if compile_model else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.inputs = torch.randn(batch, 3, img_size, img_size, device=device)
+        self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
+        self.device, self.amp = device, amp and device.type == "cuda"
+
+    def set_stage(self, stage: int) -> int:
+        op = expansion_op(self.model)
+        op.stage = stage
+        return op.kept_tokens(self.shape.num_patches)
+
+    def __call__(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def bench_op(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]]:
+    rows = []
+    for dim in args.dims:
+        step_bench = None
+        if dim in args.share_dims:
+            step_bench = StepBench(DEIT[dim], args.step_batch, 224, deit_schedule(), device, args.amp, False)
+        for k in args.repeats_k:
+            sched = deit_schedule(k)
+            x = torch.randn(args.batch, 197, dim, device=device, requires_grad=True)
+            for stage in range(1, sched.num_stages + 1):
+                op_t = measure(lambda: expand_tokens(x, sched, stage), device, args.warmup, args.repeats)
+                ref_t = measure(lambda: reference_expand_tokens(x, sched, stage), device, 1, args.ref_repeats)
+                same = torch.equal(expand_tokens(x, sched, stage)[1].cpu(), reference_expand_tokens(x, sched, stage)[1])
+                row = {"dim": dim, "k": k, "stage": stage, "tokens": 1 + sched.kept_tokens(196, stage),
+                       "op_ms": op_t["median"] * 1e3, "op_ms_min": op_t["min"] * 1e3, "op_ms_max": op_t["max"] * 1e3,
+                       "ref_ms": ref_t["median"] * 1e3, "speedup_vs_ref": ref_t["median"] / op_t["median"],
+                       "same_selection": same, "op": _spread(op_t), "reference": _spread(ref_t)}
+                if step_bench is not None and not sched.is_identity(stage):
+                    xs = torch.randn(args.step_batch, 197, dim, device=device, requires_grad=True)
+                    op_s = measure(lambda: expand_tokens(xs, sched, stage), device, args.warmup, args.repeats)
+                    step_bench.set_stage(stage)
+                    step_t = measure(step_bench, device, 1, args.step_repeats)
+                    row.update(step_batch=args.step_batch, step_ms=step_t["median"] * 1e3,
+                               op_share_of_step=op_s["median"] / step_t["median"])
+                rows.append(row)
+    return rows
+
+
+def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]]:
+    sched = ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
+    bench = StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile)
+    stage_epochs = [b - a for a, b in zip(sched.expansion_steps, list(sched.expansion_steps[1:]) + [args.epochs])]
+    stages = list(range(0, sched.num_stages + 1))
+
+    def at_stage(stage: int) -> Callable[[], None]:
+        return lambda: (bench.set_stage(stage), bench())
+
+    timings = measure_interleaved([at_stage(s) for s in stages], device, args.warmup, args.repeats)
+    rows = []
+    for stage, t in zip(stages, timings):
+        kept = bench.set_stage(stage)
+        rows.append({"stage": stage, "tokens": bench.shape.num_prefix_tokens + kept,
+                     "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
+                     "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
+                     "flops_per_img_G": bench.shape.train_macs(kept) / 1e9})
+    full = rows[0]
+    for row in rows:
+        row["speedup"] = row["img_per_s"] / full["img_per_s"]
+        row["flop_ratio"] = full["flops_per_img_G"] / row["flops_per_img_G"]
+        row["efficiency"] = row["speedup"] / row["flop_ratio"]
+    total_epochs = sum(r["epochs"] for r in rows)
+    time_toe = sum(r["epochs"] / r["img_per_s"] for r in rows)
+    flops_toe = sum(r["epochs"] * r["flops_per_img_G"] for r in rows)
+    rows.append({"stage": "schedule", "tokens": None, "epochs": total_epochs, "img_per_s": total_epochs / time_toe,
+                 "speedup": total_epochs / full["img_per_s"] / time_toe,
+                 "flop_ratio": total_epochs * full["flops_per_img_G"] / flops_toe,
+                 "flops_per_img_G": flops_toe / total_epochs})
+    rows[-1]["efficiency"] = rows[-1]["speedup"] / rows[-1]["flop_ratio"]
+    return rows
+
+
+def default_flops_table() -> Path:
+    """``conf/bench/flops_table.yaml`` as installed with the package (``toe.conf``)."""
+    from importlib.resources import files
+
+    return Path(str(files("toe.conf") / "bench" / "flops_table.yaml"))
+
+
+def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
+    table = yaml.safe_load(Path(args.table).read_text())
+    rows = []
+    for spec in table["rows"]:
+        if spec.get("model"):  # the real host, read from its timm model (LV-ViT: conv stem and dense head too)
+            import timm
+
+            import toe.models  # noqa: F401 - registers LV-ViT with timm
+
+            shape = ViTShape.from_model(timm.create_model(spec["model"]))
+        else:
+            shape = ViTShape(spec["embed_dim"], spec["depth"], spec["mlp_ratio"] * spec["embed_dim"], 196, 1,
+                             3 * 16 * 16 * spec["embed_dim"], 1000)
+        sched = ExpansionSchedule(**spec["toe"]) if spec.get("toe") else None
+        phases = [(p["epochs"], p["img_size"]) for p in spec["phases"]]
+        row: Dict[str, Any] = {"schedule": spec["name"]}
+        for attention, tag in ((False, "linear"), (True, "attn")):
+            full = shape.forward_macs(None, attention) / 1e9
+            avg = schedule_average_macs(shape, phases, sched, attention=attention) / 1e9
+            row[f"full_{tag}"], row[f"avg_{tag}"], row[f"ratio_{tag}"] = full, avg, full / avg
+            for stage in (1, 2):
+                row[f"stage{stage}_{tag}"] = (shape.forward_macs(sched.kept_tokens(196, stage), attention) / 1e9
+                                              if sched and len(phases) == 1 else None)
+        rows.append(row)
+    return rows
+
+
+def flops_markdown(rows: List[Dict[str, Any]]) -> str:
+    def pair(row, key, digits=3):
+        a, b = row[f"{key}_linear"], row[f"{key}_attn"]
+        return "" if a is None else f"{a:.{digits}f} / {b:.{digits}f}"
+
+    table = pd.DataFrame([{
+        "model / schedule (linear-only / incl. attn, forward GMACs per image)": r["schedule"],
+        "full": pair(r, "full"), "stage 1": pair(r, "stage1"), "stage 2": pair(r, "stage2"),
+        "epoch-avg": pair(r, "avg"), "FLOP ratio full/avg": pair(r, "ratio", 2)} for r in rows])
+    return table.to_markdown(index=False)
+
+
+def markdown(rows: List[Dict[str, Any]], columns: List[str], floatfmt: str = ".3g") -> str:
+    return pd.DataFrame(rows)[columns].to_markdown(index=False, floatfmt=floatfmt)

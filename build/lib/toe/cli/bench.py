@@ -1,0 +1,106 @@
+"""``toe-bench``: ToE's cost and speed-up, measured side by side in one process (the work is :mod:`toe.bench`).
+
+- ``toe-bench op``    the operator vs the plain loop-based reference (DeiT-T/S/B token shapes, every stage, k)
+- ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
+- ``toe-bench flops`` the analytic per-image FLOPs table of the official schedules (``conf/bench/flops_table.yaml``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from toe.cli.args import kept_rate, non_negative_int, positive_int, torch_device
+
+
+def _parser() -> argparse.ArgumentParser:
+    from toe.bench import DEIT
+
+    parser = argparse.ArgumentParser(prog="toe-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cpu = not torch.cuda.is_available()
+
+    op = sub.add_parser("op", help="the operator vs the loop reference")
+    op.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768], choices=sorted(DEIT))
+    op.add_argument("--batch", type=positive_int, default=64)
+    op.add_argument("--repeats-k", type=positive_int, nargs="+", default=[1, 2, 4])
+    op.add_argument("--share-dims", type=int, nargs="*", default=[384] if cpu else [192, 384, 768],
+                    choices=sorted(DEIT), help="widths whose op share of a DeiT train step is measured")
+    op.add_argument("--step-batch", type=positive_int, default=16 if cpu else 64)
+    op.add_argument("--warmup", type=non_negative_int, default=3)
+    op.add_argument("--repeats", type=positive_int, default=10)
+    op.add_argument("--ref-repeats", type=positive_int, default=3)
+    op.add_argument("--step-repeats", type=positive_int, default=3)
+    op.add_argument("--amp", action="store_true", help="bf16 autocast for the train step (CUDA)")
+
+    step = sub.add_parser("step", help="train-step img/s per ToE stage vs full tokens")
+    step.add_argument("--model", default="deit_small_patch16_224")
+    step.add_argument("--batch", type=positive_int, default=16 if cpu else 128)
+    step.add_argument("--img-size", type=positive_int, default=224)
+    step.add_argument("--keep-rates", type=kept_rate, nargs="+", default=[0.5, 0.75, 1.0])
+    step.add_argument("--init-keep-rate", type=kept_rate, default=0.25)
+    step.add_argument("--stage-starts", type=non_negative_int, nargs="+", default=[0, 100, 200])
+    step.add_argument("--epochs", type=positive_int, default=300)
+    step.add_argument("--k", type=positive_int, default=2)
+    step.add_argument("--warmup", type=non_negative_int, default=2)
+    step.add_argument("--repeats", type=positive_int, default=5)
+    step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    step.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    flops = sub.add_parser("flops", help="analytic FLOPs of the official schedules")
+    flops.add_argument("--table", type=Path, help="a table of rows like conf/bench/flops_table.yaml (the default)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from toe.bench import bench_flops, bench_op, bench_step, default_flops_table, flops_markdown, markdown
+    from toe.schedule import ExpansionSchedule
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "step":
+        try:
+            ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
+        except ValueError as err:
+            parser.error(f"--stage-starts/--keep-rates/--init-keep-rate/--k: {err}")
+        if args.stage_starts[-1] >= args.epochs:
+            parser.error(f"--stage-starts {args.stage_starts}: the last stage starts after --epochs {args.epochs}")
+    if args.command == "flops":
+        args.table = args.table or default_flops_table()
+        if not args.table.is_file():
+            parser.error(f"--table {args.table}: no such file")
+    device = torch.device(args.device)
+    print(f"# toe-bench {args.command} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    if args.command == "op":
+        rows = bench_op(args, device)
+        columns = ["dim", "k", "stage", "tokens", "op", "reference", "speedup_vs_ref", "same_selection"]
+        columns += [c for c in ("step_ms", "op_share_of_step") if any(c in r for r in rows)]
+        print("times in ms, median [min-max]")
+        print(markdown(rows, columns))
+    elif args.command == "step":
+        try:
+            rows = bench_step(args, device)
+        except (RuntimeError, TypeError) as err:  # timm: an unknown model, or a size its patch does not divide
+            parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
+        print(f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
+              "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage")
+        print(markdown(rows, ["stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G", "speedup",
+                              "flop_ratio", "efficiency"]))
+    else:
+        rows = bench_flops(args)
+        print(flops_markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"command": args.command, "device": str(device), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Datasets: the embedded digits set, image folders (ImageNet layout) and CIFAR, behind one builder.
+
+Datasets are built without transforms first (so the class count can size the model), and get timm transforms
+once the model's data config is known: ``create_model -> resolve_model_data_config -> create_transform``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+class DataRootError(ValueError):
+    """``data.root`` is missing or does not hold the data set it should; the message says what was expected."""
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits), upscaled to RGB images.
+
+    A fixed stratified split (``val_fraction``, ``split_seed``) gives the same train/val images on every machine.
+    """
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, train: bool, img_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        pixels = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(pixels)), test_size=val_fraction, random_state=split_seed, stratify=digits.target
+        )
+        chosen = train_idx if train else val_idx
+        self.images = [
+            Image.fromarray(pixels[i]).resize((img_size, img_size), Image.BILINEAR).convert("RGB") for i in chosen
+        ]
+        self.targets = [int(t) for t in digits.target[chosen]]
+        # <class>/<index in load_digits>: the key of each image's label map for token labeling
+        self.names = [f"{digits.target[i]}/{i:04d}" for i in chosen]
+        self.transform: Optional[Callable] = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        image = self.images[index]
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def _require_dir(root: Optional[str], name: str, expect: str) -> Path:
+    if not root:
+        raise DataRootError(f"data={name} needs data.root=<path> ({expect})")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataRootError(f"data.root={root} does not exist or is not a directory ({expect})")
+    return path
+
+
+def _image_folder(root: Optional[str], name: str, train_split: str, val_split: str) -> Tuple[Dataset, Dataset]:
+    from timm.data import create_dataset
+
+    expect = f"an image folder with {train_split}/ and {val_split}/ holding one sub-folder per class"
+    path = _require_dir(root, name, expect)
+    for split in (train_split, val_split):
+        if not (path / split).is_dir():
+            raise DataRootError(f"data.root={root} has no {split}/ folder (expected {expect})")
+    datasets = []
+    for split in (train_split, val_split):
+        ds = create_dataset("", root=str(path), split=split, is_training=split == train_split)
+        if len(ds) == 0:
+            raise DataRootError(f"data.root={root}: no images found under {split}/ (expected {expect})")
+        ds.classes = list(ds.reader.class_to_idx)
+        datasets.append(ds)
+    if datasets[0].classes != datasets[1].classes:
+        raise DataRootError(f"data.root={root}: {train_split}/ and {val_split}/ have different class folders")
+    return datasets[0], datasets[1]
+
+
+def _cifar(root: Optional[str], name: str, download: bool) -> Tuple[Dataset, Dataset]:
+    from torchvision import datasets as tv
+
+    cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    if download:
+        path = Path(root or ".").expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path = _require_dir(root, name, f"the folder that holds {folder}/, or data.download=true")
+        if not (path / folder).is_dir():
+            raise DataRootError(f"data.root={root} has no {folder}/ folder (set data.download=true to fetch it)")
+    try:
+        return cls(str(path), train=True, download=download), cls(str(path), train=False, download=download)
+    except RuntimeError as err:  # torchvision's integrity check
+        raise DataRootError(f"data.root={root}: {err}") from None
+
+
+def build_datasets(cfg: Any) -> Tuple[Dataset, Dataset]:
+    """Train and val datasets for ``cfg.data`` (no transforms yet); both carry ``classes``."""
+    name = cfg.data.name
+    if name == "digits":
+        kwargs = dict(img_size=cfg.model.img_size, val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+        return DigitsDataset(train=True, **kwargs), DigitsDataset(train=False, **kwargs)
+    if name in ("imagefolder", "imagenet"):
+        return _image_folder(cfg.data.root, name, cfg.data.train_split, cfg.data.val_split)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(cfg.data.root, name, bool(cfg.data.download))
+    raise DataRootError(f"unknown data.name={name!r}: expected digits, imagefolder, imagenet, cifar10 or cifar100")
+
+
+def build_transforms(data_config: dict, recipe: Any) -> Tuple[Callable, Callable]:
+    """timm train/eval transforms from the model's data config and the recipe's augmentation settings."""
+    from timm.data import create_transform
+
+    train_interpolation = recipe.get("train_interpolation") or data_config["interpolation"]
+    train = create_transform(
+        **dict(data_config, interpolation=train_interpolation),
+        is_training=True,
+        scale=tuple(recipe.scale),
+        hflip=recipe.hflip,
+        color_jitter=recipe.color_jitter,
+        auto_augment=recipe.auto_augment,
+        re_prob=recipe.reprob,
+        re_mode=recipe.remode,
+    )
+    eval_config = dict(data_config, crop_pct=recipe.eval_crop_pct or data_config["crop_pct"])
+    return train, create_transform(**eval_config, is_training=False)

@@ -1,0 +1,278 @@
+"""Build a run from its config: the ToE schedule, the model, data, optimizer, scheduler, EMA and loss, in timm's
+order (create_model -> toe.patch -> resolve_model_data_config -> create_transform -> .to(device) ->
+create_optimizer_v2 -> ModelEmaV3 -> compile -> DDP -> create_scheduler_v2), and restore one from a checkpoint.
+``toe.train`` drives the epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import toe
+import toe.models  # noqa: F401 - registers LV-ViT with timm
+from toe.checkpoint import restore_rng
+from toe.curriculum import Phase
+from toe.data import build_datasets, build_transforms
+from toe.distributed import DistInfo, all_reduce_sum
+from toe.finetune import CheckpointMismatchError, load_pretrained
+from toe.flops import ViTShape
+from toe.schema import ConfigError, build_expansion_schedule, plan_schedule
+from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
+    """timm's Mixup/CutMix and loss; LV-ViT hosts (``token_label``) get the token-labeling loss, which takes
+    their ``(cls, dense, box)`` training output."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup = None
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                      switch_prob=recipe.mixup_switch_prob, label_smoothing=recipe.smoothing, num_classes=num_classes)
+    if token_label is not None:
+        return token_label, mixup
+    if mixup is not None:
+        return SoftTargetCrossEntropy(), mixup
+    if recipe.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=recipe.smoothing), None
+    return torch.nn.CrossEntropyLoss(), None
+
+
+def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Module:
+    """The run's model as timm builds it from ``cfg.model`` (LV-ViT included: importing toe.models registers it)."""
+    import timm
+
+    try:
+        return timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
+                                 patch_size=cfg.model.patch_size, drop_path_rate=cfg.model.drop_path,
+                                 **cfg.model.kwargs, **extra)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
+    except TypeError as err:  # a keyword the model class does not take
+        raise ConfigError(f"model.kwargs={OmegaConf.to_container(cfg.model.kwargs)}: {err}") from None
+
+
+def model_data_config(model: torch.nn.Module, cfg: DictConfig) -> Dict[str, Any]:
+    """timm's data config of ``model`` at the run's image size."""
+    from timm.data import resolve_model_data_config
+
+    return dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
+
+
+@dataclass
+class Run:
+    """Everything one run trains with, built in timm's order by :func:`build_run`."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as called in training (compiled or not)
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    criterion: Any
+    mixup: Any
+    train_loader: Any
+    val_loader: Any
+    sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
+    make_train_loader: Any  # (micro_batch, auto_augment) -> DataLoader, for curriculum phases
+    shape: ViTShape
+    device: torch.device
+    autocast: Any
+    lr: float
+    dist: DistInfo
+    phases: List[Phase]  # EfficientTrain curriculum phases; empty without a curriculum
+    local_batch: int
+    epochs: int
+    patch_size: int
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor, self.dist)
+
+
+class _EpochSampler(torch.utils.data.RandomSampler):
+    """A RandomSampler whose shuffle is a function of (seed, epoch), like DistributedSampler's: a resumed run
+    draws the same batches as an uninterrupted one."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
+    if not info.enabled:
+        return _EpochSampler(dataset, cfg.seed)
+    if cfg.recipe.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        return RepeatAugSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
+    return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed,
+                                               drop_last=True)
+
+
+def build_run(cfg: DictConfig, info: DistInfo) -> Run:
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, random_seed
+
+    device = resolve_device(cfg.train.device, info.local_rank)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype
+                else contextlib.nullcontext)
+    random_seed(cfg.seed, info.rank)
+    train_set, val_set = build_datasets(cfg)
+    num_classes = cfg.data.num_classes or len(train_set.classes)
+    plan = plan_schedule(cfg)
+    # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
+    # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
+    dynamic = {"dynamic_img_size": True} if plan.phases else {}
+    try:
+        model = create_model(cfg, num_classes, **dynamic)
+    except ConfigError as err:
+        if "dynamic_img_size" not in str(err):
+            raise
+        raise ConfigError(f"model.name={cfg.model.name} has a fixed position embedding and does not take the "
+                          "EfficientTrain curriculum's changing resolution (timm's dynamic_img_size)") from None
+    if cfg.finetune.path:
+        try:
+            load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
+        except (FileNotFoundError, CheckpointMismatchError) as err:
+            raise ConfigError(str(err)) from None
+    train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
+    schedule = build_expansion_schedule(cfg, plan.stage_starts)
+    if schedule is not None:
+        toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
+    data_config = model_data_config(model, cfg)
+    train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
+    model.to(device)
+
+    batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
+    if batch_size % info.world_size:
+        raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
+    local_batch = batch_size // info.world_size
+    lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
+    optimizer = create_optimizer_v2(model, opt=cfg.recipe.opt, lr=lr, weight_decay=cfg.recipe.weight_decay,
+                                    momentum=cfg.recipe.momentum, eps=cfg.recipe.opt_eps)
+    ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
+    net = torch.compile(model) if cfg.train.compile else model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    sampler = _train_sampler(train_set, cfg, info)
+    loader_kwargs = dict(num_workers=cfg.train.workers, pin_memory=device.type == "cuda")
+
+    def make_train_loader(micro_batch: int, auto_augment: Optional[str] = None):
+        if auto_augment is not None:
+            train_set.transform = build_transforms(data_config, OmegaConf.merge(
+                cfg.recipe, {"auto_augment": auto_augment}))[0]
+        return torch.utils.data.DataLoader(train_set, batch_size=micro_batch, drop_last=True, sampler=sampler,
+                                           **loader_kwargs)
+
+    train_loader = make_train_loader(local_batch)
+    phases: List[Phase] = plan.phases
+    if phases:
+        if any(local_batch % p.accumulation for p in phases):
+            raise ConfigError(f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
+                              f"the curriculum's accumulation steps {[p.accumulation for p in phases]}")
+    # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
+    val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **loader_kwargs)
+    if len(train_loader) == 0:
+        raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
+    min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.recipe.sched, num_epochs=plan.epochs,
+        warmup_epochs=cfg.recipe.warmup_epochs, warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
+        step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
+    return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
+               sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, phases,
+               local_batch, plan.epochs, cfg.model.patch_size)
+
+
+def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
+    """LV-ViT hosts (a dense head, ``drop_dense_head``) train with token labels from ``token_label.root``, or
+    with the class-token loss alone when no root is given. Returns the training set (wrapped to carry label maps)
+    and the loss, or ``(train_set, None)`` for other models."""
+    node = cfg.token_label
+    root = node.root
+    if not hasattr(model, "drop_dense_head"):
+        if root:
+            raise ConfigError(f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
+                              "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)")
+        return train_set, None
+    try:
+        loss = TokenLabelLoss(num_classes, tuple(model.patch_embed.grid_size), smoothing=cfg.recipe.smoothing,
+                              dense_weight=node.dense_weight, cls_weight=node.cls_weight,
+                              ground_truth=bool(node.ground_truth), box_order=node.box_order)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if root:
+        if cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0:
+            raise ConfigError("token labeling with recipe.mixup/cutmix > 0: MixToken replaces Mixup and CutMix in "
+                              "LV-ViT (recipe=lvvit sets both to 0)")
+        try:
+            train_set = LabelMapDataset(train_set, Path(str(root)).expanduser(), num_classes)
+        except LabelMapError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        log.warning("LV-ViT without label maps (token_label.root is not set): training with the class-token loss "
+                    "alone, the dense head dropped")
+        model.drop_dense_head()
+    return train_set, loss
+
+
+@dataclass
+class Progress:
+    """What a run has done so far; saved in the checkpoint and summarised in summary.json."""
+
+    epoch: int = 0  # the next epoch to train
+    num_updates: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    resumed_at: List[int] = field(default_factory=list)  # epochs at which the run resumed from its checkpoint
+    wandb_id: Optional[str] = None
+
+
+def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(checkpoint["ema"])
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint["rng"]
+    restore_rng(rng[run.dist.rank] if isinstance(rng, list) else rng)
+    run.scheduler.step(checkpoint["epoch"])
+    return Progress(checkpoint["epoch"], checkpoint["num_updates"], list(checkpoint["history"]),
+                    list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"))

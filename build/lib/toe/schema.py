@@ -1,0 +1,446 @@
+"""The config schema: one typed dataclass per node of ``conf/train.yaml``, registered in Hydra's ConfigStore.
+
+``conf/train.yaml`` starts its defaults list with ``toe_schema``, so Hydra composes every option file onto these
+types: an unknown key or a value of the wrong type is refused while the config is composed. What types cannot say
+(ranges, choices, an image size the patch size must divide, a device that must exist) is checked by
+:func:`validate` right after, before anything is written; the sweep check runs the same function for every job.
+
+The values live in the YAML files, never here (every field is ``???`` until a config sets it): this module holds
+types, ranges and choices only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .schedule import DISTANCES, EXPAND_MODES, INIT_MODES, MERGE_MODES, scale_epoch
+
+SCHEMA_NAME = "toe_schema"
+# Top-level keys that only some experiments set (and read through interpolations): missing is fine elsewhere.
+# They are inputs rather than defaults because a YAML ``???`` cannot replace a value already set, e.g. null.
+EXPERIMENT_INPUTS = ("label_maps", "pretrained")
+DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+WANDB_MODES = ("online", "offline", "disabled")
+RANDOM_ERASE_MODES = ("pixel", "rand", "const")
+INTERPOLATIONS = ("random", "bilinear", "bicubic", "nearest")
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line that names the key and the value."""
+
+
+def _spec(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
+          le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[Sequence[Any]] = None) -> Any:
+    """A field whose value (each element, for a list) must satisfy the bounds and choices given."""
+    rules = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
+             if value is not None}
+    return field(default=default, metadata=rules)
+
+
+@dataclass
+class ToEConfig:
+    """The operator (toe.ExpansionSchedule); the stage start epochs come from ``schedule``."""
+
+    enabled: bool = MISSING
+    keep_rates: List[float] = _spec(gt=0.0, le=1.0)
+    init_keep_rate: float = _spec(gt=0.0, lt=1.0)
+    repeats: int = _spec(ge=1)
+    distance: str = _spec(choices=DISTANCES)
+    init: str = _spec(choices=INIT_MODES)
+    expand: str = _spec(choices=EXPAND_MODES)
+    merge: str = _spec(choices=MERGE_MODES)
+    sparse_eval: bool = MISSING
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = _spec(ge=1)
+    length: int = _spec(ge=1)
+    stage_starts: List[int] = _spec(ge=0)
+    min_lr: Optional[float] = _spec(None, ge=0.0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    img_size: int = _spec(ge=1)
+    patch_size: int = _spec(ge=1)
+    drop_path: float = _spec(ge=0.0, lt=1.0)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = _spec(choices=DATASETS)
+    root: Optional[str] = MISSING  # null for digits; the option files of the other data sets ask for it (???)
+    num_classes: Optional[int] = _spec(None, ge=2)
+    val_fraction: Optional[float] = _spec(None, gt=0.0, lt=1.0)
+    split_seed: Optional[int] = None
+    train_split: Optional[str] = None
+    val_split: Optional[str] = None
+    download: bool = False
+
+
+@dataclass
+class RecipeConfig:
+    batch_size: int = _spec(ge=1)
+    lr: float = _spec(gt=0.0)
+    lr_base_batch: int = _spec(ge=1)
+    opt: str = MISSING
+    opt_eps: float = _spec(gt=0.0)
+    momentum: float = _spec(ge=0.0, le=1.0)
+    weight_decay: float = _spec(ge=0.0)
+    sched: str = _spec(choices=SCHEDULERS)
+    sched_on_updates: bool = MISSING
+    warmup_epochs: int = _spec(ge=0)
+    warmup_lr: float = _spec(ge=0.0)
+    min_lr: float = _spec(ge=0.0)
+    clip_grad: Optional[float] = _spec(None, gt=0.0)
+    smoothing: float = _spec(ge=0.0, lt=1.0)
+    mixup: float = _spec(ge=0.0)
+    cutmix: float = _spec(ge=0.0)
+    mixup_prob: float = _spec(ge=0.0, le=1.0)
+    mixup_switch_prob: float = _spec(ge=0.0, le=1.0)
+    auto_augment: Optional[str] = None
+    color_jitter: Optional[float] = _spec(None, ge=0.0)
+    reprob: float = _spec(ge=0.0, le=1.0)
+    remode: str = _spec(choices=RANDOM_ERASE_MODES)
+    hflip: float = _spec(ge=0.0, le=1.0)
+    scale: List[float] = _spec(gt=0.0, le=1.0)
+    train_interpolation: Optional[str] = _spec(None, choices=INTERPOLATIONS)
+    eval_crop_pct: Optional[float] = _spec(None, gt=0.0, le=1.0)
+    ema: bool = MISSING
+    ema_decay: float = _spec(ge=0.0, le=1.0)
+    repeated_aug: bool = MISSING
+
+
+@dataclass
+class PhaseConfig:
+    epochs: float = _spec(gt=0.0)
+    img_size: int = _spec(ge=2)
+    magnitude: int = _spec(ge=0)
+    accumulation: int = _spec(ge=1)
+
+
+@dataclass
+class CurriculumConfig:
+    """EfficientTrain's phases, each given for a ``length``-epoch run of a ``reference_img_size`` px model."""
+
+    enabled: bool = MISSING
+    length: float = _spec(gt=0.0)
+    reference_img_size: int = _spec(ge=1)
+    auto_augment: str = MISSING
+    phases: List[PhaseConfig] = MISSING
+
+
+@dataclass
+class TokenLabelConfig:
+    root: Optional[str] = None
+    dense_weight: float = _spec(ge=0.0)
+    cls_weight: float = _spec(ge=0.0)
+    ground_truth: bool = MISSING
+    box_order: str = _spec(choices=("official", "xy"))
+
+
+@dataclass
+class TrainConfig:
+    device: str = MISSING  # auto | cpu | cuda | cuda:N | any torch device string, checked by validate()
+    amp: str = _spec(choices=AMP_MODES)
+    compile: bool = MISSING
+    workers: int = _spec(ge=0)
+    progress: Any = _spec(choices=("auto", True, False))  # a tqdm bar per epoch; auto: only on a terminal
+    eval_every: int = _spec(ge=1)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _spec(choices=WANDB_MODES)
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    path: Optional[str] = MISSING
+    use_ema: bool = MISSING
+
+
+@dataclass
+class RunConfig:
+    """The whole config of one ``toe-train`` run (the ``hydra`` node is Hydra's own)."""
+
+    task_name: str = MISSING
+    seed: int = _spec(ge=0)
+    method_name: str = MISSING
+    smoke_model: str = MISSING
+    smoke_recipe: str = MISSING
+    smoke_epochs: int = _spec(ge=1)
+    toe: ToEConfig = field(default_factory=ToEConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    token_label: TokenLabelConfig = field(default_factory=TokenLabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Inputs that experiment files ask for (experiments/table3_lvvit.yaml, experiments/finetune_cifar.yaml) and use
+    # through interpolations; left unset (???) elsewhere, which is not an error (see EXPERIMENT_INPUTS).
+    label_maps: Optional[str] = MISSING
+    pretrained: Dict[str, Optional[str]] = field(default_factory=dict)
+    pretrained_from: Optional[str] = None
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore (``conf/train.yaml`` names it first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+# --- checks that types cannot express ----------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def _check_rules(key: str, value: Any, rules: Dict[str, Any], shown: Any) -> None:
+    if value is None:
+        return
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{key}={_show(shown)}: expected one of {', '.join(map(str, rules['choices']))}")
+    bounds = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
+    for name, holds, sign in bounds:
+        if name in rules and not (math.isfinite(value) and holds(value, rules[name])):
+            wanted = " and ".join(f"{s} {rules[n]:g}" for n, _, s in bounds if n in rules)
+            raise ConfigError(f"{key}={_show(shown)}: must be {wanted}")
+
+
+def _check_node(schema: type, node: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        key, kind = f"{prefix}{spec.name}", hints[spec.name]
+        value = node.get(spec.name) if isinstance(node, dict) else None
+        if dataclasses.is_dataclass(kind):
+            _check_node(kind, value, key + ".")
+            continue
+        item_kind = (typing.get_args(kind) or (None,))[0]
+        if dataclasses.is_dataclass(item_kind):
+            for i, item in enumerate(value or []):
+                _check_node(item_kind, item, f"{key}[{i}].")
+            continue
+        if spec.metadata:
+            for item in value if isinstance(value, list) else [value]:
+                _check_rules(key, item, dict(spec.metadata), value)
+
+
+def check_device(name: str) -> None:
+    """``train.device`` must name a device this machine has (``auto`` always does)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device={name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={name}: this machine has no CUDA device; use train.device=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name}: this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"train.device={name}: toe trains on cpu or cuda (or auto)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}: MPS is not available on this machine")
+
+
+def validate(cfg: DictConfig, devices: bool = True) -> None:
+    """Every range, choice and cross-key rule of a composed run config; raises :class:`ConfigError` (one line).
+
+    ``devices=False`` skips the check that ``train.device`` exists here (a sweep checked on a login node runs on
+    other machines). Missing values (``???``) are named as such.
+    """
+    values = _resolved(cfg)
+    missing = [key for key in sorted(OmegaConf.missing_keys(cfg))
+               if key.split(".")[0] not in ("hydra",) + EXPERIMENT_INPUTS]
+    if missing:
+        raise ConfigError(f"missing value for {missing[0]}: set it on the command line, e.g. {missing[0]}=<value>")
+    if OmegaConf.is_missing(cfg, "label_maps"):
+        values["label_maps"] = None
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}={_show(values[unknown[0]])}: no such key in the run config (toe/schema.py)")
+    _check_node(RunConfig, values, "")
+    if cfg.model.img_size % cfg.model.patch_size:
+        raise ConfigError(f"model.img_size={cfg.model.img_size}: the patch size {cfg.model.patch_size} "
+                          f"(model.patch_size) does not divide it")
+    if cfg.token_label.root and (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0):
+        raise ConfigError(f"token_label.root={cfg.token_label.root} with recipe.mixup={cfg.recipe.mixup} / "
+                          f"recipe.cutmix={cfg.recipe.cutmix}: MixToken replaces Mixup and CutMix in LV-ViT "
+                          "(recipe=lvvit sets both to 0)")
+    if cfg.finetune.path is not None:
+        from pathlib import Path
+
+        if not Path(str(cfg.finetune.path)).expanduser().is_file():
+            raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
+    _check_timm_names(cfg)
+    plan_schedule(cfg)
+    if devices:
+        check_device(cfg.train.device)
+
+
+def _check_timm_names(cfg: DictConfig) -> None:
+    """The optimizer and RandAugment strings timm will parse, parsed now rather than after the data is loaded."""
+    import timm.optim
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    list_optimizers = getattr(timm.optim, "list_optimizers", None)
+    if list_optimizers is not None and cfg.recipe.opt.lower() not in list_optimizers():
+        raise ConfigError(f"recipe.opt={cfg.recipe.opt}: not one of timm's optimizers (timm.optim.list_optimizers())")
+    policies = [("recipe.auto_augment", cfg.recipe.auto_augment)]
+    if cfg.curriculum.enabled:
+        policies += [("curriculum.auto_augment", cfg.curriculum.auto_augment.format(magnitude=p.magnitude))
+                     for p in cfg.curriculum.phases]
+    for key, policy in policies:
+        if not policy:
+            continue
+        build = (rand_augment_transform if policy.startswith("rand") else augment_and_mix_transform
+                 if policy.startswith("augmix") else auto_augment_transform)
+        try:
+            build(policy, {})
+        except (AssertionError, ValueError, KeyError, IndexError) as err:
+            raise ConfigError(f"{key}={policy}: timm cannot parse this augmentation policy ({err})") from None
+
+
+def _resolved(cfg: DictConfig) -> Dict[str, Any]:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as err:  # an interpolation to a missing value: token_label.root: ${label_maps}
+        reason = str(err).splitlines()[0]
+        missing = re.search(r"Missing mandatory value: (\S+)", reason)
+        if missing:
+            raise ConfigError(f"missing value for {missing.group(1)} (used by {err.full_key}): set it on the "
+                              f"command line, e.g. {missing.group(1)}=<value>") from None
+        raise ConfigError(f"{err.full_key}: {reason}") from None
+
+
+# --- what the schedule keys mean, computed in one place ------------------------------------------------------------
+@dataclass(frozen=True)
+class SchedulePlan:
+    """The run's epochs, the ToE stage start epochs (scaled to ``schedule.epochs``) and the EfficientTrain phases."""
+
+    epochs: int
+    stage_starts: List[int]
+    phases: List[Any]  # toe.curriculum.Phase, empty without a curriculum
+
+
+def stage_start_epochs(cfg: DictConfig) -> List[int]:
+    """``schedule.stage_starts`` are epochs of a ``schedule.length``-epoch run, scaled to ``schedule.epochs`` and
+    rounded half up (the official 0/100/200 of 300 gives 0/10/20 over 30 epochs)."""
+    epochs, length = int(cfg.schedule.epochs), float(cfg.schedule.length)
+    starts = [scale_epoch(s, epochs, length) for s in cfg.schedule.stage_starts]
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ConfigError(
+            f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}: a {length:g}-epoch split gives start "
+            f"epochs {starts} over schedule.epochs={epochs}, which are not strictly increasing: run more epochs")
+    return starts
+
+
+def plan_schedule(cfg: DictConfig) -> SchedulePlan:
+    """The schedule of a run, with the ToE schedule and curriculum checked; raises :class:`ConfigError`."""
+    from .curriculum import build_phases
+
+    starts = stage_start_epochs(cfg)
+    if cfg.toe.enabled:
+        build_expansion_schedule(cfg, starts)
+    phases: List[Any] = []
+    if cfg.curriculum.enabled:
+        try:
+            phases = build_phases(cfg.curriculum, int(cfg.schedule.epochs), int(cfg.model.img_size),
+                                  int(cfg.model.patch_size))
+        except ValueError as err:
+            raise ConfigError(f"curriculum.phases: {err}") from None
+    return SchedulePlan(int(cfg.schedule.epochs), starts, phases)
+
+
+def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None):
+    """The run's :class:`toe.ExpansionSchedule`, or ``None`` with ToE off."""
+    from .schedule import ExpansionSchedule
+
+    if not cfg.toe.enabled:
+        return None
+    node = cfg.toe
+    try:
+        return ExpansionSchedule(
+            expansion_steps=starts if starts is not None else stage_start_epochs(cfg),
+            keep_rates=list(node.keep_rates), init_keep_rate=node.init_keep_rate, repeats=node.repeats,
+            distance=node.distance, init=node.init, expand=node.expand, merge=node.merge)
+    except ValueError as err:
+        if "expansion_steps" in str(err):
+            raise ConfigError(f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}: {err}") from None
+        key = next((k for k in ("init_keep_rate", "keep_rates", "repeats") if k in str(err)), "keep_rates")
+        raise ConfigError(f"toe.{key}={_show(OmegaConf.to_container(node, resolve=True)[key])}: {err}") from None
+
+
+# --- one line for what Hydra refuses while composing ---------------------------------------------------------------
+def is_compose_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from composing a config (a bad override, option, key, type or value)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(err, (HydraException, OmegaConfBaseException, ConfigError))
+
+
+def compose_error_line(err: BaseException) -> str:
+    """One line for a composition error: the override or key, its value and what is wrong, without Hydra's advice
+    on stack traces."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    chain, current = [], err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    head = lines[0] if lines else type(err).__name__
+    if isinstance(err, MissingConfigException) and "Available options" in str(err):
+        options = [line.strip() for line in str(err).splitlines() if line.startswith("\t") and "=" not in line]
+        return f"{head} (available: {', '.join(options)})"
+    append = re.search(r"use (\+\S+)", str(err))
+    cause = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)),
+                 None)
+    if cause is not None:
+        reason = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+        override = re.search(r"override '?([^' ]+)'?", head)
+        subject = override.group(1).rstrip(".") if override else cause.full_key
+        if append:  # an override of a key the schema does not have
+            subject = append.group(1)[1:]
+            return f"{subject}: {reason}" + (" (to add a key to model.kwargs, use +" + subject + ")"
+                                             if subject.startswith("model.kwargs.") else "")
+        if override and "=" not in subject and getattr(cause, "value", None) is not None:
+            subject = f"{subject}={cause.value}"
+        return f"{subject}: {reason}"
+    return " ".join(lines[:3])

@@ -1,0 +1,61 @@
+"""A wheel, installed into a new environment, works from an empty directory: the configs travel inside it."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory):
+    """A virtual environment with toe installed from a freshly built wheel (not editable). The heavy dependencies
+    (torch, timm, ...) come from this interpreter's site-packages, so the test builds and installs only toe."""
+    root = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(root / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next((root / "dist").glob("toe-*.whl"))
+    venv.create(root / "env", system_site_packages=True, with_pip=False)
+    python = root / "env" / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    empty = root / "empty"
+    empty.mkdir()
+    return root / "env" / "bin", empty
+
+
+def _run(env, *command, timeout=600):
+    bin_dir, cwd = env
+    environ = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    environ.pop("PYTHONPATH", None)
+    return subprocess.run([str(bin_dir / command[0]), *command[1:]], cwd=cwd, env=environ, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_env):
+    bin_dir, empty = wheel_env
+    where = _run(wheel_env, "python", "-c", "import toe, toe.conf, analysis; print(toe.__file__)")
+    assert where.returncode == 0 and str(bin_dir.parent) in where.stdout, where.stdout + where.stderr
+
+    run = _run(wheel_env, "toe-train", "logger=none", "schedule.epochs=3", "model.kwargs.depth=2",
+               "hydra.run.dir=run")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (empty / "run" / "summary.json").exists() and (empty / "run" / "config.yaml").exists()
+
+    sweep = _run(wheel_env, "toe-train", "experiments=ablation_merge", "smoke=on", "hydra.sweep.dir=sweep")
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    status = _run(wheel_env, "toe-sweep", "status", "sweep")
+    assert status.returncode == 0 and "2 completed" in status.stdout, status.stdout + status.stderr
+
+    report = _run(wheel_env, "toe-report", "sweep", "-o", "report")
+    assert report.returncode == 0 and (empty / "report" / "report.md").exists(), report.stderr[-2000:]
+    flops = _run(wheel_env, "toe-bench", "flops")
+    assert flops.returncode == 0 and "DeiT-Small, Hyper split" in flops.stdout, flops.stderr[-2000:]
+    refused = _run(wheel_env, "toe-train", "recipe.lr=-1", "hydra.run.dir=bad")
+    assert refused.returncode == 2 and "recipe.lr=-1.0: must be > 0" in refused.stdout + refused.stderr
+    assert not (empty / "multirun").exists() and not (empty / "outputs").exists()
