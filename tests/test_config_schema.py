@@ -1,5 +1,6 @@
 """The config schema (toe/schema.py): every bad config is refused before training, in one line naming the key."""
 
+import json
 import subprocess
 import sys
 
@@ -112,7 +113,7 @@ def test_recipes_share_the_deit_base_and_keep_their_own_values():
     ("recipe.batch_size=0", "recipe.batch_size=0"),  # refused by validate()
     ("model=nope", "model/nope"),
 ])
-def test_the_command_line_refuses_in_one_line_without_a_traceback_and_writes_nothing(tmp_path, override, message):
+def test_the_command_line_refuses_in_one_line_without_a_traceback_before_training(tmp_path, override, message):
     proc = subprocess.run([sys.executable, "-m", "toe.cli.train", "logger=none", override,
                            f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
@@ -120,7 +121,10 @@ def test_the_command_line_refuses_in_one_line_without_a_traceback_and_writes_not
     assert proc.returncode == 2, output
     assert message in output and "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
     assert [line for line in output.splitlines() if message in line] and len(output.strip().splitlines()) == 1
-    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoint.pth").exists()
+    if (tmp_path / "run" / "summary.json").exists():  # a new run dir records the refusal, so a sweep shows it
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["epochs"] == 0 and message in summary["error"]
 
 
 def test_a_multirun_with_one_bad_job_starts_no_job_and_names_it(tmp_path):

@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from .record import StartRefused
+
 
 def capture_rng() -> Dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -43,16 +45,67 @@ def restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+PREVIOUS_SUFFIX = ".prev"  # checkpoint.pth -> checkpoint.prev.pth
+
+
+class CheckpointUnreadable(StartRefused):
+    """Neither the checkpoint nor the previous one can be loaded; the message says what to do."""
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.stem + PREVIOUS_SUFFIX + path.suffix)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a crash or SIGKILL leaves the previous checkpoint intact."""
+    """Write ``state`` to ``path`` atomically and keep the one before it as ``checkpoint.prev.pth``: a crash,
+    SIGKILL or full disk at any point leaves at least one complete checkpoint and no ``.tmp`` file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        if path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _load(path: Path, map_location: Optional[str]) -> Dict[str, Any]:
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise ValueError("not a toe-train checkpoint (no epoch)")
+    return state
 
 
 def load_checkpoint(path: Path, map_location: Optional[str] = "cpu") -> Optional[Dict[str, Any]]:
+    """The run's checkpoint, or ``None`` if there is none. An unreadable ``checkpoint.pth`` falls back to
+    ``checkpoint.prev.pth`` (logged); if both are unreadable, :class:`CheckpointUnreadable` says what to do."""
+    import logging
+
     path = Path(path)
-    if not path.exists():
+    previous = previous_path(path)
+    if not path.exists() and not previous.exists():
         return None
-    return torch.load(path, map_location=map_location, weights_only=True)
+    errors = []
+    for candidate in (path, previous):
+        if not candidate.exists():
+            continue
+        try:
+            state = _load(candidate, map_location)
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+            errors.append(f"{candidate.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            continue
+        if candidate == previous:
+            logging.getLogger(__name__).warning("%s is unreadable (%s); resuming from %s (epoch %d) instead",
+                                                path, errors[0], previous.name, state["epoch"])
+        return state
+    raise CheckpointUnreadable(
+        f"{path} is unreadable ({'; '.join(errors)}): move it aside to start over, or restore a previous copy")

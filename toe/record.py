@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pth"
 
+
+class StartRefused(RuntimeError):
+    """The run dir cannot be (re)started as asked, and nothing was written to it; one line says why and what to do
+    (another process holds it, its checkpoint is unreadable, the config differs from the checkpoint's)."""
+
 METRIC_FIELDS = (
     "epoch",  # 0-based
     "stage",  # ToE stage (0 = full tokens before the first stage, or ToE off)
@@ -58,10 +63,22 @@ SUMMARY_FIELDS = (
 )
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old content or ``text``, never a part of it, and no ``.tmp`` file is left."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 class RunRecord:
@@ -79,15 +96,13 @@ class RunRecord:
     def write_config(self, yaml_text: str) -> None:
         if not self.enabled:
             return
-        (self.run_dir / CONFIG_FILE).write_text(yaml_text)
+        write_text_atomic(self.run_dir / CONFIG_FILE, yaml_text)
 
     def rewrite_metrics(self, history: List[Dict[str, Any]]) -> None:
         """Make ``metrics.jsonl`` hold exactly ``history`` (used on resume, so no epoch is logged twice)."""
         if not self.enabled:
             return
-        tmp = self.run_dir / (METRICS_FILE + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, self.run_dir / METRICS_FILE)
+        write_text_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
 
     def log_epoch(self, row: Dict[str, Any]) -> None:
         if not self.enabled:

@@ -261,9 +261,20 @@ class Progress:
     history: List[Dict[str, Any]] = field(default_factory=list)
     resumed_at: List[int] = field(default_factory=list)  # epochs at which the run resumed from its checkpoint
     wandb_id: Optional[str] = None
+    # Config changes a resume accepted (resume.allow_changes=true): [{"epoch": e, "changes": {key: [old, new]}}]
+    config_changes: List[Dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Optional[Dict[str, Any]]) -> "Progress":
+        if checkpoint is None:
+            return cls()
+        return cls(checkpoint["epoch"], checkpoint["num_updates"], list(checkpoint["history"]),
+                   list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"),
+                   list(checkpoint.get("config_changes", [])))
 
 
-def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
+def restore(run: Run, checkpoint: Dict[str, Any]) -> None:
+    """Load the model, EMA, optimizer, scheduler, scaler and RNG states of ``checkpoint`` into ``run``."""
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -274,5 +285,3 @@ def restore(run: Run, checkpoint: Dict[str, Any]) -> Progress:
     rng = checkpoint["rng"]
     restore_rng(rng[run.dist.rank] if isinstance(rng, list) else rng)
     run.scheduler.step(checkpoint["epoch"])
-    return Progress(checkpoint["epoch"], checkpoint["num_updates"], list(checkpoint["history"]),
-                    list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"))

@@ -182,6 +182,11 @@ class FinetuneConfig:
 
 
 @dataclass
+class ResumeConfig:
+    allow_changes: bool = MISSING  # resume although the config differs from the checkpoint's (noted in the record)
+
+
+@dataclass
 class RunConfig:
     """The whole config of one ``toe-train`` run (the ``hydra`` node is Hydra's own)."""
 
@@ -201,6 +206,7 @@ class RunConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     # Inputs that experiment files ask for (experiments/table3_lvvit.yaml, experiments/finetune_cifar.yaml) and use
     # through interpolations; left unset (???) elsewhere, which is not an error (see EXPERIMENT_INPUTS).
     label_maps: Optional[str] = MISSING
@@ -403,6 +409,29 @@ def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None
             raise ConfigError(f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}: {err}") from None
         key = next((k for k in ("init_keep_rate", "keep_rates", "repeats") if k in str(err)), "keep_rates")
         raise ConfigError(f"toe.{key}={_show(OmegaConf.to_container(node, resolve=True)[key])}: {err}") from None
+
+
+# --- what a resume may change --------------------------------------------------------------------------------------
+# Keys that do not change what is trained: where and how fast it runs, what is logged, how often it is evaluated.
+RESUMABLE_CHANGES = ("logger.", "train.device", "train.workers", "train.progress", "train.eval_every",
+                     "train.compile", "data.root", "data.download", "task_name", "smoke_", "resume.")
+
+
+def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        out: Dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: node}
+    return {prefix[:-1]: node}
+
+
+def config_changes(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, List[Any]]:
+    """``{key: [before, after]}`` for every resolved key that differs and that changes the training (everything
+    but :data:`RESUMABLE_CHANGES`)."""
+    old, new = _flat(before), _flat(after)
+    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)}
 
 
 # --- one line for what Hydra refuses while composing ---------------------------------------------------------------

@@ -7,12 +7,16 @@ same command in the same run dir resumes from it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,55 +25,144 @@ from toe.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 from toe.curriculum import fourier_crop, phase_at
 from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
 from toe.engine import evaluate, train_one_epoch
-from toe.record import CHECKPOINT_FILE, RunRecord
+from toe.lock import locked
+from toe.record import CHECKPOINT_FILE, SUMMARY_FILE, RunRecord, StartRefused, read_run_dir, write_json_atomic
 from toe.run import Progress, Run, build_run, resolve_device, restore
-from toe.schema import validate
+from toe.schema import ConfigError, config_changes, validate
 
 log = logging.getLogger("toe.train")
+
+
+class Terminated(SystemExit):
+    """SIGTERM, what schedulers send before they kill a job: the run ends as ``interrupted``."""
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+class DiskFull(RuntimeError):
+    """The disk filled up while the run wrote its checkpoint or record; the previous ones are intact."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the block, unless someone else handles it already (submitit does
+    in its jobs: USR2 and TERM are its own)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
 
-    Whatever happens, ``summary.json`` ends up saying so: ``completed``, ``failed`` with the error, or
-    ``interrupted`` (SystemExit or Ctrl-C: submitit's preemption/requeue handler, a scheduler's signal), after which
-    a rerun resumes.
-    ``overrides`` (Hydra's task overrides) go to W&B with the config, so the analysis can read them from there.
-    The config is checked (:func:`toe.schema.validate`) before anything is written: a bad value raises
-    :class:`ConfigError` and leaves the run dir as it was.
+    A run's life as the record sees it: the config is checked (:func:`toe.schema.validate`), the run dir is locked
+    (:mod:`toe.lock`), the checkpoint is loaded and its config compared with this one, and only then is anything
+    written. A refusal at any of these steps leaves an existing record untouched; in a new run dir a config that
+    cannot work still leaves a ``failed`` summary, so that a sweep's status shows it. From then on every ending is
+    written: ``completed``, ``failed`` with the error, ``interrupted`` (Ctrl-C, SIGTERM, submitit's preemption and
+    requeue), after which a rerun resumes. A full disk ends the run with one line and leaves the previous
+    checkpoint and summary intact. ``overrides`` (Hydra's task overrides) go to W&B with the config.
     """
-    validate(cfg)
     run_dir = Path(run_dir)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        _note_refused_start(cfg, run_dir, err)
+        raise
     info = init_distributed(use_cuda=resolve_device(cfg.train.device).type == "cuda")
     if info.enabled:  # every process works in rank 0's run dir (Hydra's ${now:} may differ by a second)
         run_dir = Path(gather_objects(str(run_dir), info)[0])
-    record = RunRecord(run_dir, OmegaConf.to_container(cfg.logger.wandb, resolve=True), enabled=info.is_main)
-    record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    progress = Progress()
     try:
-        summary = _fit(cfg, run_dir, record, progress, overrides or [], info)
-    except BaseException as err:
-        interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
-        summary = summarize(cfg, progress, status="interrupted" if interrupted else "failed")
-        summary["error"] = f"{type(err).__name__}: {err}"
-        record.write_summary(summary)
-        record.finish(1)
-        raise
+        with locked(run_dir, enabled=info.is_main):
+            plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+            checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+            progress = Progress.from_checkpoint(checkpoint)
+            if checkpoint is not None:
+                _check_resume(cfg, plain_cfg, checkpoint, progress, run_dir)
+                if progress.epoch >= int(cfg.schedule.epochs):
+                    log.info("%s has completed all %d epochs; nothing to do", run_dir, progress.epoch)
+                    return read_run_dir(run_dir).summary or summarize(cfg, progress, status="completed")
+            record = RunRecord(run_dir, plain_cfg["logger"]["wandb"], enabled=info.is_main)
+            record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+            try:
+                with _sigterm_interrupts():
+                    summary = _fit(cfg, plain_cfg, run_dir, record, progress, checkpoint, overrides or [], info)
+            except BaseException as err:
+                _record_ending(cfg, run_dir, record, progress, err)
+                raise
+            record.finish(0)
+            return summary
     finally:
         cleanup(info)
-    record.finish(0)
-    return summary
 
 
-def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
-         overrides: List[str], info: DistInfo) -> Dict[str, Any]:
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+def _check_resume(cfg: DictConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[str, Any], progress: Progress,
+                  run_dir: Path) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in anything that changes the training, unless
+    ``resume.allow_changes``; then note the change at this epoch."""
+    changes = config_changes(checkpoint.get("config") or {}, plain_cfg)
+    if not changes:
+        return
+    said = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+    if not cfg.resume.allow_changes:
+        raise StartRefused(f"{run_dir} was trained (to epoch {checkpoint['epoch']}) with another config ({said}): "
+                           "rerun with its config to resume, use a new run dir, or add resume.allow_changes=true "
+                           "to go on with the change (the record notes it)")
+    log.warning("resuming %s at epoch %d with a changed config (resume.allow_changes): %s", run_dir,
+                checkpoint["epoch"], said)
+    progress.config_changes.append({"epoch": checkpoint["epoch"], "changes": changes})
+
+
+def _note_refused_start(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
+    """A config refused in a run dir that has no record yet still leaves a ``failed`` summary (a sweep's status
+    then shows the job as failed); an existing record is never touched."""
+    if not run_dir.is_dir() or (run_dir / SUMMARY_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
+        return
+    summary = {"status": "failed", "error": f"{type(err).__name__}: {err}", "epochs": 0}
+    with contextlib.suppress(Exception):  # a config too broken to summarise still gets its error written
+        summary = dict(summarize(cfg, Progress(), status="failed"), error=summary["error"])
+    with contextlib.suppress(OSError):
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+
+
+def _record_ending(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
+                   err: BaseException) -> None:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        record.finish(1)
+        raise DiskFull(f"out of disk space in {run_dir} ({err.filename or err}): the checkpoint of epoch "
+                       f"{_checkpoint_epoch(run_dir)} and the record up to it are intact; free space and rerun "
+                       "the same command to resume") from None
+    interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
+    summary = summarize(cfg, progress, status="interrupted" if interrupted else "failed")
+    summary["error"] = f"{type(err).__name__}: {err}"
+    record.write_summary(summary)
+    record.finish(1)
+
+
+def _checkpoint_epoch(run_dir: Path) -> Any:
+    with contextlib.suppress(Exception):
+        return load_checkpoint(run_dir / CHECKPOINT_FILE)["epoch"]
+    return "none"
+
+
+def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunRecord, progress: Progress,
+         checkpoint: Optional[Dict[str, Any]], overrides: List[str], info: DistInfo) -> Dict[str, Any]:
     run = build_run(cfg, info)
     if checkpoint is not None:
-        vars(progress).update(vars(restore(run, checkpoint)))
+        restore(run, checkpoint)
         log.info("Resuming %s from epoch %d (%s)", run_dir, progress.epoch, CHECKPOINT_FILE)
     record.rewrite_metrics(progress.history)
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
                                            name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
     bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
@@ -130,7 +223,7 @@ def _fit(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
                 "scaler": run.scaler.state_dict() if run.scaler is not None else None, "epoch": progress.epoch,
                 "num_updates": progress.num_updates, "rng": rng_states if info.enabled else rng_states[0],
                 "wandb_id": progress.wandb_id, "history": progress.history, "resumed_at": progress.resumed_at,
-                "config": plain_cfg})
+                "config_changes": progress.config_changes, "config": plain_cfg})
         record.log_epoch(row)
         log.info("epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs", epoch + 1, epochs,
                  stage, row["tokens_after_first_block"], row["train_loss"], _pct(row["val_top1"]),
@@ -164,5 +257,5 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         "train_flops_per_image": last.get("train_flops_total", 0.0) / images if images else None,
         "train_flops_per_image_linear": last.get("train_flops_linear_total", 0.0) / images if images else None,
         "images_seen": images, "device": str(run.device) if run else None, "lr": run.lr if run else None,
-        "resumed_at": progress.resumed_at,
+        "resumed_at": progress.resumed_at, "config_changes": progress.config_changes,
     }

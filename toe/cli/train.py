@@ -24,17 +24,18 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.types import RunMode
 
     from toe.data import DataRootError
+    from toe.record import StartRefused
     from toe.schema import ConfigError
-    from toe.train import train
+    from toe.train import DiskFull, train
 
     hydra_cfg = HydraConfig.get()
     try:
         summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-    except (ConfigError, DataRootError) as err:
+    except (ConfigError, DataRootError, StartRefused, DiskFull) as err:
         log.error("%s", str(err).splitlines()[0])
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # this job fails and the sweep goes on with the others
-        sys.exit(2)  # a single run: one clear line, no traceback
+        sys.exit(1 if isinstance(err, DiskFull) else 2)  # a single run: one clear line, no traceback
     return summary.get("final_top1")
 
 
@@ -42,7 +43,9 @@ def main() -> Optional[float]:
     import hydra
 
     from toe.data import DataRootError
+    from toe.record import StartRefused
     from toe.schema import ConfigError, compose_error_line, is_compose_error
+    from toe.train import DiskFull
 
     wants_hydra_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints composition errors over several lines and exits; with HYDRA_FULL_ERROR it raises them instead,
@@ -50,7 +53,7 @@ def main() -> Optional[float]:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         return hydra.main(version_base="1.3", config_path="pkg://toe.conf", config_name="train")(_task)()
-    except (ConfigError, DataRootError) as err:  # a job of a multirun, re-raised by Hydra after the others ran
+    except (ConfigError, DataRootError, StartRefused, DiskFull) as err:  # a multirun's job, re-raised at the end
         print(f"toe-train: a job failed: {str(err).splitlines()[0]} (toe-sweep status <sweep dir> lists every job)",
               file=sys.stderr)
         sys.exit(1)

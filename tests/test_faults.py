@@ -1,0 +1,166 @@
+"""Faults on real runs: a resume with another config, a cut checkpoint, two processes on one run dir, signals, a
+full disk. Each ends with no good result lost, every record true, and one line saying what happened."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from toe.checkpoint import CheckpointUnreadable
+from toe.lock import LOCK_FILE, RunDirBusy
+from toe.record import StartRefused
+from toe.train import DiskFull, train
+
+
+def _files(run_dir: Path):
+    return {name: (run_dir / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.jsonl",
+                                                              "checkpoint.pth")}
+
+
+def _summary(run_dir: Path):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _epochs(run_dir: Path):
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resume_with_another_config_is_refused_and_the_record_is_untouched(tiny_cfg, tmp_path):
+    train(tiny_cfg(), tmp_path)
+    before = _files(tmp_path)
+    with pytest.raises(StartRefused, match=r"recipe.lr: 0.002 -> 0.01, toe.repeats: 2 -> 4"):
+        train(tiny_cfg("toe.repeats=4", "recipe.lr=1e-2"), tmp_path)
+    assert _files(tmp_path) == before
+    # what may change on a resume (logging, workers, evaluation cadence) does not stop it
+    assert train(tiny_cfg("logger=none", "train.workers=0", "train.eval_every=2"), tmp_path)["epochs"] == 2
+
+
+def test_a_resume_allowed_to_change_goes_on_and_the_record_says_where(tiny_cfg, tmp_path):
+    train(tiny_cfg("schedule.epochs=1"), tmp_path)
+    summary = train(tiny_cfg("schedule.epochs=2", "recipe.lr=1e-3", "resume.allow_changes=true"), tmp_path)
+    assert summary["status"] == "completed" and summary["epochs"] == 2 and _epochs(tmp_path) == [0, 1]
+    assert summary["config_changes"] == [{"epoch": 1, "changes": {"recipe.lr": [0.002, 0.001],
+                                                                  "schedule.epochs": [1, 2],
+                                                                  "schedule.length": [1, 2]}}]
+
+
+def test_rerunning_a_completed_run_changes_nothing(tiny_cfg, tmp_path):
+    first = train(tiny_cfg(), tmp_path)
+    before = _files(tmp_path)
+    assert train(tiny_cfg(), tmp_path) == first
+    assert _files(tmp_path) == before
+
+
+def test_a_cut_checkpoint_falls_back_to_the_previous_one_and_the_run_finishes(tiny_cfg, tmp_path, caplog):
+    train(tiny_cfg(), tmp_path)
+    checkpoint = tmp_path / "checkpoint.pth"
+    assert torch.load(tmp_path / "checkpoint.prev.pth", weights_only=True)["epoch"] == 1
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=3", "resume.allow_changes=true"), tmp_path)
+    assert "checkpoint.pth is unreadable" in caplog.text and "resuming from checkpoint.prev.pth (epoch 1)" in caplog.text
+    assert summary["status"] == "completed" and _epochs(tmp_path) == [0, 1, 2] and summary["resumed_at"] == [1]
+
+
+def test_two_cut_checkpoints_are_named_in_one_line_and_the_record_is_untouched(tiny_cfg, tmp_path):
+    train(tiny_cfg(), tmp_path)
+    for name in ("checkpoint.pth", "checkpoint.prev.pth"):
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:1000])
+    before = _files(tmp_path)
+    with pytest.raises(CheckpointUnreadable, match="checkpoint.pth is unreadable .*move it aside to start over"):
+        train(tiny_cfg(), tmp_path)
+    assert _files(tmp_path) == before
+
+
+def test_a_run_dir_held_by_a_live_process_is_refused_naming_it(tiny_cfg, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.mkdir(exist_ok=True)
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                      "slurm_job_id": None, "since": "then"}))
+        with pytest.raises(RunDirBusy, match=f"in use by PID {holder.pid} on {socket.gethostname()}"):
+            train(tiny_cfg(), tmp_path)
+        assert not (tmp_path / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_said(tiny_cfg, tmp_path, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                                                  "slurm_job_id": None, "since": "then"}))
+    assert train(tiny_cfg(), tmp_path)["status"] == "completed"
+    assert f"PID {gone.pid} on {socket.gethostname()}, which is no longer running" in caplog.text
+    assert not (tmp_path / LOCK_FILE).exists()  # released at the end
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint_and_summary(tiny_cfg, tmp_path,
+                                                                                     monkeypatch):
+    train(tiny_cfg("schedule.epochs=1"), tmp_path)
+    before = _files(tmp_path)
+    real_save = torch.save
+
+    def save_until_full(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # what a full disk leaves of a write
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(DiskFull, match="out of disk space .*checkpoint of epoch 1 .* intact"):
+        train(tiny_cfg("resume.allow_changes=true"), tmp_path)
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before["checkpoint.pth"]
+    assert (tmp_path / "summary.json").read_bytes() == before["summary.json"]
+    assert not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes and finishes
+    assert train(tiny_cfg("resume.allow_changes=true"), tmp_path)["epochs"] == 2 and _epochs(tmp_path) == [0, 1]
+
+
+def _cli(run_dir: Path, *extra):
+    return [sys.executable, "-m", "toe.cli.train", "logger=none", "schedule.epochs=3", "schedule.length=3",
+            "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=2", f"hydra.run.dir={run_dir}", *extra]
+
+
+def _wait_for(path: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_run_says_interrupted_and_a_rerun_finishes_it(tmp_path, sig):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_cli(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    _wait_for(tmp_path / "checkpoint.pth")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    summary = _summary(tmp_path)
+    assert summary["status"] == "interrupted" and summary["epochs"] >= 1, err[-2000:]
+    assert not (tmp_path / LOCK_FILE).exists()
+    subprocess.run(_cli(tmp_path), check=True, capture_output=True, env=env, timeout=300)
+    assert _summary(tmp_path)["status"] == "completed" and _epochs(tmp_path) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_running_dir_is_refused_and_the_record_stays_whole(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    longer = ("schedule.epochs=8", "schedule.length=8")
+    first = subprocess.Popen(_cli(tmp_path, *longer), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _wait_for(tmp_path / LOCK_FILE)
+    second = subprocess.run(_cli(tmp_path, *longer), capture_output=True, text=True, env=env, timeout=300)
+    assert first.wait(timeout=300) == 0
+    output = second.stdout + second.stderr
+    assert second.returncode == 2 and f"in use by PID {first.pid}" in output and "Traceback" not in output
+    assert _epochs(tmp_path) == list(range(8)) and _summary(tmp_path)["status"] == "completed"
