@@ -164,3 +164,53 @@ def test_a_second_process_on_a_running_dir_is_refused_and_the_record_stays_whole
     output = second.stdout + second.stderr
     assert second.returncode == 2 and f"in use by PID {first.pid}" in output and "Traceback" not in output
     assert _epochs(tmp_path) == list(range(8)) and _summary(tmp_path)["status"] == "completed"
+
+
+def _sweep(sweep_dir: Path, env):
+    return subprocess.Popen([sys.executable, "-m", "toe.cli.train", "-m", "logger=none", "seed=0,1,2",
+                             "schedule.epochs=2", "schedule.length=2", "schedule.stage_starts=[0,1,2]",
+                             "model.kwargs.depth=2", f"hydra.sweep.dir={sweep_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.slow
+def test_sweep_retry_finishes_a_sweep_with_a_killed_and_a_failed_job_into_the_clean_sweeps_table(tmp_path, capsys):
+    from analysis.collect import collect
+    from analysis.tables import build_table, spec_for
+    from toe.cli.sweep import main as sweep_main
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    assert _sweep(tmp_path / "clean", env).wait(timeout=600) == 0
+
+    broken = tmp_path / "broken"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # job 1's dir is held: it fails
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                      "slurm_job_id": None, "since": "then"}))
+    sweep = _sweep(broken, env)
+    _wait_for(broken / "2" / "checkpoint.pth")
+    sweep.kill()  # job 2 is killed mid-run
+    sweep.wait()
+    holder.kill()
+    holder.wait()
+    assert sweep_main(["status", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "1 completed" in out and "1 failed" in out and "1 died" in out and "in use by PID" in out
+
+    assert sweep_main(["retry", str(broken), "--dry-run"]) == 0
+    assert "would retry 1 (failed)" in capsys.readouterr().out
+    assert sweep_main(["retry", str(broken)]) == 0
+    assert sweep_main(["status", str(broken)]) == 0
+    assert "3 completed" in capsys.readouterr().out
+
+    tables = []
+    for root in ("clean", "broken"):
+        runs = collect(tmp_path / root).runs
+        table = build_table(runs, spec_for("train", runs))
+        tables.append(table)
+    clean, retried = tables
+    assert list(retried["method"]) == list(clean["method"]) and list(retried["n"]) == list(clean["n"]) == [3]
+    for column in ("top1_mean", "top1_std", "gflops_linear", "gflops_attn"):
+        assert retried[column].tolist() == pytest.approx(clean[column].tolist(), abs=1e-9), column
+    resumed = json.loads((broken / "2" / "summary.json").read_text())["resumed_at"]
+    assert resumed == [1]  # the killed job went on from its checkpoint, it did not start over

@@ -141,3 +141,45 @@ def test_one_run_over_two_slurm_tasks_trains_with_ddp(tmp_path, env):
     assert summary["status"] == "completed" and summary["world_size"] == 2
     rows = [json.loads(r) for r in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]  # written once, by rank 0
+
+
+def test_sweep_retry_finishes_a_slurm_sweep_with_a_cancelled_and_a_failed_job(tmp_path, env):
+    """Job 0 is cancelled mid-run (scancel: the node kills it), job 1 fails (its run dir is held by a live process).
+    toe-sweep tells them apart, and `toe-sweep retry` reruns both on SLURM with the sweep's launcher settings."""
+    import socket
+
+    from toe.cli.sweep import main as sweep_main
+    from toe.lock import LOCK_FILE
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"])
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                         "slurm_job_id": None, "since": "then"}))
+    proc = subprocess.Popen(
+        _toe_train("-m", "logger=none", "method=baseline,toe", "schedule.epochs=8", "model.kwargs.depth=2", *LAUNCH,
+                   f"hydra.sweep.dir={tmp_path}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        _wait_for_epoch(tmp_path / "0", 2)
+        assert {run.path.name: run.slurm for run in sweep_runs(tmp_path)}["0"] == "RUNNING"
+        array = _job_id(tmp_path).split("_")[0]
+        subprocess.run(["scancel", f"{array}_0"], check=True)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0, output[-2000:]
+    states = {run.path.name: run.state for run in sweep_runs(tmp_path)}
+    assert states == {"0": "died", "1": "failed"}, (states, output[-2000:])
+
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = env["PATH"]  # the sacct shim, for the submitit launcher inside the retried toe-train
+    try:
+        assert sweep_main(["retry", str(tmp_path)]) == 0
+    finally:
+        os.environ["PATH"] = old_path
+    runs = {run.path.name: run for run in sweep_runs(tmp_path)}
+    assert all(run.state == "completed" and len(run.history) == 8 for run in runs.values()), runs
+    assert 2 <= runs["0"].summary["resumed_at"][0] < 8  # it went on from its checkpoint
+    assert list((tmp_path / "0" / ".submitit").glob("*/*_log.out")), "the retry did not go through SLURM"

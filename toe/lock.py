@@ -110,3 +110,15 @@ def locked(run_dir: Path, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         release(path)
+
+
+def holder(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """Who holds the lock of ``run_dir`` (host, pid, slurm_job_id, since), or None if nobody does."""
+    return _read(Path(run_dir) / LOCK_FILE) if (Path(run_dir) / LOCK_FILE).exists() else None
+
+
+def holder_is_gone(run_dir: Path) -> bool:
+    """True if the run dir's lock was left by a process on this host that is no longer running."""
+    held = holder(run_dir)
+    return (held is not None and held.get("host") == socket.gethostname()
+            and not _alive(int(held.get("pid", -1))))

@@ -164,7 +164,7 @@ class RunRecord:
 
 
 # --- reading run dirs: the one reader that toe-sweep and analysis share ---------------------------------------------
-RUN_STATES = ("completed", "running", "interrupted", "failed", "not started", "unreadable")
+RUN_STATES = ("completed", "running", "interrupted", "failed", "not started", "unreadable", "died")
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 
@@ -174,7 +174,8 @@ class RunDir:
 
     ``state`` is one of :data:`RUN_STATES`: the summary's status, ``not started`` for a job whose dir Hydra made
     but that wrote no summary, ``failed`` for one whose log names an error before its record existed, and
-    ``unreadable`` when ``summary.json`` cannot be parsed. ``problems`` names each file that could not be read.
+    ``unreadable`` when ``summary.json`` cannot be parsed (``toe-sweep`` also tells ``died``: ``running``, but the
+    process that held the run dir is gone). ``problems`` names each file that could not be read.
     """
 
     path: Path
@@ -185,6 +186,7 @@ class RunDir:
     state: str = "not started"
     error: Optional[str] = None
     problems: List[str] = field(default_factory=list)
+    slurm: Optional[str] = None  # SLURM's state of the job, where toe-sweep could ask squeue
 
     @property
     def override_values(self) -> Dict[str, str]:

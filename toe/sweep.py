@@ -92,6 +92,93 @@ class ValidateSweep(Callback):
 
 
 # --- the state of a sweep ---------------------------------------------------------------------------------------
+PLAN_FILE = "multirun.yaml"  # what Hydra saves in the sweep dir: the sweep's config, hydra node included
+RETRY_STATES = ("failed", "interrupted", "died", "not started", "unreadable")
+
+
+def planned_jobs(sweep_dir: Path) -> Optional[Dict[int, List[str]]]:
+    """``{job number: overrides}`` of every job the sweep in ``sweep_dir`` planned (from Hydra's
+    ``multirun.yaml``), or None when it cannot be known (no plan, a sampling sweeper, another subdir layout)."""
+    plan = Path(sweep_dir) / PLAN_FILE
+    if not plan.is_file():
+        return None
+    try:
+        config = OmegaConf.load(plan)
+        if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
+            return None
+        jobs = sweep_jobs(config)
+    except Exception:  # noqa: BLE001 - a plan that cannot be read again is no plan
+        return None
+    return None if jobs is None else dict(enumerate(jobs))
+
+
+def _slurm_state(job_id: Optional[str]) -> Optional[str]:
+    """What ``squeue`` says of a SLURM job (PENDING, RUNNING, REQUEUED, ...), if it answers."""
+    import shutil
+    import subprocess
+
+    if not job_id or shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = out.stdout.split()
+    return states[0] if out.returncode == 0 and states else None
+
+
+def _submitted_job(sweep_dir: Path, number: int) -> Optional[str]:
+    """The SLURM id of job ``number`` of a sweep launched by hydra-submitit-launcher (its ``.submitit/<id>``
+    folders; an array's task index is the job number)."""
+    folders = sorted(Path(sweep_dir).glob(f".submitit/*_{number}"))
+    return folders[-1].name if folders else None
+
+
+def _settle(run: RunDir, sweep_dir: Path) -> RunDir:
+    """Make ``running`` say what is known: ``died`` when the process that held the run dir is gone, the SLURM state
+    where squeue answers."""
+    from .lock import holder, holder_is_gone
+
+    if run.state == "running":
+        held = holder(run.path)
+        if held is None or holder_is_gone(run.path):
+            run.state = "died"
+            run.error = run.error or "the process stopped without writing an ending (killed, or its node died)"
+        elif held.get("slurm_job_id"):
+            run.slurm = _slurm_state(held["slurm_job_id"])
+    elif run.state == "not started" and run.path.name.isdigit():
+        run.slurm = _slurm_state(_submitted_job(sweep_dir, int(run.path.name)))
+    return run
+
+
 def sweep_runs(sweep_dir: Path) -> List[RunDir]:
-    """Every run under ``sweep_dir`` (recursively: Hydra multirun dirs, SLURM output dirs), each read on its own."""
-    return [read_run_dir(d) for d in find_run_dirs(Path(sweep_dir))]
+    """Every run under ``sweep_dir`` (recursively: Hydra multirun dirs, SLURM output dirs), each read on its own,
+    plus the jobs the sweep planned that never made a run dir (``not started``)."""
+    sweep_dir = Path(sweep_dir)
+    runs = [read_run_dir(d) for d in find_run_dirs(sweep_dir)]
+    seen = {run.path.resolve() for run in runs}
+    for number, overrides in (planned_jobs(sweep_dir) or {}).items():
+        path = sweep_dir / str(number)
+        if path.resolve() not in seen:
+            runs.append(RunDir(path, overrides=overrides, state="not started"))
+    runs.sort(key=lambda run: (len(run.path.name), str(run.path)))
+    return [_settle(run, sweep_dir) for run in runs]
+
+
+def retry_command(run: RunDir, sweep_dir: Path, launcher: Optional[str]) -> List[str]:
+    """``toe-train`` for one job again, with its own overrides, into its own run dir (so it resumes from its
+    checkpoint), on the sweep's launcher and its settings or on ``launcher``. The job is a multirun of one whose
+    sweep dir is the run dir itself, so the sweep's own ``multirun.yaml`` (its plan) is never replaced."""
+    import sys
+
+    hydra_overrides: List[str] = []
+    plan = Path(sweep_dir) / PLAN_FILE
+    if plan.is_file():
+        saved = OmegaConf.load(plan).hydra.overrides.hydra
+        hydra_overrides = [o for o in saved if not o.startswith(("hydra.sweep.", "hydra.mode", "hydra.run."))]
+    if launcher:
+        hydra_overrides = [o for o in hydra_overrides if not o.startswith(("hydra/launcher=", "hydra.launcher."))]
+        hydra_overrides.append(f"hydra/launcher={launcher}")
+    return [sys.executable, "-m", "toe.cli.train", "-m", *run.overrides, *hydra_overrides,
+            f"hydra.sweep.dir={run.path.resolve()}", "hydra.sweep.subdir=."]
