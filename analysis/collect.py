@@ -64,6 +64,8 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], 
     elif status == "completed" and not history:
         flags.append("completed without a single epoch in metrics.jsonl: not counted")
         row["status"] = "no epochs"
+    if summary.get("unreached_stages"):
+        flags.append(f"ToE stage(s) {summary['unreached_stages']} never ran: they start after the run's last epoch")
     row["flag"] = "; ".join(flags) or None
     epoch_rows = [dict(line, run=run_id) for line in history]
     return row, epoch_rows

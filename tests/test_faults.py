@@ -214,3 +214,54 @@ def test_sweep_retry_finishes_a_sweep_with_a_killed_and_a_failed_job_into_the_cl
         assert retried[column].tolist() == pytest.approx(clean[column].tolist(), abs=1e-9), column
     resumed = json.loads((broken / "2" / "summary.json").read_text())["resumed_at"]
     assert resumed == [1]  # the killed job went on from its checkpoint, it did not start over
+
+
+def test_a_schedule_whose_last_stage_never_starts_says_so_in_the_record(tiny_cfg, tmp_path, caplog):
+    from analysis.collect import collect
+
+    summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=300", "schedule.stage_starts=[0,100,400]"),
+                    tmp_path / "run")
+    assert summary["status"] == "completed" and summary["unreached_stages"] == [3]
+    assert "never run" in caplog.text
+    assert "stage(s) [3] never ran" in collect(tmp_path).runs.iloc[0]["flag"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["step", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+    (["step", "--keep-rates", "0.5", "1.5"], "argument --keep-rates: 1.5 must be > 0 and <= 1"),
+    (["step", "--keep-rates", "0.75", "0.5", "1.0"], "keep_rates must be strictly increasing"),
+    (["step", "--stage-starts", "0", "100", "400", "--epochs", "300"], "the last stage starts after --epochs"),
+    (["--device", "cuda:99", "flops"], "argument --device: "),
+    (["--device", "tpu", "flops"], "argument --device: "),
+    (["op", "--batch", "-4"], "argument --batch: -4 must be >= 1"),
+    (["flops", "--table", "/nonexistent.yaml"], "--table /nonexistent.yaml: no such file"),
+])
+def test_toe_bench_refuses_bad_flags_in_one_line(argv, message, capsys):
+    from toe.cli.bench import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_toe_label_maps_refuses_bad_flags_and_a_cut_checkpoint_in_one_line(tiny_cfg, tmp_path, capsys):
+    from toe.cli.label_maps import main
+
+    train(tiny_cfg("method=baseline", "schedule.epochs=1"), tmp_path / "teacher")
+    cases = [
+        ([str(tmp_path / "teacher"), str(tmp_path / "maps"), "--batch-size", "0"], "argument --batch-size"),
+        ([str(tmp_path / "teacher"), str(tmp_path / "maps"), "--topk", "20"], "--topk 20: the run's data has only 10"),
+        ([str(tmp_path / "nothing"), str(tmp_path / "maps")], "is not a toe-train run directory"),
+    ]
+    checkpoint = tmp_path / "teacher" / "checkpoint.pth"
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and message in err, err
+    checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "teacher"), str(tmp_path / "maps")])
+    assert refused.value.code == 2 and "checkpoint.pth is unreadable" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()

@@ -60,6 +60,8 @@ SUMMARY_FIELDS = (
     "device",
     "lr",  # the peak LR after batch scaling
     "resumed_at",  # epochs at which the run resumed from its checkpoint (preemption, crash, requeue)
+    "config_changes",  # [{"epoch", "changes": {key: [before, after]}}] a resume was allowed to make
+    "unreached_stages",  # ToE stages that start after the run's last epoch and so never ran
 )
 
 

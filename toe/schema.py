@@ -361,6 +361,14 @@ class SchedulePlan:
     epochs: int
     stage_starts: List[int]
     phases: List[Any]  # toe.curriculum.Phase, empty without a curriculum
+    toe_enabled: bool = False
+
+    @property
+    def unreached_stages(self) -> List[int]:
+        """ToE stages (1-based) that start at or after the last epoch, so they never run (e.g. 0/100/400 of 300)."""
+        if not self.toe_enabled:
+            return []
+        return [stage for stage, start in enumerate(self.stage_starts, 1) if start >= self.epochs]
 
 
 def stage_start_epochs(cfg: DictConfig) -> List[int]:
@@ -389,7 +397,7 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
                                   int(cfg.model.patch_size))
         except ValueError as err:
             raise ConfigError(f"curriculum.phases: {err}") from None
-    return SchedulePlan(int(cfg.schedule.epochs), starts, phases)
+    return SchedulePlan(int(cfg.schedule.epochs), starts, phases, bool(cfg.toe.enabled))
 
 
 def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None):

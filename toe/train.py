@@ -28,7 +28,7 @@ from toe.engine import evaluate, train_one_epoch
 from toe.lock import locked
 from toe.record import CHECKPOINT_FILE, SUMMARY_FILE, RunRecord, StartRefused, read_run_dir, write_json_atomic
 from toe.run import Progress, Run, build_run, resolve_device, restore
-from toe.schema import ConfigError, config_changes, validate
+from toe.schema import ConfigError, config_changes, plan_schedule, validate
 
 log = logging.getLogger("toe.train")
 
@@ -80,6 +80,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None)
     except ConfigError as err:
         _note_refused_start(cfg, run_dir, err)
         raise
+    unreached = plan_schedule(cfg).unreached_stages
+    if unreached:
+        log.warning("ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
+                    "summary says so (unreached_stages)", unreached, int(cfg.schedule.epochs))
     info = init_distributed(use_cuda=resolve_device(cfg.train.device).type == "cuda")
     if info.enabled:  # every process works in rank 0's run dir (Hydra's ${now:} may differ by a second)
         run_dir = Path(gather_objects(str(run_dir), info)[0])
@@ -258,4 +262,5 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         "train_flops_per_image_linear": last.get("train_flops_linear_total", 0.0) / images if images else None,
         "images_seen": images, "device": str(run.device) if run else None, "lr": run.lr if run else None,
         "resumed_at": progress.resumed_at, "config_changes": progress.config_changes,
+        "unreached_stages": plan_schedule(cfg).unreached_stages,
     }
