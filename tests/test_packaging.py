@@ -1,6 +1,7 @@
 """A wheel, installed into a new environment, works from an empty directory: the configs travel inside it."""
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -16,8 +17,12 @@ def wheel_env(tmp_path_factory):
     """A virtual environment with toe installed from a freshly built wheel (not editable). The heavy dependencies
     (torch, timm, ...) come from this interpreter's site-packages, so the test builds and installs only toe."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy, so that no build/ folder of the checkout (stale or not) goes into it or is left behind.
+    source = root / "source"
+    shutil.copytree(ROOT, source, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "runs", "multirun", ".venv*"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(root / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(root / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((root / "dist").glob("toe-*.whl"))
     venv.create(root / "env", system_site_packages=True, with_pip=False)
     python = root / "env" / "bin" / "python"
