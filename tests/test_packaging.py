@@ -64,3 +64,12 @@ def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_en
     refused = _run(wheel_env, "toe-train", "recipe.lr=-1", "hydra.run.dir=bad")
     assert refused.returncode == 2 and "recipe.lr=-1.0: must be > 0" in refused.stdout + refused.stderr
     assert not (empty / "multirun").exists() and not (empty / "outputs").exists()
+
+
+def test_every_config_group_is_a_package_of_the_wheel():
+    import tomllib
+
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    groups = {"toe." + ".".join(d.relative_to(ROOT).parts) for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
+              if d.is_dir() and "__pycache__" not in d.parts and "local" not in d.parts}
+    assert groups <= packages, f"add to pyproject.toml's packages: {sorted(groups - packages)}"

@@ -6,10 +6,10 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
-from timm.utils import accuracy, dispatch_clip_grad
+from timm.utils import NativeScaler, accuracy, dispatch_clip_grad
 from tqdm import tqdm
 
 
@@ -33,70 +33,72 @@ def _to_device(target, device: torch.device):
     return target.to(device, non_blocking=True)
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    loader,
-    criterion: Callable,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    device: torch.device,
-    num_updates: int,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    ema=None,
-    mixup: Optional[Callable] = None,
-    clip_grad: Optional[float] = None,
-    progress: bool = False,
-    desc: str = "train",
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    accumulation: int = 1,
-    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-) -> EpochResult:
-    """One pass over ``loader``. ``reduce`` sums a tensor over processes (DDP), so loss and images are global.
+@dataclass
+class StepConfig:
+    """How one training step runs: the loss, the optimizer and its LR schedule, mixed precision, EMA, Mixup."""
 
-    ``accumulation`` micro-batches make one optimiser step (EfficientTrain's update_freq); ``batch_transform``
-    changes each input batch on the device before Mixup (EfficientTrain's Fourier crop).
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler: step_update(num_updates=...) after every optimizer step
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    loss_scaler: Optional[NativeScaler] = None  # fp16 only: timm's NativeScaler (scale, unscale, clip, step)
+    ema: Any = None
+    mixup: Optional[Callable] = None
+    clip_grad: Optional[float] = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over processes (DDP)
+    accumulation: int = 1  # micro-batches per optimizer step (EfficientTrain's update_freq)
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # on the device, before Mixup
+
+
+def train_one_epoch(model: torch.nn.Module, loader, step: StepConfig, num_updates: int, progress: bool = False,
+                    desc: str = "train") -> EpochResult:
+    """One pass over ``loader``; loss and images are summed over processes.
+
+    Gradient accumulation as timm's train.py does it: each micro-batch's loss is divided by the size of its window,
+    a trailing window shorter than ``accumulation`` (an odd batch count) is stepped too, with its own size, and
+    DDP skips the all-reduce (``no_sync``) on every micro-batch but the last of a window.
     """
     model.train()
-    loss_sum, images = torch.zeros((), device=device), 0
-    _sync(device)
+    batches, accumulation = len(loader), step.accumulation
+    trailing_start = batches - batches % accumulation  # the first batch of a trailing partial window
+    can_skip_sync = hasattr(model, "no_sync")
+    loss_sum, images = torch.zeros((), device=step.device), 0
+    step.optimizer.zero_grad(set_to_none=True)
+    _sync(step.device)
     start = time.perf_counter()
-    for step, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
-        inputs = inputs.to(device, non_blocking=True)
-        targets = _to_device(targets, device)
-        if batch_transform is not None:
-            inputs = batch_transform(inputs)
-        if mixup is not None:
-            inputs, targets = mixup(inputs, targets)
-        with autocast():
-            loss = criterion(model(inputs), targets)
-        if step % accumulation == 0:
-            optimizer.zero_grad(set_to_none=True)
-        update = (step + 1) % accumulation == 0
-        if scaler is not None:
-            scaler.scale(loss / accumulation).backward()
-            if update:
-                if clip_grad:
-                    scaler.unscale_(optimizer)
-                    dispatch_clip_grad(model.parameters(), clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-        else:
-            (loss / accumulation).backward()
-            if update:
-                if clip_grad:
-                    dispatch_clip_grad(model.parameters(), clip_grad)
-                optimizer.step()
-        if update:
+    for index, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        window = accumulation if index < trailing_start else batches - trailing_start
+        need_update = index == batches - 1 or (index + 1) % accumulation == 0
+        inputs = inputs.to(step.device, non_blocking=True)
+        targets = _to_device(targets, step.device)
+        if step.batch_transform is not None:
+            inputs = step.batch_transform(inputs)
+        if step.mixup is not None:
+            inputs, targets = step.mixup(inputs, targets)
+        with contextlib.nullcontext() if need_update or not can_skip_sync else model.no_sync():
+            with step.autocast():
+                loss = step.criterion(model(inputs), targets)
+            if step.loss_scaler is not None:
+                step.loss_scaler(loss / window, step.optimizer, clip_grad=step.clip_grad,
+                                 parameters=model.parameters(), need_update=need_update)
+            else:
+                (loss / window).backward()
+                if need_update:
+                    if step.clip_grad:
+                        dispatch_clip_grad(model.parameters(), step.clip_grad)
+                    step.optimizer.step()
+        if need_update:
+            step.optimizer.zero_grad(set_to_none=True)
             num_updates += 1
-            scheduler.step_update(num_updates=num_updates)
-            if ema is not None:
-                ema.update(model, step=num_updates)
+            step.scheduler.step_update(num_updates=num_updates)
+            if step.ema is not None:
+                step.ema.update(model, step=num_updates)
         loss_sum += loss.detach() * inputs.shape[0]
         images += inputs.shape[0]
-    _sync(device)
+    _sync(step.device)
     seconds = time.perf_counter() - start
-    totals = reduce(torch.stack([loss_sum.float(), torch.tensor(float(images), device=device)]))
+    totals = step.reduce(torch.stack([loss_sum.float(), torch.tensor(float(images), device=step.device)]))
     mean_loss, images = float(totals[0]) / max(float(totals[1]), 1.0), int(totals[1])  # one sync per epoch
     if not math.isfinite(mean_loss):
         raise FloatingPointError(

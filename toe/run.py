@@ -95,7 +95,7 @@ class Run:
     ema: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: Any  # timm's NativeScaler under fp16 autocast, else None
     criterion: Any
     mixup: Any
     train_loader: Any
@@ -110,6 +110,7 @@ class Run:
     phases: List[Phase]  # EfficientTrain curriculum phases; empty without a curriculum
     local_batch: int
     epochs: int
+    img_size: int
     patch_size: int
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
 def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, random_seed
+    from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
     device = resolve_device(cfg.train.device, info.local_rank)
     amp_dtype = resolve_amp(cfg.train.amp, device)
@@ -213,11 +214,11 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
         optimizer, sched=cfg.recipe.sched, num_epochs=plan.epochs,
         warmup_epochs=cfg.recipe.warmup_epochs, warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
         step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
                sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, phases,
-               local_batch, plan.epochs, cfg.model.patch_size)
+               local_batch, plan.epochs, cfg.model.img_size, cfg.model.patch_size)
 
 
 def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):

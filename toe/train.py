@@ -24,7 +24,7 @@ import toe
 from toe.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 from toe.curriculum import fourier_crop, phase_at
 from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
-from toe.engine import evaluate, train_one_epoch
+from toe.engine import StepConfig, evaluate, train_one_epoch
 from toe.lock import locked
 from toe.record import CHECKPOINT_FILE, SUMMARY_FILE, RunRecord, StartRefused, read_run_dir, write_json_atomic
 from toe.run import Progress, Run, build_run, resolve_device, restore
@@ -80,10 +80,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None)
     except ConfigError as err:
         _note_refused_start(cfg, run_dir, err)
         raise
-    unreached = plan_schedule(cfg).unreached_stages
-    if unreached:
+    plan = plan_schedule(cfg)
+    if plan.unreached_stages:
         log.warning("ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
-                    "summary says so (unreached_stages)", unreached, int(cfg.schedule.epochs))
+                    "summary says so (unreached_stages)", plan.unreached_stages, plan.epochs)
     info = init_distributed(use_cuda=resolve_device(cfg.train.device).type == "cuda")
     if info.enabled:  # every process works in rank 0's run dir (Hydra's ${now:} may differ by a second)
         run_dir = Path(gather_objects(str(run_dir), info)[0])
@@ -94,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None)
             progress = Progress.from_checkpoint(checkpoint)
             if checkpoint is not None:
                 _check_resume(cfg, plain_cfg, checkpoint, progress, run_dir)
-                if progress.epoch >= int(cfg.schedule.epochs):
+                if progress.epoch >= plan.epochs:
                     log.info("%s has completed all %d epochs; nothing to do", run_dir, progress.epoch)
                     return read_run_dir(run_dir).summary or summarize(cfg, progress, status="completed")
             record = RunRecord(run_dir, plain_cfg["logger"]["wandb"], enabled=info.is_main)
@@ -176,7 +176,7 @@ def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunR
         if run.ema is not None:
             toe.set_epoch(run.ema.module, epoch)
         run.model.train()
-        img_size, crop, accumulation = cfg.model.img_size, None, 1
+        img_size, crop, accumulation = run.img_size, None, 1
         if run.phases:
             if phase != phase_at(run.phases, epoch):
                 phase = phase_at(run.phases, epoch)
@@ -186,15 +186,16 @@ def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunR
                          phase.index, epoch, phase.img_size, phase.magnitude, phase.accumulation,
                          run.local_batch // phase.accumulation)
             img_size, accumulation = phase.img_size, phase.accumulation
-            crop = functools.partial(fourier_crop, size=img_size) if img_size < cfg.model.img_size else None
+            crop = functools.partial(fourier_crop, size=img_size) if img_size < run.img_size else None
         shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
         op = toe.expansion_op(run.model)
         kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
         run.sampler.set_epoch(epoch)
-        result = train_one_epoch(
-            run.net, run.train_loader, run.criterion, run.optimizer, run.scheduler, run.device,
-            progress.num_updates, run.autocast, run.scaler, run.ema, run.mixup, cfg.recipe.clip_grad, bar,
-            desc=f"epoch {epoch + 1}/{epochs}", reduce=run.reduce, accumulation=accumulation, batch_transform=crop)
+        step = StepConfig(run.criterion, run.optimizer, run.scheduler, run.device, autocast=run.autocast,
+                          loss_scaler=run.scaler, ema=run.ema, mixup=run.mixup, clip_grad=cfg.recipe.clip_grad,
+                          reduce=run.reduce, accumulation=accumulation, batch_transform=crop)
+        result = train_one_epoch(run.net, run.train_loader, step, progress.num_updates, bar,
+                                 desc=f"epoch {epoch + 1}/{epochs}")
         run.scheduler.step(epoch + 1)
         last = progress.history[-1] if progress.history else {}
         row = {
