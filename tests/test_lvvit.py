@@ -48,16 +48,31 @@ def test_training_returns_cls_dense_and_box_and_eval_combines_them():
 
 
 def test_mixtoken_swaps_a_box_of_the_feature_map_and_unmixes_the_dense_output():
+    import numpy as np
+
     mixing, plain = _small(), _small(mix_token=False)
     plain.load_state_dict(mixing.state_dict())
-    same = torch.randn(1, 3, 64, 64).expand(4, -1, -1, -1)  # flipping the batch changes nothing
-    torch.manual_seed(3)
-    cls_mixed, dense_mixed, box = mixing.train()(same)
-    cls_plain, dense_plain, _ = plain.train()(same)
-    y1, x1, y2, x2 = box
-    assert 0 <= y1 <= y2 <= 4 and 0 <= x1 <= x2 <= 4
-    torch.testing.assert_close(dense_mixed, dense_plain)
-    torch.testing.assert_close(cls_mixed, cls_plain)
+    images = torch.randn(4, 3, 64, 64)  # four different images: the flipped batch differs from the batch
+    for seed in range(20):  # a box neither empty nor the whole 4 x 4 grid
+        np.random.seed(seed)
+        cls_mixed, dense_mixed, box = mixing.train()(images)
+        y1, x1, y2, x2 = box
+        if 0 < (y2 - y1) * (x2 - x1) < 16:
+            break
+    # By hand: the box of each image's feature map comes from the image mirrored in the batch; the dense output is
+    # mixed back, so each position's prediction lines up with its own image.
+    with torch.no_grad():
+        features = plain.patch_embed(images)
+        mixed = features.clone()
+        mixed[:, :, y1:y2, x1:x2] = features.flip(0)[:, :, y1:y2, x1:x2]
+        tokens = plain._encode(mixed)
+        grid = plain.aux_head(tokens[:, 1:]).reshape(4, 4, 4, -1)
+        unmixed = grid.clone()
+        unmixed[:, y1:y2, x1:x2] = grid.flip(0)[:, y1:y2, x1:x2]
+        cls_unmixed = plain.head(plain.forward_features(images)[:, 0])
+    torch.testing.assert_close(cls_mixed, plain.head(tokens[:, 0]))
+    torch.testing.assert_close(dense_mixed, unmixed.reshape(4, 16, -1))
+    assert not torch.allclose(cls_mixed, cls_unmixed, atol=1e-4)  # mixing changed what the class token saw
 
 
 def test_toe_patch_keeps_weights_and_eval_and_restores_zero_padded_positions():
