@@ -62,3 +62,18 @@ def test_step_bench_reports_flop_ratios_and_the_schedule_projection(tmp_path):
     expected = 300 * rows[0]["flops_per_img_G"] / sum(r["epochs"] * r["flops_per_img_G"] for r in rows[:4])
     assert rows[4]["flop_ratio"] == pytest.approx(expected)
     assert rows[4]["efficiency"] == pytest.approx(rows[4]["speedup"] / rows[4]["flop_ratio"])
+
+
+def test_e2e_bench_times_loader_step_and_loop_of_a_real_run_per_stage(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    main(["--json", str(out), "e2e", "model.kwargs.depth=2", "--batches", "2", "--warmup", "0"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stage"], r["tokens"]) for r in rows] == [(0, 65), (1, 33), (2, 49), (3, 65)]
+    for row in rows:
+        assert row["loader_img_per_s"] > 0 and row["step_img_per_s"] > 0 and row["loop_img_per_s"] > 0
+        assert row["bound_by"] == ("loader" if row["loader_img_per_s"] < row["step_img_per_s"] else "step")
+    assert rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > rows[3]["flop_ratio"] == 1.0
+    assert "bound_by" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["e2e", "recipe.batch_size=0"])
+    assert refused.value.code == 2 and "recipe.batch_size=0: must be >= 1" in capsys.readouterr().err

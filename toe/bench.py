@@ -12,6 +12,7 @@ is slow enough that a fixed, small repeat count matters more than auto-ranging.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -209,3 +210,75 @@ def flops_markdown(rows: List[Dict[str, Any]]) -> str:
 
 def markdown(rows: List[Dict[str, Any]], columns: List[str], floatfmt: str = ".3g") -> str:
     return pd.DataFrame(rows)[columns].to_markdown(index=False, floatfmt=floatfmt)
+
+
+class _FirstBatches:
+    """The first ``count`` batches of ``batches`` (a loader or a list), with a length, as train_one_epoch wants."""
+
+    def __init__(self, batches: Any, count: int):
+        self.batches, self.count = batches, count
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.batches))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), len(self))
+
+
+def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str, Any]]:
+    """Where the time of a real run goes, per ToE stage (stage 0: full tokens), side by side in one process.
+
+    The run is built as ``toe-train <overrides>`` builds it (its data, augmentations, model, optimizer, EMA, Mixup),
+    then timed over ``batches`` batches: the train loader alone (decode and augment), the train step alone on
+    batches already on the device, and the loop end to end (loader and step together). The slower of the first
+    two bounds the run.
+    """
+    from hydra import compose, initialize_config_module
+
+    from .distributed import DistInfo
+    from .engine import StepConfig, train_one_epoch
+    from .run import build_run
+    from .schema import validate
+
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=none", *overrides])
+    validate(cfg)
+    run = build_run(cfg, DistInfo())
+    op = expansion_op(run.model)
+    stages = range(0, op.schedule.num_stages + 1) if op is not None else [0]
+    step = StepConfig(run.criterion, run.optimizer, run.scheduler, run.device, autocast=run.autocast,
+                      loss_scaler=run.scaler, ema=run.ema, mixup=run.mixup, clip_grad=cfg.recipe.clip_grad)
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+
+    def images_per_second(fn: Callable[[], int]) -> float:
+        for _ in range(warmup):
+            fn()
+        sync()
+        start = time.perf_counter()
+        images = fn()
+        sync()
+        return images / (time.perf_counter() - start)
+
+    def load() -> int:
+        return sum(inputs.shape[0] for inputs, _ in _FirstBatches(run.train_loader, batches))
+
+    on_device = [(inputs.to(run.device), targets.to(run.device) if torch.is_tensor(targets) else targets)
+                 for inputs, targets in _FirstBatches(run.train_loader, batches)]
+    loader_rate = images_per_second(load)
+    rows = []
+    for stage in stages:
+        if op is not None:
+            op.stage = stage
+        run.model.train()
+        step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0).images)
+        loop_rate = images_per_second(lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches),
+                                                              step, 0).images)
+        kept = op.kept_tokens(run.shape.num_patches) if op is not None else run.shape.num_patches
+        rows.append({"stage": stage, "tokens": run.shape.num_prefix_tokens + kept,
+                     "loader_img_per_s": loader_rate, "step_img_per_s": step_rate, "loop_img_per_s": loop_rate,
+                     "bound_by": "loader" if loader_rate < step_rate else "step",
+                     "loop_vs_bound": loop_rate / min(loader_rate, step_rate),
+                     "step_speedup": step_rate / rows[0]["step_img_per_s"] if rows else 1.0,
+                     "loop_speedup": loop_rate / rows[0]["loop_img_per_s"] if rows else 1.0,
+                     "flop_ratio": run.shape.train_macs(run.shape.num_patches) / run.shape.train_macs(kept)})
+    return rows

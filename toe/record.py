@@ -38,6 +38,7 @@ METRIC_FIELDS = (
     "val_top1",
     "val_top5",
     "ema_top1",  # null without EMA
+    "eval_seconds",  # evaluating the model (and its EMA) after this epoch; 0 when the epoch was not evaluated
     "lr",
 )
 SUMMARY_FIELDS = (
@@ -51,6 +52,7 @@ SUMMARY_FIELDS = (
     "best_ema_top1",
     "final_ema_top1",
     "total_train_seconds",
+    "total_eval_seconds",  # evaluation, kept apart from training time
     "world_size",  # processes (GPUs) of the run
     "device_hours",  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
     "total_train_flops",

@@ -171,7 +171,10 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
     schedule = build_expansion_schedule(cfg, plan.stage_starts)
     if schedule is not None:
-        toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
+        try:
+            toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
+        except TypeError as err:  # fewer than two blocks: nothing after the first block to run on fewer tokens
+            raise ConfigError(f"model.name={cfg.model.name} with toe.enabled=true: {err}") from None
     data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     model.to(device)

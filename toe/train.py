@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -208,15 +209,17 @@ def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunR
             "train_flops_linear_total": last.get("train_flops_linear_total", 0.0)
             + result.images * shape.train_macs(kept, attention=False),
             "images_seen": last.get("images_seen", 0) + result.images,
-            "val_top1": None, "val_top5": None, "ema_top1": None,
+            "val_top1": None, "val_top5": None, "ema_top1": None, "eval_seconds": 0.0,
             "lr": run.optimizer.param_groups[0]["lr"],
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            eval_start = time.perf_counter()
             row["val_top1"], row["val_top5"] = evaluate(run.net, run.val_loader, run.device, run.autocast, bar,
                                                         reduce=run.reduce, batch_transform=crop)
             if run.ema is not None:
                 row["ema_top1"] = evaluate(run.ema.module, run.val_loader, run.device, run.autocast, bar,
                                            reduce=run.reduce, batch_transform=crop)[0]
+            row["eval_seconds"] = time.perf_counter() - eval_start
         progress.history.append(row)
         progress.epoch, progress.num_updates = epoch + 1, result.num_updates
         rng_states = gather_objects(capture_rng(), info)  # every rank's, so a resumed DDP run is exact too
@@ -252,11 +255,13 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
     last = history[-1] if history else {}
     top1, ema = values("val_top1"), values("ema_top1")
     seconds, images = last.get("train_seconds_total", 0.0), last.get("images_seen", 0)
+    eval_seconds = sum(row.get("eval_seconds") or 0.0 for row in history)
     return {
         "status": status, "method": cfg.method_name, "model": cfg.model.name, "data": cfg.data.name,
         "epochs": len(history), "best_top1": max(top1, default=None), "final_top1": top1[-1] if top1 else None,
         "best_ema_top1": max(ema, default=None), "final_ema_top1": ema[-1] if ema else None,
-        "total_train_seconds": seconds, "world_size": run.dist.world_size if run else None,
+        "total_train_seconds": seconds, "total_eval_seconds": eval_seconds,
+        "world_size": run.dist.world_size if run else None,
         "device_hours": seconds * (run.dist.world_size if run else 1) / 3600.0,
         "total_train_flops": last.get("train_flops_total", 0.0),
         "train_flops_per_image": last.get("train_flops_total", 0.0) / images if images else None,

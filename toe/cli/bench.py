@@ -3,6 +3,7 @@
 - ``toe-bench op``    the operator vs the plain loop-based reference (DeiT-T/S/B token shapes, every stage, k)
 - ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
 - ``toe-bench flops`` the analytic per-image FLOPs table of the official schedules (``conf/bench/flops_table.yaml``)
+- ``toe-bench e2e``   a real run's loader alone, train step alone and whole loop, per ToE stage, and which bounds it
 """
 
 from __future__ import annotations
@@ -54,13 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
 
+    e2e = sub.add_parser("e2e", help="a run's loader, step and whole loop per ToE stage (toe-train's config)")
+    e2e.add_argument("overrides", nargs="*", help="toe-train overrides, e.g. model=deit_small recipe=deit")
+    e2e.add_argument("--batches", type=positive_int, default=20, help="batches timed per measurement")
+    e2e.add_argument("--warmup", type=non_negative_int, default=1, help="untimed passes before each measurement")
+
     flops = sub.add_parser("flops", help="analytic FLOPs of the official schedules")
     flops.add_argument("--table", type=Path, help="a table of rows like conf/bench/flops_table.yaml (the default)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from toe.bench import bench_flops, bench_op, bench_step, default_flops_table, flops_markdown, markdown
+    from toe.bench import bench_e2e, bench_flops, bench_op, bench_step, default_flops_table, flops_markdown, markdown
     from toe.schedule import ExpansionSchedule
 
     parser = _parser()
@@ -94,6 +100,22 @@ def main(argv: Optional[List[str]] = None) -> int:
               "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage")
         print(markdown(rows, ["stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G", "speedup",
                               "flop_ratio", "efficiency"]))
+    elif args.command == "e2e":
+        from toe.data import DataRootError
+        from toe.schema import ConfigError, compose_error_line, is_compose_error
+
+        try:
+            rows = bench_e2e(args.overrides, args.batches, args.warmup)
+        except (ConfigError, DataRootError) as err:
+            parser.error(str(err).splitlines()[0])
+        except Exception as err:  # noqa: BLE001 - a bad override, said as toe-train says it
+            if not is_compose_error(err):
+                raise
+            parser.error(compose_error_line(err))
+        print(f"toe-train {' '.join(args.overrides) or '(its defaults)'}: {args.batches} batches per figure, img/s; stage 0 = full "
+              "tokens; bound_by = the slower of loader and step; loop_vs_bound = how close the loop gets to it")
+        print(markdown(rows, ["stage", "tokens", "loader_img_per_s", "step_img_per_s", "loop_img_per_s", "bound_by",
+                              "loop_vs_bound", "step_speedup", "loop_speedup", "flop_ratio"]))
     else:
         rows = bench_flops(args)
         print(flops_markdown(rows))
