@@ -248,31 +248,22 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
     stages = range(0, op.schedule.num_stages + 1) if op is not None else [0]
     step = StepConfig(run.criterion, run.optimizer, run.scheduler, run.device, autocast=run.autocast,
                       loss_scaler=run.scaler, ema=run.ema, mixup=run.mixup, clip_grad=cfg.recipe.clip_grad)
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-
-    def images_per_second(fn: Callable[[], int]) -> float:
-        for _ in range(warmup):
-            fn()
-        sync()
-        start = time.perf_counter()
-        images = fn()
-        sync()
-        return images / (time.perf_counter() - start)
-
-    def load() -> int:
-        return sum(inputs.shape[0] for inputs, _ in _FirstBatches(run.train_loader, batches))
-
     on_device = [(inputs.to(run.device), targets.to(run.device) if torch.is_tensor(targets) else targets)
                  for inputs, targets in _FirstBatches(run.train_loader, batches)]
-    loader_rate = images_per_second(load)
+    images = sum(inputs.shape[0] for inputs, _ in on_device)  # every pass below sees these many (drop_last)
+
+    def images_per_second(fn: Callable[[], Any]) -> float:
+        return images / measure(fn, run.device, warmup, 1)["median"]
+
+    loader_rate = images_per_second(lambda: list(_FirstBatches(run.train_loader, batches)))
     rows = []
     for stage in stages:
         if op is not None:
             op.stage = stage
         run.model.train()
-        step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0).images)
+        step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0))
         loop_rate = images_per_second(lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches),
-                                                              step, 0).images)
+                                                              step, 0))
         kept = op.kept_tokens(run.shape.num_patches) if op is not None else run.shape.num_patches
         rows.append({"stage": stage, "tokens": run.shape.num_prefix_tokens + kept,
                      "loader_img_per_s": loader_rate, "step_img_per_s": step_rate, "loop_img_per_s": loop_rate,

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .record import StartRefused
+from .record import StartRefused, replaced_atomically
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -56,26 +56,14 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + PREVIOUS_SUFFIX + path.suffix)
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
-
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically and keep the one before it as ``checkpoint.prev.pth``: a crash,
     SIGKILL or full disk at any point leaves at least one complete checkpoint and no ``.tmp`` file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replaced_atomically(path) as tmp:
         torch.save(state, tmp)
         if path.exists():
             os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 def _load(path: Path, map_location: Optional[str]) -> Dict[str, Any]:

@@ -50,6 +50,11 @@ def _read(path: Path) -> Optional[Dict[str, Any]]:
     return holder if isinstance(holder, dict) else None
 
 
+def _gone_here(holder: Dict[str, Any]) -> bool:
+    """The holder ran on this host and its process no longer exists."""
+    return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+
+
 def _stale_reason(holder: Optional[Dict[str, Any]], me: Dict[str, Any]) -> Optional[str]:
     """Why the lock of ``holder`` may be taken over, or None if its holder may still be running."""
     if holder is None:
@@ -57,7 +62,7 @@ def _stale_reason(holder: Optional[Dict[str, Any]], me: Dict[str, Any]) -> Optio
     job = holder.get("slurm_job_id")
     if job and job == me["slurm_job_id"] and (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"]):
         return f"an earlier run of SLURM job {job} (requeued)"
-    if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+    if _gone_here(holder):
         return f"PID {holder.get('pid')} on {holder.get('host')}, which is no longer running"
     return None
 
@@ -120,5 +125,4 @@ def holder(run_dir: Path) -> Optional[Dict[str, Any]]:
 def holder_is_gone(run_dir: Path) -> bool:
     """True if the run dir's lock was left by a process on this host that is no longer running."""
     held = holder(run_dir)
-    return (held is not None and held.get("host") == socket.gethostname()
-            and not _alive(int(held.get("pid", -1))))
+    return held is not None and _gone_here(held)

@@ -7,12 +7,13 @@ defined here once and read by the analysis.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +68,23 @@ SUMMARY_FIELDS = (
 )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old content or ``text``, never a part of it, and no ``.tmp`` file is left."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a ``.tmp`` path to write; when the block ends ``path`` is replaced by it in one step. On any failure
+    (a crash, a full disk) ``path`` keeps its old content and no ``.tmp`` file is left."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -191,10 +197,6 @@ class RunDir:
     error: Optional[str] = None
     problems: List[str] = field(default_factory=list)
     slurm: Optional[str] = None  # SLURM's state of the job, where toe-sweep could ask squeue
-
-    @property
-    def override_values(self) -> Dict[str, str]:
-        return parse_overrides(self.overrides)
 
 
 def parse_overrides(overrides: List[str]) -> Dict[str, str]:

@@ -19,12 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
 from toe.checkpoint import restore_rng
-from toe.curriculum import Phase
 from toe.data import build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
-from toe.schema import ConfigError, build_expansion_schedule, plan_schedule
+from toe.schema import ConfigError, SchedulePlan, build_expansion_schedule, plan_schedule
 from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 
 log = logging.getLogger(__name__)
@@ -107,9 +106,8 @@ class Run:
     autocast: Any
     lr: float
     dist: DistInfo
-    phases: List[Phase]  # EfficientTrain curriculum phases; empty without a curriculum
+    plan: SchedulePlan  # epochs, ToE stage starts, EfficientTrain phases (empty without a curriculum)
     local_batch: int
-    epochs: int
     img_size: int
     patch_size: int
 
@@ -202,11 +200,10 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
                                            **loader_kwargs)
 
     train_loader = make_train_loader(local_batch)
-    phases: List[Phase] = plan.phases
-    if phases:
-        if any(local_batch % p.accumulation for p in phases):
+    if plan.phases:
+        if any(local_batch % p.accumulation for p in plan.phases):
             raise ConfigError(f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
-                              f"the curriculum's accumulation steps {[p.accumulation for p in phases]}")
+                              f"the curriculum's accumulation steps {[p.accumulation for p in plan.phases]}")
     # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
     val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **loader_kwargs)
@@ -220,8 +217,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
-               sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, phases,
-               local_batch, plan.epochs, cfg.model.img_size, cfg.model.patch_size)
+               sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, plan,
+               local_batch, cfg.model.img_size, cfg.model.patch_size)
 
 
 def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
@@ -241,10 +238,7 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
                               ground_truth=bool(node.ground_truth), box_order=node.box_order)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if root:
-        if cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0:
-            raise ConfigError("token labeling with recipe.mixup/cutmix > 0: MixToken replaces Mixup and CutMix in "
-                              "LV-ViT (recipe=lvvit sets both to 0)")
+    if root:  # with Mixup/CutMix off: toe.schema.validate refuses them beside label maps
         try:
             train_set = LabelMapDataset(train_set, Path(str(root)).expanduser(), num_classes)
         except LabelMapError as err:

@@ -281,8 +281,9 @@ def check_device(name: str) -> None:
         raise ConfigError(f"train.device={name}: MPS is not available on this machine")
 
 
-def validate(cfg: DictConfig, devices: bool = True) -> None:
+def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
     """Every range, choice and cross-key rule of a composed run config; raises :class:`ConfigError` (one line).
+    Returns the run's :class:`SchedulePlan`, which the checks computed anyway.
 
     ``devices=False`` skips the check that ``train.device`` exists here (a sweep checked on a login node runs on
     other machines). Missing values (``???``) are named as such.
@@ -311,9 +312,10 @@ def validate(cfg: DictConfig, devices: bool = True) -> None:
         if not Path(str(cfg.finetune.path)).expanduser().is_file():
             raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
     _check_timm_names(cfg)
-    plan_schedule(cfg)
+    plan = plan_schedule(cfg)
     if devices:
         check_device(cfg.train.device)
+    return plan
 
 
 def _check_timm_names(cfg: DictConfig) -> None:

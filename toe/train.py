@@ -77,11 +77,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None)
     """
     run_dir = Path(run_dir)
     try:
-        validate(cfg)
+        plan = validate(cfg)
     except ConfigError as err:
         _note_refused_start(cfg, run_dir, err)
         raise
-    plan = plan_schedule(cfg)
     if plan.unreached_stages:
         log.warning("ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
                     "summary says so (unreached_stages)", plan.unreached_stages, plan.epochs)
@@ -171,16 +170,16 @@ def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunR
     progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
                                            name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
     bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
-    epochs, phase = run.epochs, None
+    epochs, phase = run.plan.epochs, None
     for epoch in range(progress.epoch, epochs):
         stage = toe.set_epoch(run.model, epoch)
         if run.ema is not None:
             toe.set_epoch(run.ema.module, epoch)
         run.model.train()
         img_size, crop, accumulation = run.img_size, None, 1
-        if run.phases:
-            if phase != phase_at(run.phases, epoch):
-                phase = phase_at(run.phases, epoch)
+        if run.plan.phases:
+            if phase != phase_at(run.plan.phases, epoch):
+                phase = phase_at(run.plan.phases, epoch)
                 run.train_loader = run.make_train_loader(run.local_batch // phase.accumulation,
                                                          cfg.curriculum.auto_augment.format(magnitude=phase.magnitude))
                 log.info("curriculum phase %d from epoch %d: %d px, RandAugment m%d, %d micro-batches of %d per step",
@@ -268,5 +267,5 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         "train_flops_per_image_linear": last.get("train_flops_linear_total", 0.0) / images if images else None,
         "images_seen": images, "device": str(run.device) if run else None, "lr": run.lr if run else None,
         "resumed_at": progress.resumed_at, "config_changes": progress.config_changes,
-        "unreached_stages": plan_schedule(cfg).unreached_stages,
+        "unreached_stages": (run.plan if run else plan_schedule(cfg)).unreached_stages,
     }
