@@ -154,3 +154,23 @@ def test_works_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, idx = expand_tokens(x, sched, 1)
     assert y.shape == (2, 33, 16) and idx.dtype == torch.long
+
+
+def test_unexpand_puts_each_kept_token_back_at_its_position_and_zeros_elsewhere():
+    from toe.expansion import unexpand
+
+    schedule = ExpansionSchedule([0, 1, 2], [0.5, 0.75, 1.0], 0.25)
+    x = torch.randn(3, 1 + 16, 8)
+    reduced, idx = expand_tokens(x, schedule, 1)
+    restored = unexpand(reduced, idx, x.shape[1])
+    assert restored.shape == x.shape
+    for b in range(3):
+        kept = set(idx[b].tolist())
+        for position in range(17):
+            if position in kept:
+                row = idx[b].tolist().index(position)
+                assert torch.equal(restored[b, position], reduced[b, row])
+            else:
+                assert not restored[b, position].any()
+    same, full = expand_tokens(x, schedule, 0)  # identity stage: nothing to put back
+    assert unexpand(same, full, 17) is same

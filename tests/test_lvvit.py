@@ -103,3 +103,18 @@ def test_toe_patch_keeps_weights_and_eval_and_restores_zero_padded_positions():
     # positions merged away reach the dense head as zero vectors: their logits are its bias alone
     is_bias = torch.isclose(dense, model.aux_head.bias.expand_as(dense)).all(-1)
     assert is_bias.sum(1).tolist() == [16 - kept] * 2
+
+
+def test_patching_lvvit_twice_replaces_the_schedule_and_the_model_stays_toe_agnostic():
+    from toe.models.lvvit import LVViT
+
+    model = _small(mix_token=False)
+    assert not hasattr(model, "token_expansion")  # the host knows nothing of ToE
+    toe.patch(model, LVVIT_SCRIPT)
+    patched_class = type(model)
+    other = ExpansionSchedule([0, 1], [0.5, 1.0], 0.25)
+    toe.patch(model, other)
+    assert type(model) is patched_class and isinstance(model, LVViT) and type(model).__name__ == "ToELVViT"
+    assert toe.expansion_op(model).schedule is other and len(list(toe.patch.__globals__["expansion_ops"](model))) == 1
+    clone = copy.deepcopy(model)  # what ModelEmaV3 does
+    assert type(clone) is patched_class and toe.expansion_op(clone).schedule == other

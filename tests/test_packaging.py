@@ -66,10 +66,12 @@ def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_en
     assert not (empty / "multirun").exists() and not (empty / "outputs").exists()
 
 
-def test_every_config_group_is_a_package_of_the_wheel():
+def test_every_config_group_and_python_package_is_a_package_of_the_wheel():
     import tomllib
 
     packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     groups = {"toe." + ".".join(d.relative_to(ROOT).parts) for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
               if d.is_dir() and "__pycache__" not in d.parts and "local" not in d.parts}
-    assert groups <= packages, f"add to pyproject.toml's packages: {sorted(groups - packages)}"
+    modules = {".".join(p.parent.relative_to(ROOT).parts) for top in ("toe", "analysis")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert groups | modules <= packages, f"add to pyproject.toml's packages: {sorted((groups | modules) - packages)}"

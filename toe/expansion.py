@@ -182,6 +182,16 @@ def expand_tokens(
     return merge_tokens(x, positions, rest_idx + p, targets), positions
 
 
+def unexpand(x: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Put the reduced tokens ``x`` ``[B, m, D]`` back at their positions ``idx`` ``[B, m]`` (as
+    :func:`expand_tokens` returns them) in a ``[B, n, D]`` sequence; positions that were merged away are zeros, as
+    the official code restores them for LV-ViT's dense head. The counterpart of ToMe's ``unmerge``."""
+    if idx.shape[1] == n:  # identity stage: nothing was reduced
+        return x
+    restored = x.new_zeros(x.shape[0], n, x.shape[2])
+    return restored.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
+
+
 class TokenExpansion(nn.Module):
     """Parameter-free ToE operator; the stage comes from :meth:`set_epoch`.
 

@@ -4,14 +4,13 @@ registered with timm (``timm.create_model("lvvit_s")``).
 Convolutional 4_2 patch stem, pre-LN blocks whose residual branches are divided by ``skip_lam``, a class head on
 the CLS token and an auxiliary dense head on every patch token, MixToken on the stem's feature map in training.
 Training returns ``(cls_logits, dense_logits [B, N, C], mix_box)`` (``dense_logits`` is None once the dense head
-is dropped, for training without label maps); evaluation returns ``cls_logits + 0.5 * dense_logits.max(1)``. Under ToE (``toe.patch``) the reduced tokens are scattered back to
-their positions after the final norm and the positions that were merged away are exact zeros, as in the official
-ToE code, so the dense head sees every position.
+is dropped, for training without label maps); evaluation returns ``cls_logits + 0.5 * dense_logits.max(1)``.
+The model knows nothing of ToE: :mod:`toe.patch.lvvit` adds it.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -82,11 +81,14 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
 
 
-def _mix_box(height: int, width: int, lam: float, rng: np.random.Generator) -> Tuple[int, int, int, int]:
-    """A random box covering about ``1 - lam`` of the grid (CutMix's rand_bbox)."""
+def _mix_box(height: int, width: int, lam: float) -> Tuple[int, int, int, int]:
+    """A random box covering about ``1 - lam`` of the grid, as TokenLabeling's ``rand_bbox``: kept rather than
+    timm's ``rand_bbox``, whose upper edge is ``(cut + 1) // 2`` from the centre where the official one is
+    ``cut // 2``. Drawn from the global ``np.random``, like timm's Mixup: seeded per process by ``random_seed`` and
+    saved in the checkpoint's RNG state."""
     cut = np.sqrt(1.0 - lam)
     ch, cw = int(height * cut), int(width * cut)
-    cy, cx = rng.integers(height), rng.integers(width)
+    cy, cx = np.random.randint(height), np.random.randint(width)
     return (int(np.clip(cy - ch // 2, 0, height)), int(np.clip(cx - cw // 2, 0, width)),
             int(np.clip(cy + ch // 2, 0, height)), int(np.clip(cx + cw // 2, 0, width)))
 
@@ -111,7 +113,6 @@ class LVViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.aux_head = nn.Linear(embed_dim, num_classes) if return_dense else None
-        self.token_expansion: Optional[nn.Module] = None  # set by toe.patch; parameter-free
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
@@ -135,19 +136,10 @@ class LVViT(nn.Module):
         return {"pos_embed", "cls_token"}
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + N, D]`` tokens after pos-embed -> normed tokens, all ``1 + N`` positions (zeros where ToE
-        merged a token away)."""
-        full = x.shape[1]
-        index = None
-        for i, block in enumerate(self.blocks):
-            if i == 1 and self.token_expansion is not None:
-                x, index = self.token_expansion(x)
+        """``[B, 1 + N, D]`` tokens after pos-embed -> normed tokens at all ``1 + N`` positions."""
+        for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
-        if index is not None and index.shape[1] < full:
-            restored = x.new_zeros(x.shape[0], full, x.shape[2])
-            x = restored.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
-        return x
+        return self.norm(x)
 
     def _encode(self, feature_map: torch.Tensor) -> torch.Tensor:
         """The stem's ``[B, D, H, W]`` map -> normed ``[B, 1 + N, D]`` tokens (CLS, position embedding, blocks)."""
@@ -167,8 +159,7 @@ class LVViT(nn.Module):
         box = (0, 0, 0, 0)
         if self.training and self.mix_token:
             lam = float(np.random.beta(1.0, 1.0))
-            box = _mix_box(feature_map.shape[2], feature_map.shape[3], lam, np.random.default_rng(
-                int(np.random.randint(2**31))))
+            box = _mix_box(feature_map.shape[2], feature_map.shape[3], lam)
             y1, x1, y2, x2 = box
             mixed = feature_map.clone()
             mixed[:, :, y1:y2, x1:x2] = feature_map.flip(0)[:, :, y1:y2, x1:x2]
