@@ -8,13 +8,13 @@ never dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import pandas as pd
 
-from toe.record import find_run_dirs, parse_overrides, read_run_dir
+from toe.record import EpochRow, Summary, find_run_dirs, parse_overrides, read_run_dir
 
 
 @dataclass
@@ -23,8 +23,8 @@ class Runs:
     epochs: pd.DataFrame  # one row per run and epoch: the metrics.jsonl lines, with the run id
 
 
-def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], overrides: Iterable[str],
-                  history: List[Dict[str, Any]], problems: Iterable[str] = (), state: Optional[str] = None
+def record_to_row(run_id: str, config: Dict[str, Any], summary: Summary, overrides: Iterable[str],
+                  history: List[EpochRow], problems: Iterable[str] = (), state: Optional[str] = None
                   ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """One run's row and epoch rows from its record; the same mapping serves run dirs and W&B runs. ``state`` is
     the reader's (:data:`toe.record.RUN_STATES`); W&B runs give none and their summary's status is used."""
@@ -33,9 +33,9 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], 
     row: Dict[str, Any] = {
         "run": run_id,
         "experiment": config.get("task_name"),
-        "method": config.get("method_name") or summary.get("method"),
-        "model": (config.get("model") or {}).get("name") or summary.get("model"),
-        "data": (config.get("data") or {}).get("name") or summary.get("data"),
+        "method": config.get("method_name") or summary.method,
+        "model": (config.get("model") or {}).get("name") or summary.model,
+        "data": (config.get("data") or {}).get("name") or summary.data,
         "seed": config.get("seed"),
         "toe_enabled": toe_cfg.get("enabled"),
         "keep_rates": str(toe_cfg.get("keep_rates")) if toe_cfg.get("enabled") else None,
@@ -47,34 +47,34 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Dict[str, Any], 
     # Override columns add what the sweep varied; they never replace what the record says (model=deit_small is
     # recorded as deit_small_patch16_224).
     row.update({k: v for k, v in parse_overrides(list(overrides)).items() if k not in row})
-    for key, value in summary.items():
-        if key not in ("method", "model", "data"):
+    for key, value in summary.to_dict().items():
+        if key not in ("method", "model", "data", "error"):
             row[key] = value
-    status = state or summary.get("status") or "not started"
+    status = state or summary.status or "not started"
     row["status"] = status
     flags = list(problems)
     if status == "failed":
-        flags.append(f"failed: {summary.get('error', 'unknown error')}")
+        flags.append(f"failed: {summary.error or 'unknown error'}")
     elif status == "interrupted":
-        flags.append(f"interrupted after epoch {summary.get('epochs', 0)} (preempted or stopped; a rerun resumes)")
+        flags.append(f"interrupted after epoch {summary.epochs} (preempted or stopped; a rerun resumes)")
     elif status == "running":
-        flags.append(f"running or stopped (last epoch {summary.get('epochs', 0)} of {schedule.get('epochs', '?')})")
+        flags.append(f"running or stopped (last epoch {summary.epochs} of {schedule.get('epochs', '?')})")
     elif status == "not started":
         flags.append("not started (no summary: the job never ran or died before writing one)")
     elif status == "completed" and not history:
         flags.append("completed without a single epoch in metrics.jsonl: not counted")
         row["status"] = "no epochs"
-    if summary.get("unreached_stages"):
-        flags.append(f"ToE stage(s) {summary['unreached_stages']} never ran: they start after the run's last epoch")
+    if summary.unreached_stages:
+        flags.append(f"ToE stage(s) {summary.unreached_stages} never ran: they start after the run's last epoch")
     row["flag"] = "; ".join(flags) or None
-    epoch_rows = [dict(line, run=run_id) for line in history]
+    epoch_rows = [dict(line.to_dict(), run=run_id) for line in history]
     return row, epoch_rows
 
 
 def load_run_dir(run_dir: Path, root: Path) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     run = read_run_dir(run_dir)
     run_id = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    summary = dict(run.summary, error=run.error) if run.error else run.summary
+    summary = replace(run.summary, error=run.error)  # the log's error where the summary has none
     return record_to_row(run_id, run.config, summary, run.overrides, run.history, run.problems, run.state)
 
 
@@ -105,8 +105,9 @@ def collect_wandb(project: str, api: Optional[Any] = None) -> Runs:
     rows, epoch_rows = [], []
     for run in api.runs(project):
         config = {k: v for k, v in run.config.items() if not k.startswith("_")}
-        history = [r for r in run.scan_history() if "epoch" in r]
-        row, epochs = record_to_row(run.id, config, dict(run.summary), config.get("overrides") or [], history)
+        history = [EpochRow.from_dict(r) for r in run.scan_history() if "epoch" in r]
+        row, epochs = record_to_row(run.id, config, Summary.from_dict(dict(run.summary)),
+                                    config.get("overrides") or [], history)
         rows.append(row)
         epoch_rows += epochs
     if not rows:

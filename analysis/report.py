@@ -13,7 +13,7 @@ import pandas as pd
 
 from .collect import Runs, collect, collect_wandb
 from .plots import plot_runs
-from .tables import build_table, format_table, spec_for, write_table
+from .tables import build_table, format_table, spec_for, time_split, write_table
 
 
 def verdicts(table: pd.DataFrame) -> List[str]:
@@ -77,9 +77,13 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
                   f"reference row ({', '.join(f'{k}={v}' for k, v in spec.reference.items())}) of the same model.\n",
                   format_table(table).to_markdown(index=False), "\n\n**Verdicts**\n"]
         parts += [f"- {line}" for line in lines] or ["- (no row to compare)"]
+        split = time_split(subset, spec)
+        parts += ["\n**Where the time went** (seconds, mean over seeds; start-up counts from the process start)\n",
+                  split.to_markdown(index=False, floatfmt=".1f")]
         parts += [""] + [f"![{key}]({name}/{path.name})" for key, path in plots.items()]
         html_parts += [f"<h2>{spec.title}</h2>", format_table(table).to_html(index=False),
-                       "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"]
+                       "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>",
+                       "<h3>Where the time went (seconds)</h3>", split.to_html(index=False, float_format="%.1f")]
         html_parts += [f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                        for key, p in plots.items()]
     flagged = runs[runs["flag"].notna()]

@@ -98,6 +98,23 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
     return table
 
 
+# Where a command's time went (toe.record.Summary), in the order it passes
+TIME_PARTS = {"startup_seconds": "start-up", "total_train_seconds": "train", "total_eval_seconds": "eval",
+              "total_checkpoint_seconds": "checkpoint", "other_seconds": "other", "wall_seconds": "whole command"}
+
+
+def time_split(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """Per row of ``spec``: the seconds of start-up, training, evaluation, checkpoints, the rest and the whole
+    command, mean over its completed runs (blank for records written before the split was kept)."""
+    done = runs[runs["status"] == "completed"].reindex(columns=list(runs.columns) + [
+        part for part in TIME_PARTS if part not in runs.columns])
+    rows = [c for c in spec.rows if c in done.columns]
+    for column in rows:
+        done[column] = done[column].astype(str)
+    split = done.groupby(rows, sort=True, dropna=False)[list(TIME_PARTS)].mean().reset_index()
+    return split.rename(columns={part: f"{label} (s)" for part, label in TIME_PARTS.items()})
+
+
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """The table as the paper prints it: text cells, units in the headers."""
     unit = table.attrs.get("time_unit", "h")

@@ -40,3 +40,25 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_split=6, size=40)
                 pixels = np.clip(rng.normal(base, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """The run dir of one full-token training of the default model on digits (2 epochs), trained once for the whole
+    test session: pretrained weights for fine-tuning and the experiments that start from them, and the teacher of
+    token labeling's label maps."""
+    from toe.train import train
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    train(compose_cfg(["logger=none", "method=baseline", "schedule.epochs=2", "schedule.length=2"]), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def digits_label_maps(digits_teacher) -> Path:
+    """Label maps of the digits training set written from :func:`digits_teacher` by ``toe-label-maps``."""
+    from toe.cli.label_maps import main as write_label_maps
+
+    out = digits_teacher.parent / "label_maps"
+    assert write_label_maps([str(digits_teacher), str(out)]) == 0
+    return out

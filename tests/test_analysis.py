@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.collect import collect, load_run_dir, record_to_row
+from analysis.collect import collect, collect_wandb, load_run_dir
 from analysis.report import main as report_main
-from analysis.tables import TABLES, build_table, spec_for, write_table
+from analysis.tables import TABLES, TIME_PARTS, build_table, spec_for, time_split, write_table
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,19 @@ def test_table_holds_exactly_the_numbers_of_the_run_records(sweep):
     assert table.loc["baseline", "is_reference"] and not table.loc["toe", "is_reference"]
 
 
+def test_time_split_holds_the_mean_seconds_of_each_part_of_the_command(sweep):
+    runs = collect(sweep).runs
+    split = time_split(runs, spec_for("train", runs)).set_index("method")
+    summaries = _summaries(sweep)
+    for method in ("baseline", "toe"):
+        for part, label in TIME_PARTS.items():
+            seconds = [summaries[(method, seed)][part] for seed in (0, 1)]
+            assert split.loc[method, f"{label} (s)"] == pytest.approx(statistics.mean(seconds))
+        # the first job of the multirun counts the process start-up (imports), the second starts when it starts
+        assert split.loc[method, "start-up (s)"] > 0
+    assert (split["whole command (s)"] > split["train (s)"] + split["eval (s)"]).all()
+
+
 def test_tables_are_written_as_markdown_csv_and_latex_with_reference_columns(sweep, tmp_path):
     runs = collect(sweep).runs
     reference = pd.DataFrame({"model": ["vit_tiny_patch16_224"], "method": ["toe"], "top1": [72.5]})
@@ -89,6 +102,7 @@ def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, c
     assert "`failed`: failed: ConfigError" in report
     assert "toe: faster by" in report or "toe: slower by" in report
     assert "seed spread" in report
+    assert "**Where the time went**" in report and "whole command (s)" in report
     for name in ("top1_vs_epoch", "top1_vs_time", "tokens_vs_epoch"):
         png = tmp_path / "report" / "train" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -106,9 +120,24 @@ def test_wandb_and_disk_records_map_to_the_same_row(sweep):
     config = dict(yaml.safe_load((run_dir / "config.yaml").read_text()),
                   overrides=yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))
     summary = json.loads((run_dir / "summary.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    wandb_row, wandb_epochs = record_to_row(row["run"], config, summary, config["overrides"], history)
-    assert wandb_row == row and wandb_epochs == epochs
+    history = [dict(json.loads(line), _step=i, _runtime=1.0)  # W&B adds its own keys to every logged row
+               for i, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines())]
+
+    class WandbRun:  # the things collect_wandb reads of a wandb.apis.public.Run, offline
+        def __init__(self):
+            self.id, self.summary, self.config = row["run"], summary, dict(config, _wandb={"runtime": 3})
+
+        def scan_history(self):
+            return iter(history)
+
+    class Api:
+        def runs(self, project):
+            assert project == "me/toe"
+            return [WandbRun()]
+
+    from_wandb = collect_wandb("me/toe", api=Api())
+    assert from_wandb.runs.to_dict("records") == [row]
+    assert from_wandb.epochs.to_dict("records") == epochs
 
 
 def test_known_experiments_get_the_paper_layout_and_others_their_varied_keys(sweep):

@@ -64,7 +64,7 @@ def test_efficienttrain_runs_through_every_phase(tmp_path, method, tokens):
     assert [r["tokens_after_first_block"] for r in rows] == tokens
     assert all(r["images_seen"] == (e + 1) * 22 * 64 for e, r in enumerate(rows))  # 2 x 32 in the last phase
     assert rows[-1]["lr"] == pytest.approx(1e-5)  # the same number of optimiser steps in every phase
-    assert summary["status"] == "completed"
+    assert summary.status == "completed"
 
 
 def test_a_run_too_short_for_the_phases_is_stopped_before_it_starts(tmp_path):

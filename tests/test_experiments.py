@@ -34,34 +34,15 @@ def test_every_experiment_is_a_multirun_with_its_own_task_name():
         assert str(spec["hydra"]["sweeper"]["params"]["seed"]) == "0,1,2"
 
 
-@pytest.fixture(scope="module")
-def digits_checkpoints(tmp_path_factory):
-    """Two smoke-sized pre-trainings (full tokens and ToE) of the smoke model, for finetune_cifar."""
-    from conftest import compose_cfg
-    from toe.train import train
-
-    root = tmp_path_factory.mktemp("pretrained")
-    for method in ("baseline", "toe"):
-        train(compose_cfg(["logger=none", f"method={method}", "schedule.epochs=2", "schedule.length=2",
-                           "schedule.stage_starts=[0,1,2]"]), root / method)
-    return [f"pretrained.{m}={root / m / 'checkpoint.pth'}" for m in ("baseline", "toe")]
-
-
-@pytest.fixture(scope="module")
-def digits_label_maps(digits_checkpoints):
-    """Label maps of the digits training set written by the full-token pre-training, for table3_lvvit."""
-    from toe.cli.label_maps import main as write_label_maps
-
-    teacher = Path(digits_checkpoints[0].split("=", 1)[1]).parent
-    assert write_label_maps([str(teacher), str(teacher / "label_maps")]) == 0
-    return [f"label_maps={teacher / 'label_maps'}"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
-    fixture = {"finetune_cifar": "digits_checkpoints", "table3_lvvit": "digits_label_maps"}.get(name)
-    extra = request.getfixturevalue(fixture) if fixture else []
+    extra = []
+    if name == "finetune_cifar":  # the session's one trained model stands in for both pre-trainings
+        checkpoint = request.getfixturevalue("digits_teacher") / "checkpoint.pth"
+        extra = [f"pretrained.baseline={checkpoint}", f"pretrained.toe={checkpoint}"]
+    elif name == "table3_lvvit":
+        extra = [f"label_maps={request.getfixturevalue('digits_label_maps')}"]
     proc = _toe_train(f"experiments={name}", "smoke=on", *extra, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sweep_runs(tmp_path)

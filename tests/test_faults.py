@@ -40,14 +40,14 @@ def test_a_resume_with_another_config_is_refused_and_the_record_is_untouched(tin
         train(tiny_cfg("toe.repeats=4", "recipe.lr=1e-2"), tmp_path)
     assert _files(tmp_path) == before
     # what may change on a resume (logging, workers, evaluation cadence) does not stop it
-    assert train(tiny_cfg("logger=none", "train.workers=0", "train.eval_every=2"), tmp_path)["epochs"] == 2
+    assert train(tiny_cfg("logger=none", "train.workers=0", "train.eval_every=2"), tmp_path).epochs == 2
 
 
 def test_a_resume_allowed_to_change_goes_on_and_the_record_says_where(tiny_cfg, tmp_path):
     train(tiny_cfg("schedule.epochs=1"), tmp_path)
     summary = train(tiny_cfg("schedule.epochs=2", "recipe.lr=1e-3", "resume.allow_changes=true"), tmp_path)
-    assert summary["status"] == "completed" and summary["epochs"] == 2 and _epochs(tmp_path) == [0, 1]
-    assert summary["config_changes"] == [{"epoch": 1, "changes": {"recipe.lr": [0.002, 0.001],
+    assert summary.status == "completed" and summary.epochs == 2 and _epochs(tmp_path) == [0, 1]
+    assert summary.config_changes == [{"epoch": 1, "changes": {"recipe.lr": [0.002, 0.001],
                                                                   "schedule.epochs": [1, 2],
                                                                   "schedule.length": [1, 2]}}]
 
@@ -66,7 +66,7 @@ def test_a_cut_checkpoint_falls_back_to_the_previous_one_and_the_run_finishes(ti
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=3", "resume.allow_changes=true"), tmp_path)
     assert "checkpoint.pth is unreadable" in caplog.text and "resuming from checkpoint.prev.pth (epoch 1)" in caplog.text
-    assert summary["status"] == "completed" and _epochs(tmp_path) == [0, 1, 2] and summary["resumed_at"] == [1]
+    assert summary.status == "completed" and _epochs(tmp_path) == [0, 1, 2] and summary.resumed_at == [1]
 
 
 def test_two_cut_checkpoints_are_named_in_one_line_and_the_record_is_untouched(tiny_cfg, tmp_path):
@@ -99,7 +99,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_said(tiny_cfg, tmp_path
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
                                                   "slurm_job_id": None, "since": "then"}))
-    assert train(tiny_cfg(), tmp_path)["status"] == "completed"
+    assert train(tiny_cfg(), tmp_path).status == "completed"
     assert f"PID {gone.pid} on {socket.gethostname()}, which is no longer running" in caplog.text
     assert not (tmp_path / LOCK_FILE).exists()  # released at the end
 
@@ -122,7 +122,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint_and_
     assert (tmp_path / "summary.json").read_bytes() == before["summary.json"]
     assert not list(tmp_path.glob("*.tmp"))
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes and finishes
-    assert train(tiny_cfg("resume.allow_changes=true"), tmp_path)["epochs"] == 2 and _epochs(tmp_path) == [0, 1]
+    assert train(tiny_cfg("resume.allow_changes=true"), tmp_path).epochs == 2 and _epochs(tmp_path) == [0, 1]
 
 
 def _cli(run_dir: Path, *extra):
@@ -221,7 +221,7 @@ def test_a_schedule_whose_last_stage_never_starts_says_so_in_the_record(tiny_cfg
 
     summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=300", "schedule.stage_starts=[0,100,400]"),
                     tmp_path / "run")
-    assert summary["status"] == "completed" and summary["unreached_stages"] == [3]
+    assert summary.status == "completed" and summary.unreached_stages == [3]
     assert "never run" in caplog.text
     assert "stage(s) [3] never ran" in collect(tmp_path).runs.iloc[0]["flag"]
 

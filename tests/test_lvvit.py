@@ -107,6 +107,7 @@ def test_toe_patch_keeps_weights_and_eval_and_restores_zero_padded_positions():
 
 def test_patching_lvvit_twice_replaces_the_schedule_and_the_model_stays_toe_agnostic():
     from toe.models.lvvit import LVViT
+    from toe.patch import expansion_ops
 
     model = _small(mix_token=False)
     assert not hasattr(model, "token_expansion")  # the host knows nothing of ToE
@@ -115,6 +116,6 @@ def test_patching_lvvit_twice_replaces_the_schedule_and_the_model_stays_toe_agno
     other = ExpansionSchedule([0, 1], [0.5, 1.0], 0.25)
     toe.patch(model, other)
     assert type(model) is patched_class and isinstance(model, LVViT) and type(model).__name__ == "ToELVViT"
-    assert toe.expansion_op(model).schedule is other and len(list(toe.patch.__globals__["expansion_ops"](model))) == 1
+    assert toe.expansion_op(model).schedule is other and len(list(expansion_ops(model))) == 1
     clone = copy.deepcopy(model)  # what ModelEmaV3 does
     assert type(clone) is patched_class and toe.expansion_op(clone).schedule == other

@@ -181,5 +181,5 @@ def test_sweep_retry_finishes_a_slurm_sweep_with_a_cancelled_and_a_failed_job(tm
         os.environ["PATH"] = old_path
     runs = {run.path.name: run for run in sweep_runs(tmp_path)}
     assert all(run.state == "completed" and len(run.history) == 8 for run in runs.values()), runs
-    assert 2 <= runs["0"].summary["resumed_at"][0] < 8  # it went on from its checkpoint
+    assert 2 <= runs["0"].summary.resumed_at[0] < 8  # it went on from its checkpoint
     assert list((tmp_path / "0" / ".submitit").glob("*/*_log.out")), "the retry did not go through SLURM"

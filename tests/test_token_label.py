@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg, write_image_folder
+from toe.label_maps import dense_logits, write_label_maps
 from toe.schema import ConfigError
-from toe.token_label import (LabelMapDataset, LabelMapError, TokenLabelLoss, dense_logits, smoothing_values,
-                             token_label_targets, write_label_maps)
+from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss, smoothing_values, token_label_targets
 
 NUM_CLASSES = 6
 
@@ -193,37 +193,24 @@ def test_label_maps_written_from_a_vit_and_a_cnn_hold_their_top_k_dense_logits(t
     assert torch.load(tmp_path / "cnn" / f"{dataset.names[0]}.pt").shape == (2, 3, 1, 1)
 
 
-@pytest.fixture(scope="module")
-def digits_label_maps(tmp_path_factory):
-    """Label maps of the digits training set written by a real (briefly trained) teacher: toe-train, then
-    ``python -m toe.token_label``."""
-    from toe.cli.label_maps import main as write_main
-    from toe.train import train
-
-    root = tmp_path_factory.mktemp("teacher")
-    train(compose_cfg(["logger=none", "method=baseline", "schedule.epochs=4"]), root / "run")
-    assert write_main([str(root / "run"), str(root / "maps")]) == 0
-    return root / "maps"
-
-
 def test_lvvit_trains_with_token_labels_and_toe(digits_label_maps, tmp_path):
     from toe.train import train
 
     cfg = compose_cfg(["logger=none", "model=lvvit_cpu", "schedule.epochs=3", f"token_label.root={digits_label_maps}"])
     summary = train(cfg, tmp_path / "lvvit")
-    assert summary["status"] == "completed"
+    assert summary.status == "completed"
     rows = [json.loads(line) for line in (tmp_path / "lvvit" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens_after_first_block"] for r in rows] == [33, 49, 65]  # ToE stages, CLS token included
     # two CE terms over 10 classes: the loss starts near 2 ln 10 and falls
     assert rows[0]["train_loss"] > math.log(10) and rows[-1]["train_loss"] < rows[0]["train_loss"]
-    assert 0.0 <= summary["best_top1"] <= 1.0
+    assert 0.0 <= summary.best_top1 <= 1.0
 
 
 def test_lvvit_without_label_maps_trains_on_the_class_token_and_says_so(tmp_path, caplog):
     from toe.train import train
 
     summary = train(compose_cfg(["logger=none", "model=lvvit_cpu", "schedule.epochs=3"]), tmp_path / "run")
-    assert summary["status"] == "completed" and summary["best_top1"] > 0.3
+    assert summary.status == "completed" and summary.best_top1 > 0.3
     assert "without label maps" in caplog.text
 
 

@@ -43,7 +43,12 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     assert rows[1]["train_seconds_total"] == pytest.approx(rows[0]["epoch_seconds"] + rows[1]["epoch_seconds"])
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk == summary and set(SUMMARY_FIELDS) <= set(on_disk)
+    assert on_disk == summary.to_dict() and set(SUMMARY_FIELDS) == set(on_disk)
+    # where the command's time went: start-up, training, evaluation, checkpoints and the rest add up to its wall time
+    parts = ("startup_seconds", "total_train_seconds", "total_eval_seconds", "total_checkpoint_seconds")
+    assert all(on_disk[part] > 0 for part in parts) and on_disk["other_seconds"] >= 0
+    assert sum(on_disk[part] for part in parts) + on_disk["other_seconds"] == pytest.approx(on_disk["wall_seconds"])
+    assert on_disk["total_checkpoint_seconds"] == pytest.approx(sum(r["checkpoint_seconds"] for r in rows))
     assert on_disk["status"] == "completed" and on_disk["epochs"] == 2 and on_disk["method"] == "toe"
     assert on_disk["final_top1"] == rows[-1]["val_top1"] and on_disk["best_top1"] == max(r["val_top1"] for r in rows)
     assert on_disk["train_flops_per_image"] < 3 * shape.forward_macs(64)
@@ -51,6 +56,7 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     assert config["toe"]["keep_rates"] == [0.5, 0.75, 1.0] and config["schedule"]["epochs"] == 2
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and ckpt["config"]["method_name"] == "toe"
+    assert ckpt["format"] == 2 and set(ckpt["model_ema"]) == {f"module.{key}" for key in ckpt["model"]}
 
 
 def test_baseline_sees_all_tokens_and_costs_more_flops(tiny_cfg, tmp_path):
@@ -58,7 +64,7 @@ def test_baseline_sees_all_tokens_and_costs_more_flops(tiny_cfg, tmp_path):
     base_summary = train(tiny_cfg("method=baseline"), tmp_path / "base")
     assert [r["tokens_after_first_block"] for r in _metrics(tmp_path / "base")] == [65, 65]
     assert [r["stage"] for r in _metrics(tmp_path / "base")] == [0, 0]
-    assert base_summary["train_flops_per_image"] > toe_summary["train_flops_per_image"]
+    assert base_summary.train_flops_per_image > toe_summary.train_flops_per_image
 
 
 def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path):
@@ -67,7 +73,7 @@ def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path)
     summary = train(cfg, tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert ckpt["model"]["head.weight"].shape[0] == 2
-    assert summary["images_seen"] == 12 and 0.0 <= summary["final_top1"] <= 1.0
+    assert summary.images_seen == 12 and 0.0 <= summary.final_top1 <= 1.0
 
 
 @pytest.mark.parametrize(
@@ -136,7 +142,7 @@ def test_wandb_offline_run_is_written_and_a_broken_wandb_never_stops_training(ti
 
     monkeypatch.setattr(wandb, "init", broken_init)
     summary = train(tiny_cfg("logger=wandb_offline", "schedule.epochs=1"), tmp_path / "broken")
-    assert summary["status"] == "completed" and (tmp_path / "broken" / "metrics.jsonl").exists()
+    assert summary.status == "completed" and (tmp_path / "broken" / "metrics.jsonl").exists()
 
 
 def _cli(run_dir: Path, epochs: int = 3):

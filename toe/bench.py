@@ -236,7 +236,7 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
     from hydra import compose, initialize_config_module
 
     from .distributed import DistInfo
-    from .engine import StepConfig, train_one_epoch
+    from .engine import train_one_epoch
     from .run import build_run
     from .schema import validate
 
@@ -246,8 +246,7 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
     run = build_run(cfg, DistInfo())
     op = expansion_op(run.model)
     stages = range(0, op.schedule.num_stages + 1) if op is not None else [0]
-    step = StepConfig(run.criterion, run.optimizer, run.scheduler, run.device, autocast=run.autocast,
-                      loss_scaler=run.scaler, ema=run.ema, mixup=run.mixup, clip_grad=cfg.recipe.clip_grad)
+    step = run.step_config()
     on_device = [(inputs.to(run.device), targets.to(run.device) if torch.is_tensor(targets) else targets)
                  for inputs, targets in _FirstBatches(run.train_loader, batches)]
     images = sum(inputs.shape[0] for inputs, _ in on_device)  # every pass below sees these many (drop_last)

@@ -1,8 +1,8 @@
 """Start a run from pretrained weights: a ``checkpoint.pth`` of toe-train or any timm / torch state-dict file.
 
-The classifier head is replaced when the class count differs, the absolute position embedding is resampled
-(timm's ``resample_abs_pos_embed``) when only the patch grid differs (fine-tuning at another resolution), and any
-other shape that does not fit is an error naming the keys.
+The classifier head is replaced when the class count differs, the position (and patch) embedding is resampled
+when the patch grid differs (fine-tuning at another resolution: timm's ``checkpoint_filter_fn``), and any other
+shape that does not fit is an error naming the keys.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
+MODEL_KEYS = ("model", "state_dict")  # toe-train and DeiT; timm's train.py
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema")  # toe-train and DeiT; timm's train.py; toe-train before 0.2
 
 
 class CheckpointMismatchError(ValueError):
@@ -24,8 +26,15 @@ class CheckpointMismatchError(ValueError):
 
 
 def read_state_dict(path: Path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model weights in ``path``: toe-train's checkpoint (``model``, or ``ema`` with ``use_ema``), DeiT-style
-    ``{"model": ...}``/``{"state_dict": ...}`` files, or a plain state dict (``.pth`` or ``.safetensors``)."""
+    """The model weights in ``path``: toe-train's checkpoint (``model``, or ``model_ema`` with ``use_ema``), DeiT and
+    timm checkpoints (``model``/``model_ema``, ``state_dict``/``state_dict_ema``), or a plain state dict (``.pth``
+    or ``.safetensors``); DDP and ``torch.compile`` prefixes removed (timm's ``clean_state_dict``).
+
+    The key is chosen here rather than by timm's ``load_state_dict``, which quietly falls back to the raw weights
+    when ``use_ema`` finds no EMA: asking for EMA weights that are not there is an error.
+    """
+    from timm.models import clean_state_dict
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"finetune.path={path}: no such file")
@@ -34,50 +43,59 @@ def read_state_dict(path: Path, use_ema: bool = False) -> Dict[str, torch.Tensor
 
         return load_file(str(path))
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if use_ema:
-        if not isinstance(payload, dict) or not payload.get("ema"):
-            raise CheckpointMismatchError(f"finetune.use_ema=true but {path} holds no EMA weights")
-        return {k.removeprefix("module."): v for k, v in payload["ema"].items()}
-    for key in ("model", "state_dict", "model_state"):
+    keys = EMA_KEYS if use_ema else MODEL_KEYS
+    for key in keys:
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-            return payload[key]
-    return payload
+            return clean_state_dict(payload[key])
+    if use_ema:
+        raise CheckpointMismatchError(f"finetune.use_ema=true but {path} holds no EMA weights (none of {keys})")
+    return clean_state_dict(payload)
+
+
+def _fit_host(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """timm's ``checkpoint_filter_fn`` for its ViTs (position and patch embeddings resampled to the model, CLIP,
+    DINOv2 and other layouts converted); for other hosts (LV-ViT) the absolute position embedding is resampled with
+    timm's ``resample_abs_pos_embed``."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):
+        return checkpoint_filter_fn(state, model)
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape \
+            and hasattr(model, "patch_embed"):
+        state = dict(state, pos_embed=resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens))
+    return state
 
 
 def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Fit ``state`` to ``model``: drop a head of another class count, resample the position embedding.
+    """Fit ``state`` to ``model``: resample the embeddings to its grid, drop a head of another class count.
 
     Returns the adapted state and a list of what was changed; raises :class:`CheckpointMismatchError` on any
     other shape mismatch or on missing/unexpected keys outside the head.
     """
     own = model.state_dict()
-    state, notes, mismatched = dict(state), [], []
-    for key, value in list(state.items()):
+    fitted = dict(_fit_host(model, state))
+    notes = [f"resampled {key} {tuple(state[key].shape)} -> {tuple(value.shape)}" for key, value in fitted.items()
+             if key in state and state[key].shape != value.shape]
+    mismatched = []
+    for key, value in list(fitted.items()):
         if key not in own or own[key].shape == value.shape:
             continue
         if key.startswith(HEAD_PREFIXES):
-            del state[key]
+            del fitted[key]
             notes.append(f"replaced {key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
-        elif key == "pos_embed" and hasattr(model, "patch_embed"):
-            from timm.layers import resample_abs_pos_embed
-
-            prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-            state[key] = resample_abs_pos_embed(value, new_size=list(model.patch_embed.grid_size),
-                                                num_prefix_tokens=prefix)
-            if state[key].shape != own[key].shape:
-                mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
-            else:
-                notes.append(f"resampled {key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
         else:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
-    missing = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
-    unexpected = [k for k in state if k not in own]
+            mismatched.append(f"{key}: checkpoint {tuple(state.get(key, value).shape)}, model {tuple(own[key].shape)}")
+    missing = [k for k in own if k not in fitted and not k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in fitted if k not in own]
     if mismatched or missing or unexpected:
         lines = [f"shape mismatch {m}" for m in mismatched] + [f"missing in checkpoint: {k}" for k in missing]
         lines += [f"not in model: {k}" for k in unexpected]
         shown = "; ".join(lines[:12]) + (f"; ... {len(lines) - 12} more" if len(lines) > 12 else "")
         raise CheckpointMismatchError(f"the pretrained weights do not fit {type(model).__name__}: {shown}")
-    return state, notes
+    return fitted, notes
 
 
 def load_pretrained(model: nn.Module, path: Path, use_ema: bool = False) -> List[str]:

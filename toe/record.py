@@ -1,8 +1,9 @@
 """The run record: the contract between training and analysis.
 
-Every run dir holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON line per epoch) and ``summary.json``.
-The same figures go to W&B when it is on; a W&B failure is logged and never stops training. Field names are
-defined here once and read by the analysis.
+Every run dir holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one :class:`EpochRow` per line) and
+``summary.json`` (a :class:`Summary`). The same figures go to W&B when it is on; a W&B failure is logged and never
+stops training. The two dataclasses are the record's schema: training writes them, and ``toe-sweep`` and the
+analysis read them back through :func:`read_run_dir`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -24,48 +25,90 @@ class StartRefused(RuntimeError):
     """The run dir cannot be (re)started as asked, and nothing was written to it; one line says why and what to do
     (another process holds it, its checkpoint is unreadable, the config differs from the checkpoint's)."""
 
-METRIC_FIELDS = (
-    "epoch",  # 0-based
-    "stage",  # ToE stage (0 = full tokens before the first stage, or ToE off)
-    "img_size",  # training resolution of the epoch (EfficientTrain phases change it)
-    "tokens_after_first_block",  # tokens blocks 2..L see in training, prefix tokens included
-    "train_loss",
-    "train_img_per_s",
-    "epoch_seconds",  # training time of this epoch, evaluation excluded
-    "train_seconds_total",
-    "train_flops_total",  # analytic, MACs (see toe.flops), cumulative
-    "train_flops_linear_total",  # the same without the attention matmuls (what thop-style counters report)
-    "images_seen",  # cumulative training images
-    "val_top1",
-    "val_top5",
-    "ema_top1",  # null without EMA
-    "eval_seconds",  # evaluating the model (and its EMA) after this epoch; 0 when the epoch was not evaluated
-    "lr",
-)
-SUMMARY_FIELDS = (
-    "status",
-    "method",
-    "model",
-    "data",
-    "epochs",
-    "best_top1",
-    "final_top1",
-    "best_ema_top1",
-    "final_ema_top1",
-    "total_train_seconds",
-    "total_eval_seconds",  # evaluation, kept apart from training time
-    "world_size",  # processes (GPUs) of the run
-    "device_hours",  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
-    "total_train_flops",
-    "train_flops_per_image",  # schedule-averaged analytic train MACs per image
-    "train_flops_per_image_linear",  # the same without the attention matmuls
-    "images_seen",
-    "device",
-    "lr",  # the peak LR after batch scaling
-    "resumed_at",  # epochs at which the run resumed from its checkpoint (preemption, crash, requeue)
-    "config_changes",  # [{"epoch", "changes": {key: [before, after]}}] a resume was allowed to make
-    "unreached_stages",  # ToE stages that start after the run's last epoch and so never ran
-)
+@dataclass
+class EpochRow:
+    """One line of ``metrics.jsonl``: an epoch of training and its evaluation. Times are seconds, FLOPs analytic
+    MACs (:mod:`toe.flops`), ``*_total`` fields cumulative over the run."""
+
+    epoch: int  # 0-based
+    stage: int = 0  # ToE stage (0 = full tokens before the first stage, or ToE off)
+    img_size: Optional[int] = None  # training resolution of the epoch (EfficientTrain phases change it)
+    tokens_after_first_block: Optional[int] = None  # tokens blocks 2..L see in training, prefix tokens included
+    train_loss: Optional[float] = None
+    train_img_per_s: Optional[float] = None
+    epoch_seconds: float = 0.0  # training time of this epoch, evaluation excluded
+    train_seconds_total: float = 0.0
+    train_flops_total: float = 0.0
+    train_flops_linear_total: float = 0.0  # without the attention matmuls (what thop-style counters report)
+    images_seen: int = 0
+    val_top1: Optional[float] = None
+    val_top5: Optional[float] = None
+    ema_top1: Optional[float] = None  # null without EMA
+    eval_seconds: float = 0.0  # evaluating the model (and its EMA) after this epoch; 0 when not evaluated
+    # writing this epoch's checkpoint (known only after it is written: the checkpoint itself holds 0 here, so the
+    # last epoch before a resume reads 0)
+    checkpoint_seconds: float = 0.0
+    lr: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: Dict[str, Any]) -> "EpochRow":
+        """Tolerant of records written by other versions: unknown keys are dropped, missing ones take defaults."""
+        return cls(**{key: value for key, value in row.items() if key in _field_names(cls)})
+
+
+@dataclass
+class Summary:
+    """``summary.json``: how the run stands or ended, and its totals."""
+
+    status: Optional[str] = None  # one of RUN_STATES (written: running, completed, interrupted, failed)
+    method: Optional[str] = None
+    model: Optional[str] = None
+    data: Optional[str] = None
+    epochs: int = 0  # epochs trained
+    best_top1: Optional[float] = None
+    final_top1: Optional[float] = None
+    best_ema_top1: Optional[float] = None
+    final_ema_top1: Optional[float] = None
+    total_train_seconds: float = 0.0
+    total_eval_seconds: float = 0.0  # evaluation, kept apart from training time
+    total_checkpoint_seconds: float = 0.0
+    startup_seconds: float = 0.0  # from the command's start to the first epoch (imports, data, model), every start
+    wall_seconds: float = 0.0  # the command from its start to its last epoch, every start (resumes) summed
+    other_seconds: float = 0.0  # wall - startup - train - eval - checkpoint: record, W&B, logging, loader start
+    world_size: Optional[int] = None  # processes (GPUs) of the run
+    device_hours: float = 0.0  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
+    total_train_flops: float = 0.0
+    train_flops_per_image: Optional[float] = None  # schedule-averaged analytic train MACs per image
+    train_flops_per_image_linear: Optional[float] = None  # the same without the attention matmuls
+    images_seen: int = 0
+    device: Optional[str] = None
+    lr: Optional[float] = None  # the peak LR after batch scaling
+    resumed_at: List[int] = field(default_factory=list)  # epochs at which the run resumed from its checkpoint
+    config_changes: List[Dict[str, Any]] = field(default_factory=list)  # [{"epoch", "changes": {key: [old, new]}}]
+    unreached_stages: List[int] = field(default_factory=list)  # ToE stages that start after the run's last epoch
+    error: Optional[str] = None  # why a failed or interrupted run ended
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, summary: Dict[str, Any]) -> "Summary":
+        known = {key: value for key, value in summary.items() if key in _field_names(cls)}
+        return cls(**{key: value for key, value in known.items() if value is not None or key not in _LISTS})
+
+
+_LISTS = ("resumed_at", "config_changes", "unreached_stages")
+
+
+def _field_names(cls: type) -> frozenset:
+    return frozenset(f.name for f in fields(cls))
+
+
+METRIC_FIELDS = tuple(f.name for f in fields(EpochRow))
+SUMMARY_FIELDS = tuple(f.name for f in fields(Summary))
 
 
 @contextlib.contextmanager
@@ -108,26 +151,26 @@ class RunRecord:
             return
         write_text_atomic(self.run_dir / CONFIG_FILE, yaml_text)
 
-    def rewrite_metrics(self, history: List[Dict[str, Any]]) -> None:
+    def rewrite_metrics(self, history: List[EpochRow]) -> None:
         """Make ``metrics.jsonl`` hold exactly ``history`` (used on resume, so no epoch is logged twice)."""
         if not self.enabled:
             return
-        write_text_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+        write_text_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(row.to_dict()) + "\n" for row in history))
 
-    def log_epoch(self, row: Dict[str, Any]) -> None:
+    def log_epoch(self, row: EpochRow) -> None:
         if not self.enabled:
             return
         with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._wandb_call("log", {k: v for k, v in row.items() if v is not None}, step=row["epoch"])
+            f.write(json.dumps(row.to_dict()) + "\n")
+        self._wandb_call("log", {k: v for k, v in row.to_dict().items() if v is not None}, step=row.epoch)
 
-    def write_summary(self, summary: Dict[str, Any]) -> None:
+    def write_summary(self, summary: Summary) -> None:
         if not self.enabled:
             return
-        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary.to_dict())
         if self._wandb is not None:
             try:
-                self._wandb.summary.update(summary)
+                self._wandb.summary.update(summary.to_dict())
             except Exception as err:  # noqa: BLE001 - tracking must never stop training
                 log.warning("W&B summary update failed (training goes on): %s", err)
 
@@ -190,8 +233,8 @@ class RunDir:
 
     path: Path
     config: Dict[str, Any] = field(default_factory=dict)
-    summary: Dict[str, Any] = field(default_factory=dict)
-    history: List[Dict[str, Any]] = field(default_factory=list)
+    summary: Summary = field(default_factory=Summary)  # empty (status None) when there is none
+    history: List[EpochRow] = field(default_factory=list)
     overrides: List[str] = field(default_factory=list)
     state: str = "not started"
     error: Optional[str] = None
@@ -239,12 +282,13 @@ def read_run_dir(run_dir: Path) -> RunDir:
     run.config = read(CONFIG_FILE, yaml.safe_load, {})
     run.overrides = [str(o) for o in read(HYDRA_OVERRIDES, yaml.safe_load, [])]
     run.history = read(METRICS_FILE, lambda text: _read_metric_lines(text, run.problems), [])
-    run.summary = read(SUMMARY_FILE, json.loads, {})
-    if not isinstance(run.summary, dict):
+    summary = read(SUMMARY_FILE, json.loads, {})
+    if not isinstance(summary, dict):
         run.problems.append(f"{SUMMARY_FILE}: not a JSON object")
-        run.summary = {}
-    status = run.summary.get("status")
-    run.error = run.summary.get("error") or _last_error_line(run.path)
+        summary = {}
+    run.summary = Summary.from_dict(summary)
+    status = run.summary.status
+    run.error = run.summary.error or _last_error_line(run.path)
     if status in RUN_STATES:
         run.state = status
     elif (run.path / SUMMARY_FILE).exists():
@@ -254,14 +298,14 @@ def read_run_dir(run_dir: Path) -> RunDir:
     return run
 
 
-def _read_metric_lines(text: str, problems: List[str]) -> List[Dict[str, Any]]:
+def _read_metric_lines(text: str, problems: List[str]) -> List[EpochRow]:
     rows, lines = [], text.splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except ValueError:
+            rows.append(EpochRow.from_dict(json.loads(line)))
+        except (ValueError, TypeError, AttributeError):  # not JSON, not an object, no epoch
             last = number == len(lines)
             problems.append(f"{METRICS_FILE}: line {number} is {'half-written (ignored)' if last else 'unreadable'}")
     return rows

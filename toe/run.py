@@ -1,26 +1,26 @@
 """Build a run from its config: the ToE schedule, the model, data, optimizer, scheduler, EMA and loss, in timm's
 order (create_model -> toe.patch -> resolve_model_data_config -> create_transform -> .to(device) ->
-create_optimizer_v2 -> ModelEmaV3 -> compile -> DDP -> create_scheduler_v2), and restore one from a checkpoint.
-``toe.train`` drives the epochs.
+create_optimizer_v2 -> ModelEmaV3 -> compile -> DDP -> create_scheduler_v2). ``toe.train`` drives the epochs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
-from toe.checkpoint import restore_rng
 from toe.data import build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
+from toe.engine import StepConfig
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
 from toe.schema import ConfigError, SchedulePlan, build_expansion_schedule, plan_schedule
@@ -100,7 +100,7 @@ class Run:
     train_loader: Any
     val_loader: Any
     sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
-    make_train_loader: Any  # (micro_batch, auto_augment) -> DataLoader, for curriculum phases
+    train_loaders: "TrainLoaders"  # one per curriculum phase
     shape: ViTShape
     device: torch.device
     autocast: Any
@@ -110,9 +110,41 @@ class Run:
     local_batch: int
     img_size: int
     patch_size: int
+    clip_grad: Optional[float]
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.dist)
+
+    def step_config(self, accumulation: int = 1, batch_transform: Any = None) -> StepConfig:
+        return StepConfig(self.criterion, self.optimizer, self.scheduler, self.device, autocast=self.autocast,
+                          loss_scaler=self.scaler, ema=self.ema, mixup=self.mixup, clip_grad=self.clip_grad,
+                          reduce=self.reduce, accumulation=accumulation, batch_transform=batch_transform)
+
+
+class TrainLoaders:
+    """The training loader for each (micro-batch, RandAugment magnitude) the curriculum asks for, made once. Each
+    has its own shallow copy of the training set with its own transform, so no loader's transform changes under
+    it (or under its workers)."""
+
+    def __init__(self, dataset, sampler, data_config: Dict[str, Any], recipe: DictConfig, auto_augment: str,
+                 **loader_kwargs: Any):
+        self.dataset, self.sampler, self.data_config, self.recipe = dataset, sampler, data_config, recipe
+        self.auto_augment, self.loader_kwargs = auto_augment, loader_kwargs
+        self._loaders: Dict[Tuple[int, Optional[int]], Any] = {}
+
+    def get(self, micro_batch: int, magnitude: Optional[int] = None):
+        """The loader of ``micro_batch`` images per step, with RandAugment at ``magnitude`` (``None``: the
+        recipe's own policy, on the training set itself)."""
+        key = (micro_batch, magnitude)
+        if key not in self._loaders:
+            dataset = self.dataset
+            if magnitude is not None:
+                dataset = copy.copy(self.dataset)
+                dataset.transform = build_transforms(self.data_config, OmegaConf.merge(
+                    self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}))[0]
+            self._loaders[key] = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, drop_last=True,
+                                                             sampler=self.sampler, **self.loader_kwargs)
+        return self._loaders[key]
 
 
 class _EpochSampler(torch.utils.data.RandomSampler):
@@ -191,15 +223,9 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
                                                         else None)
     sampler = _train_sampler(train_set, cfg, info)
     loader_kwargs = dict(num_workers=cfg.train.workers, pin_memory=device.type == "cuda")
-
-    def make_train_loader(micro_batch: int, auto_augment: Optional[str] = None):
-        if auto_augment is not None:
-            train_set.transform = build_transforms(data_config, OmegaConf.merge(
-                cfg.recipe, {"auto_augment": auto_augment}))[0]
-        return torch.utils.data.DataLoader(train_set, batch_size=micro_batch, drop_last=True, sampler=sampler,
-                                           **loader_kwargs)
-
-    train_loader = make_train_loader(local_batch)
+    train_loaders = TrainLoaders(train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment,
+                                 **loader_kwargs)
+    train_loader = train_loaders.get(local_batch)
     if plan.phases:
         if any(local_batch % p.accumulation for p in plan.phases):
             raise ConfigError(f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
@@ -217,8 +243,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
-               sampler, make_train_loader, ViTShape.from_model(model), device, autocast, lr, info, plan,
-               local_batch, cfg.model.img_size, cfg.model.patch_size)
+               sampler, train_loaders, ViTShape.from_model(model), device, autocast, lr, info, plan,
+               local_batch, cfg.model.img_size, cfg.model.patch_size, cfg.recipe.clip_grad)
 
 
 def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
@@ -248,38 +274,3 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
                     "alone, the dense head dropped")
         model.drop_dense_head()
     return train_set, loss
-
-
-@dataclass
-class Progress:
-    """What a run has done so far; saved in the checkpoint and summarised in summary.json."""
-
-    epoch: int = 0  # the next epoch to train
-    num_updates: int = 0
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    resumed_at: List[int] = field(default_factory=list)  # epochs at which the run resumed from its checkpoint
-    wandb_id: Optional[str] = None
-    # Config changes a resume accepted (resume.allow_changes=true): [{"epoch": e, "changes": {key: [old, new]}}]
-    config_changes: List[Dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Optional[Dict[str, Any]]) -> "Progress":
-        if checkpoint is None:
-            return cls()
-        return cls(checkpoint["epoch"], checkpoint["num_updates"], list(checkpoint["history"]),
-                   list(checkpoint.get("resumed_at", [])) + [checkpoint["epoch"]], checkpoint.get("wandb_id"),
-                   list(checkpoint.get("config_changes", [])))
-
-
-def restore(run: Run, checkpoint: Dict[str, Any]) -> None:
-    """Load the model, EMA, optimizer, scheduler, scaler and RNG states of ``checkpoint`` into ``run``."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    if run.ema is not None:
-        run.ema.load_state_dict(checkpoint["ema"])
-    if run.scaler is not None and checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint["rng"]
-    restore_rng(rng[run.dist.rank] if isinstance(rng, list) else rng)
-    run.scheduler.step(checkpoint["epoch"])

@@ -2,8 +2,8 @@
 
 The label-map format is the official one (``generate_label.py`` of TokenLabeling): one ``.pt`` file per training
 image at ``<label_root>/<class folder>/<image stem>.pt``, a float16 tensor ``[2, 5, H, W]`` holding a teacher's
-top-5 dense logits (``[0]``) and their class indices (``[1]``). ``toe-label-maps`` writes such maps
-from a toe-train checkpoint (or any timm model) for any data set toe reads.
+top-5 dense logits (``[0]``) and their class indices (``[1]``). ``toe-label-maps`` (:mod:`toe.label_maps`) writes
+such maps from a toe-train checkpoint (or any timm model) for any data set toe reads.
 
 Data flow, as in the official code:
 1. :class:`LabelMapDataset` loads an image and its map, flips both, and draws the RandomResizedCrop of the
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -155,7 +155,7 @@ def token_label_targets(target: Dict[str, torch.Tensor], num_classes: int, grid:
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ground truth ``[B, C]`` (smoothed one-hot), class-token target ``[B, C]`` and dense targets
     ``[B, N, C]`` (row-major over ``grid``) from a batch of label maps and crop boxes."""
-    from timm.data.mixup import one_hot
+    from timm.data.mixup import mixup_target
     from torchvision.ops import roi_align
 
     if box_order not in BOX_ORDERS:
@@ -170,12 +170,8 @@ def token_label_targets(target: Dict[str, torch.Tensor], num_classes: int, grid:
     on, off = smoothing_values(smoothing, num_classes)
     cls_target = roi_align(dense_map, rois, output_size=(1, 1)).flatten(1).softmax(1) * on + off
     dense = roi_align(dense_map, rois, output_size=tuple(grid)).softmax(1) * on + off
-    ground_truth = one_hot(target["label"], num_classes, on_value=on, off_value=off)
+    ground_truth = mixup_target(target["label"], num_classes, lam=1.0, smoothing=smoothing)
     return ground_truth, cls_target, dense.flatten(2).transpose(1, 2)
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 class TokenLabelLoss(nn.Module):
@@ -194,13 +190,17 @@ class TokenLabelLoss(nn.Module):
         self.num_classes, self.grid, self.smoothing = num_classes, tuple(grid), smoothing
         self.dense_weight, self.cls_weight = dense_weight, cls_weight
         self.ground_truth, self.box_order = ground_truth, box_order
+        self.soft_cross_entropy = SoftTargetCrossEntropy()
 
     def forward(self, outputs, target) -> torch.Tensor:
-        from timm.data.mixup import one_hot
+        from timm.data.mixup import mixup_target
 
         if not isinstance(outputs, (tuple, list)):
             raise TypeError("TokenLabelLoss expects the LV-ViT training output (cls_logits, dense_logits, box)")
         cls_logits, dense, (y1, x1, y2, x2) = outputs
+        # MixToken pasted the flipped batch into the box: the class-token target mixes alike, with lam the share of
+        # positions left unmixed
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / (self.grid[0] * self.grid[1])
         dense_target = None
         if isinstance(target, dict):
             ground_truth, cls_target, dense_target = token_label_targets(
@@ -209,62 +209,15 @@ class TokenLabelLoss(nn.Module):
                 agree = (ground_truth.argmax(-1) == cls_target.argmax(-1)).float()
                 ratio = (0.9 - 0.4 * agree).unsqueeze(-1)
                 cls_target = cls_target * ratio + ground_truth * (1 - ratio)
-        elif target.dim() == 1:
-            on, off = smoothing_values(self.smoothing, self.num_classes)
-            cls_target = one_hot(target, self.num_classes, on_value=on, off_value=off)
+        elif target.dim() == 1:  # class indices: smoothing, one-hot and lam mixing are timm's mixup_target
+            cls_target = mixup_target(target, self.num_classes, lam=lam, smoothing=self.smoothing)
+            lam = 1.0
         else:
             cls_target = target  # already soft (Mixup/CutMix)
-        lam = 1.0 - (y2 - y1) * (x2 - x1) / (self.grid[0] * self.grid[1])
-        if lam < 1.0:  # MixToken pasted the flipped batch into the box: mix the class-token target alike
+        if lam < 1.0:  # soft targets: timm has no mixing for them, so it is written here
             cls_target = lam * cls_target + (1.0 - lam) * cls_target.flip(0)
-        loss = self.cls_weight * soft_cross_entropy(cls_logits, cls_target)
+        loss = self.cls_weight * self.soft_cross_entropy(cls_logits, cls_target)
         if dense_target is not None and dense is not None:
-            loss = loss + self.dense_weight * soft_cross_entropy(dense.reshape(-1, dense.shape[-1]),
-                                                                 dense_target.reshape(-1, dense_target.shape[-1]))
+            loss = loss + self.dense_weight * self.soft_cross_entropy(
+                dense.reshape(-1, dense.shape[-1]), dense_target.reshape(-1, dense_target.shape[-1]))
         return loss
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing label maps from a teacher
-
-
-def dense_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """A classifier's logits at every spatial position, ``[B, H, W, classes]``: its classifier applied to the
-    unpooled features (the official ``TokenLabelHead``), for CNN feature maps and for ViT tokens alike."""
-    features = model.forward_features(images)
-    head = getattr(model, "aux_head", None) or model.get_classifier()
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(model).__name__}: its classifier is {type(head).__name__}, not a Linear layer")
-    if features.dim() == 4:  # CNN: [B, C, H, W]
-        return head(features.permute(0, 2, 3, 1))
-    tokens = features[:, getattr(model, "num_prefix_tokens", 0):]
-    side = int(round(tokens.shape[1] ** 0.5))
-    if side * side != tokens.shape[1]:
-        raise ValueError(f"{tokens.shape[1]} patch tokens do not form a square grid")
-    fc_norm = getattr(model, "fc_norm", None)
-    if isinstance(fc_norm, nn.Module):
-        tokens = fc_norm(tokens)
-    return head(tokens).reshape(tokens.shape[0], side, side, -1)
-
-
-@torch.no_grad()
-def write_label_maps(model: nn.Module, dataset: Dataset, out: Path, topk: int = 5, batch_size: int = 64,
-                     device: str = "cpu", progress: bool = True) -> int:
-    """Write one ``[2, topk, H, W]`` float16 map per image of ``dataset`` (with an eval transform) under ``out``;
-    returns the number written."""
-    from tqdm import tqdm
-
-    names = sample_names(dataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model.eval().to(device)
-    written = 0
-    for images, _ in tqdm(loader, desc="label maps", disable=not progress):
-        logits = dense_logits(model, images.to(device))
-        values, indices = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-        maps = torch.stack([values.half(), indices.half()]).permute(1, 0, 4, 2, 3).cpu()  # [B, 2, k, H, W]
-        for label_map in maps:
-            path = out / f"{names[written]}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(label_map.clone(), path)  # a view would save the whole batch's storage
-            written += 1
-    return written

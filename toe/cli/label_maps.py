@@ -1,5 +1,5 @@
 """``toe-label-maps <run dir> <out dir>``: TokenLabeling's label maps for the training set of a run's data, from
-the run's model as teacher (its EMA weights with ``--ema``); the work is :func:`toe.token_label.write_label_maps`."""
+the run's model as teacher (its EMA weights with ``--ema``); the work is :func:`toe.label_maps.write_label_maps`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from toe.data import build_datasets, build_transforms
     from toe.finetune import CheckpointMismatchError, load_pretrained
     from toe.run import create_model, model_data_config
-    from toe.token_label import write_label_maps
+    from toe.label_maps import write_label_maps
 
     run_dir = args.run if args.run.is_dir() else args.run.parent
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pth").is_file():

@@ -24,11 +24,11 @@ def status(sweep_dir: Path) -> int:
         return 2
     rows = []
     for run in runs:
-        state = run.state + (f" (resumed at epoch {', '.join(map(str, run.summary['resumed_at']))})"
-                             if run.summary.get("resumed_at") else "") + (f" [SLURM {run.slurm}]" if run.slurm else "")
+        state = run.state + (f" (resumed at epoch {', '.join(map(str, run.summary.resumed_at))})"
+                             if run.summary.resumed_at else "") + (f" [SLURM {run.slurm}]" if run.slurm else "")
         summary_file = run.path / SUMMARY_FILE
         rows.append({"run": str(run.path.relative_to(sweep_dir)) or ".", "overrides": " ".join(run.overrides),
-                     "state": state, "epochs": len(run.history), "final_top1": run.summary.get("final_top1"),
+                     "state": state, "epochs": len(run.history), "final_top1": run.summary.final_top1,
                      "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary_file.stat().st_mtime))
                      if summary_file.exists() else None})
     print(pd.DataFrame(rows).to_markdown(index=False))

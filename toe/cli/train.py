@@ -11,12 +11,27 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig
 
 log = logging.getLogger("toe.train")
+_first_job = True
+
+
+def _process_started_at() -> float:
+    """When this process started, so that the record's start-up counts Python's and torch's imports too: from
+    Linux's /proc (the process's start in clock ticks since boot, against the uptime); the time of the call
+    elsewhere."""
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # the command name (field 2) may hold spaces: count fields after its closing parenthesis
+        ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def _task(cfg: DictConfig) -> Optional[float]:
@@ -28,15 +43,18 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from toe.schema import ConfigError
     from toe.train import DiskFull, train
 
+    global _first_job
     hydra_cfg = HydraConfig.get()
+    started_at = _process_started_at() if _first_job else time.time()  # a multirun's later jobs start now
+    _first_job = False
     try:
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), started_at)
     except (ConfigError, DataRootError, StartRefused, DiskFull) as err:
         log.error("%s", str(err).splitlines()[0])
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # this job fails and the sweep goes on with the others
         sys.exit(1 if isinstance(err, DiskFull) else 2)  # a single run: one clear line, no traceback
-    return summary.get("final_top1")
+    return summary.final_top1
 
 
 def main() -> Optional[float]:

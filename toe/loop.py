@@ -1,0 +1,111 @@
+"""What the epoch loop of :mod:`toe.train` calls at each epoch's start and end, one small object per concern:
+
+- :class:`EpochInputs` (start of an epoch): the ToE stage of the model and its EMA, the EfficientTrain phase (its
+  loader, resolution and gradient accumulation), and the tokens and train FLOPs per image that follow from them;
+- :class:`Evaluator` (end of an epoch): val top-1/top-5 of the model and of its EMA on full tokens, when due;
+- :func:`epoch_row`: the epoch's line of the run record from the above and the step's result.
+
+The checkpoint is :class:`toe.checkpoint.TrainState`'s and the record :class:`toe.record.RunRecord`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+
+import toe
+from toe.curriculum import Phase, fourier_crop, phase_at
+from toe.engine import EpochResult, evaluate
+from toe.record import EpochRow
+
+log = logging.getLogger("toe.train")
+
+
+@dataclass
+class EpochSetting:
+    """How one epoch trains: what :func:`toe.engine.train_one_epoch` needs beyond the run, and what it costs."""
+
+    epoch: int
+    stage: int  # ToE stage (0: full tokens)
+    img_size: int
+    accumulation: int  # micro-batches per optimizer step
+    loader: Any
+    batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]]  # the curriculum's Fourier crop, or None
+    tokens_after_first_block: int  # prefix tokens included
+    macs_per_image: float  # analytic train MACs (forward + backward) of one image
+    macs_per_image_linear: float  # the same without the attention matmuls
+
+
+class EpochInputs:
+    """The ToE stage and the curriculum phase of each epoch, set on the run at the epoch's start."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self._phase: Optional[Phase] = None
+
+    def start(self, epoch: int) -> EpochSetting:
+        run = self.run
+        run.model.train()  # the op's token count is that of training mode (evaluation uses all tokens)
+        stage = toe.set_epoch(run.model, epoch)
+        if run.ema is not None:
+            toe.set_epoch(run.ema.module, epoch)
+        img_size, accumulation, loader, crop = run.img_size, 1, run.train_loader, None
+        if run.plan.phases:
+            phase = phase_at(run.plan.phases, epoch)
+            if phase != self._phase:
+                log.info("curriculum phase %d from epoch %d: %d px, RandAugment m%d, %d micro-batches of %d per step",
+                         phase.index, epoch, phase.img_size, phase.magnitude, phase.accumulation,
+                         run.local_batch // phase.accumulation)
+                self._phase = phase
+            img_size, accumulation = phase.img_size, phase.accumulation
+            loader = run.train_loaders.get(run.local_batch // accumulation, phase.magnitude)
+            crop = functools.partial(fourier_crop, size=img_size) if img_size < run.img_size else None
+        run.sampler.set_epoch(epoch)
+        shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
+        op = toe.expansion_op(run.model)
+        kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
+        return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, shape.num_prefix_tokens + kept,
+                            shape.train_macs(kept), shape.train_macs(kept, attention=False))
+
+
+class Evaluator:
+    """Top-1/top-5 of the model and top-1 of its EMA on the val set (full tokens), every ``every`` epochs and after
+    the last; evaluated at the epoch's resolution (the curriculum's crop)."""
+
+    def __init__(self, run: Any, every: int, progress: bool):
+        self.run, self.every, self.progress = run, every, progress
+
+    def due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every == 0 or epoch + 1 == self.run.plan.epochs
+
+    def after(self, setting: EpochSetting) -> Tuple[Optional[float], Optional[float], Optional[float], float]:
+        """``(top1, top5, ema_top1, seconds)``; ``(None, None, None, 0.0)`` when the epoch is not evaluated."""
+        if not self.due(setting.epoch):
+            return None, None, None, 0.0
+        run, start = self.run, time.perf_counter()
+        measure = functools.partial(evaluate, loader=run.val_loader, device=run.device, autocast=run.autocast,
+                                    progress=self.progress, reduce=run.reduce, batch_transform=setting.batch_transform)
+        top1, top5 = measure(run.net)
+        ema_top1 = measure(run.ema.module)[0] if run.ema is not None else None
+        return top1, top5, ema_top1, time.perf_counter() - start
+
+
+def epoch_row(setting: EpochSetting, result: EpochResult, scores: Tuple, lr: float,
+              last: Optional[EpochRow]) -> EpochRow:
+    """The epoch's line of the record; ``last`` (the previous epoch's) carries the running totals."""
+    last = last or EpochRow(epoch=-1)
+    top1, top5, ema_top1, eval_seconds = scores
+    return EpochRow(
+        epoch=setting.epoch, stage=setting.stage, img_size=setting.img_size,
+        tokens_after_first_block=setting.tokens_after_first_block, train_loss=result.loss,
+        train_img_per_s=result.images / result.seconds, epoch_seconds=result.seconds,
+        train_seconds_total=last.train_seconds_total + result.seconds,
+        train_flops_total=last.train_flops_total + result.images * setting.macs_per_image,
+        train_flops_linear_total=last.train_flops_linear_total + result.images * setting.macs_per_image_linear,
+        images_seen=last.images_seen + result.images, val_top1=top1, val_top5=top5, ema_top1=ema_top1,
+        eval_seconds=eval_seconds, lr=lr)
