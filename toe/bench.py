@@ -229,9 +229,10 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
     """Where the time of a real run goes, per ToE stage (stage 0: full tokens), side by side in one process.
 
     The run is built as ``toe-train <overrides>`` builds it (its data, augmentations, model, optimizer, EMA, Mixup),
-    then timed over ``batches`` batches: the train loader alone (decode and augment), the train step alone on
-    batches already on the device, and the loop end to end (loader and step together). The slower of the first
-    two bounds the run.
+    then timed over ``batches`` batches: the train loader alone, the train step alone on batches already on the
+    device, and the loop end to end (loader and step together). The slower of the first two bounds the run. On
+    the PIL pipeline the loader decodes and augments; on the tensor pipeline it only indexes, and the augmentation
+    runs in the step, on the device (``pipeline`` column).
     """
     from hydra import compose, initialize_config_module
 
@@ -264,7 +265,7 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
         loop_rate = images_per_second(lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches),
                                                               step, 0))
         kept = op.kept_tokens(run.shape.num_patches) if op is not None else run.shape.num_patches
-        rows.append({"stage": stage, "tokens": run.shape.num_prefix_tokens + kept,
+        rows.append({"stage": stage, "tokens": run.shape.num_prefix_tokens + kept, "pipeline": run.pipeline,
                      "loader_img_per_s": loader_rate, "step_img_per_s": step_rate, "loop_img_per_s": loop_rate,
                      "bound_by": "loader" if loader_rate < step_rate else "step",
                      "loop_vs_bound": loop_rate / min(loader_rate, step_rate),

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
+from toe.augment import BatchAugment, CachedImages, TensorImages, as_batch, tensor_pipeline_blockers, uint8_images
 from toe.data import build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
@@ -111,14 +112,19 @@ class Run:
     img_size: int
     patch_size: int
     clip_grad: Optional[float]
+    pipeline: str  # tensor | pil: how training images load and augment (train.pipeline resolved)
+    batch_augment: Optional[torch.nn.Module]  # the tensor pipeline's augmentation, on the device; None for pil
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.dist)
 
     def step_config(self, accumulation: int = 1, batch_transform: Any = None) -> StepConfig:
+        """The training step; ``batch_transform`` (the curriculum's crop) or else the tensor pipeline's
+        augmentation runs on each batch on the device."""
         return StepConfig(self.criterion, self.optimizer, self.scheduler, self.device, autocast=self.autocast,
                           loss_scaler=self.scaler, ema=self.ema, mixup=self.mixup, clip_grad=self.clip_grad,
-                          reduce=self.reduce, accumulation=accumulation, batch_transform=batch_transform)
+                          reduce=self.reduce, accumulation=accumulation,
+                          batch_transform=batch_transform or self.batch_augment)
 
 
 class TrainLoaders:
@@ -143,7 +149,8 @@ class TrainLoaders:
                 dataset.transform = build_transforms(self.data_config, OmegaConf.merge(
                     self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}))[0]
             self._loaders[key] = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, drop_last=True,
-                                                             sampler=self.sampler, **self.loader_kwargs)
+                                                             sampler=self.sampler, **_collate(dataset),
+                                                             **self.loader_kwargs)
         return self._loaders[key]
 
 
@@ -157,6 +164,34 @@ class _EpochSampler(torch.utils.data.RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+def _collate(dataset) -> Dict[str, Any]:
+    """Datasets served a batch at a time (``__getitems__`` returning a batch) pass through the DataLoader as they
+    are; a Subset of one too."""
+    inner = getattr(dataset, "dataset", dataset)
+    return {"collate_fn": as_batch} if isinstance(inner, (TensorImages, CachedImages)) else {}
+
+
+CACHE_BYTES = 256 * 2**20  # the most a cached evaluation set may take
+
+
+def choose_pipeline(cfg: DictConfig, train_set, data_config: Dict[str, Any], plan: SchedulePlan) -> str:
+    """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
+    that cannot is a ConfigError naming why."""
+    interpolation = cfg.recipe.get("train_interpolation") or data_config["interpolation"]
+    reasons = [f"{key}={value}" for key, value in tensor_pipeline_blockers(cfg.recipe, interpolation).items()]
+    if uint8_images(train_set) is None:
+        reasons.append(f"data={cfg.data.name} is read from files (the tensor pipeline holds digits and CIFAR in "
+                       "memory)")
+    if plan.phases:
+        reasons.append("the EfficientTrain curriculum changes RandAugment per phase")
+    if cfg.token_label.root:
+        reasons.append("token labeling crops each image's label map with it")
+    if cfg.train.pipeline == "tensor" and reasons:
+        raise ConfigError(f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or "
+                          "auto runs it on timm's PIL path)")
+    return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
 
 
 def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
@@ -207,6 +242,18 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
             raise ConfigError(f"model.name={cfg.model.name} with toe.enabled=true: {err}") from None
     data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
+    pipeline, batch_augment = choose_pipeline(cfg, train_set, data_config, plan), None
+    if pipeline == "tensor":
+        recipe = cfg.recipe
+        batch_augment = BatchAugment(
+            cfg.model.img_size, tuple(recipe.scale), (3 / 4, 4 / 3), recipe.hflip,
+            recipe.get("train_interpolation") or data_config["interpolation"], data_config["mean"],
+            data_config["std"]).to(device)
+        train_set = TensorImages(uint8_images(train_set), train_set.targets, list(train_set.classes))
+    if len(val_set) * 3 * cfg.model.img_size ** 2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
+        val_set = CachedImages(val_set)
+    log.info("training images: %s pipeline (train.pipeline=%s)%s", pipeline, cfg.train.pipeline,
+             f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms")
     model.to(device)
 
     batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
@@ -232,7 +279,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
                               f"the curriculum's accumulation steps {[p.accumulation for p in plan.phases]}")
     # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
     val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **_collate(val_shard),
+                                             **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
     min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
@@ -244,7 +292,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
                sampler, train_loaders, ViTShape.from_model(model), device, autocast, lr, info, plan,
-               local_batch, cfg.model.img_size, cfg.model.patch_size, cfg.recipe.clip_grad)
+               local_batch, cfg.model.img_size, cfg.model.patch_size, cfg.recipe.clip_grad, pipeline, batch_augment)
 
 
 def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):

@@ -27,6 +27,7 @@ SCHEMA_NAME = "toe_schema"
 # They are inputs rather than defaults because a YAML ``???`` cannot replace a value already set, e.g. null.
 EXPERIMENT_INPUTS = ("label_maps", "pretrained")
 DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100")
+PIPELINES = ("auto", "tensor", "pil")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 WANDB_MODES = ("online", "offline", "disabled")
 RANDOM_ERASE_MODES = ("pixel", "rand", "const")
@@ -157,6 +158,8 @@ class TrainConfig:
     amp: str = _spec(choices=AMP_MODES)
     compile: bool = MISSING
     workers: int = _spec(ge=0)
+    # how training images are loaded and augmented: auto (tensor where it can run the recipe) | tensor | pil
+    pipeline: str = _spec("auto", choices=PIPELINES)
     progress: Any = _spec(choices=("auto", True, False))  # a tqdm bar per epoch; auto: only on a terminal
     eval_every: int = _spec(ge=1)
 
