@@ -92,3 +92,33 @@ def test_both_pipelines_train_the_default_model(tiny_cfg, tmp_path):
                for pipeline in ("tensor", "pil")}
     for summary in results.values():  # 10 classes: a broken pipeline stays near 0.10
         assert summary.status == "completed" and summary.final_top1 > 0.3
+
+
+def test_loader_settings_follow_the_pipeline_the_device_and_the_cores(monkeypatch):
+    from toe import run
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert run.loader_settings("auto", "tensor", cuda, 1) == {"num_workers": 0, "pin_memory": True}
+    assert run.loader_settings("auto", "pil", cpu, 1) == {"num_workers": 0, "pin_memory": False}
+    monkeypatch.setattr(run, "available_cores", lambda: 32)
+    assert run.loader_settings("auto", "pil", cuda, 4) == {"num_workers": 7, "pin_memory": True,
+                                                          "persistent_workers": True, "prefetch_factor": 4}
+    assert run.loader_settings("auto", "pil", cuda, 1)["num_workers"] == 16  # capped
+    monkeypatch.setattr(run, "available_cores", lambda: 2)
+    assert run.loader_settings("auto", "pil", cuda, 8)["num_workers"] == 1  # never none on a GPU
+    assert run.loader_settings(3, "tensor", cpu, 1) == {"num_workers": 3, "pin_memory": False,
+                                                         "persistent_workers": True, "prefetch_factor": 2}
+
+
+def test_an_image_folder_trains_on_the_pil_path_with_persistent_workers(tiny_cfg, tmp_path, caplog):
+    import logging
+
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs")
+    with caplog.at_level(logging.INFO):
+        summary = train(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.batch_size=4", "train.workers=1"),
+                        tmp_path / "run")
+    assert summary.status == "completed" and summary.epochs == 2
+    assert "training images: pil pipeline" in caplog.text
+    assert "data loading: 1 worker(s), persistent, prefetch 2" in caplog.text

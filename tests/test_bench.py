@@ -77,3 +77,25 @@ def test_e2e_bench_times_loader_step_and_loop_of_a_real_run_per_stage(tmp_path, 
     with pytest.raises(SystemExit) as refused:
         main(["e2e", "recipe.batch_size=0"])
     assert refused.value.code == 2 and "recipe.batch_size=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_capacity_bench_times_real_jpeg_decoding_and_augmentation_and_counts_cores(tmp_path, capsys):
+    import math
+
+    from toe.bench import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, deit_s_stage1_flop_ratio
+
+    out = tmp_path / "capacity.json"
+    main(["--json", str(out), "capacity", "--images", "6", "--repeats", "1"])
+    row = json.loads(out.read_text())["rows"][0]
+    per_core = row["img_per_s_per_core"]
+    assert 5 < per_core < 20_000  # a real decode of 224 px JPEGs plus RandAugment: neither free nor stuck
+    assert row["gpu_img_per_s"] == PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
+    assert row["cores_full_tokens"] == math.ceil(PUBLISHED_DEIT_S_TRAIN_IMG_PER_S / per_core)
+    assert row["stage1_speedup"] == pytest.approx(deit_s_stage1_flop_ratio()) and 1.8 < row["stage1_speedup"] < 1.95
+    assert row["cores_toe_stage1"] == math.ceil(PUBLISHED_DEIT_S_TRAIN_IMG_PER_S * row["stage1_speedup"] / per_core)
+    assert "RandAugment" in row["transform"] and "RandomErasing" in row["transform"]
+    main(["capacity", "--images", "2", "--repeats", "1", "--gpu-img-per-s", "100", "--stage1-speedup", "2"])
+    printed = capsys.readouterr().out
+    assert "ToE stage 1 (2.00x)" in printed and "| given" not in printed
+    with pytest.raises(SystemExit):
+        main(["capacity", "--gpu-img-per-s", "-5"])

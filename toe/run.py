@@ -143,6 +143,7 @@ class TrainLoaders:
         recipe's own policy, on the training set itself)."""
         key = (micro_batch, magnitude)
         if key not in self._loaders:
+            self._loaders.clear()  # curriculum phases do not come back: let the last one's workers go
             dataset = self.dataset
             if magnitude is not None:
                 dataset = copy.copy(self.dataset)
@@ -176,6 +177,30 @@ def _collate(dataset) -> Dict[str, Any]:
 CACHE_BYTES = 256 * 2**20  # the most a cached evaluation set may take
 
 
+def available_cores() -> int:
+    """The cores this process may run on (SLURM's and taskset's limits included)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_settings(workers: Any, pipeline: str, device: torch.device, processes_per_node: int) -> Dict[str, Any]:
+    """DataLoader keywords from ``train.workers`` (auto: none for the tensor pipeline, whose loader only indexes
+    memory, nor on a CPU device, whose training uses every core; else this process's share of the cores less one
+    for itself, up to 16), with persistent workers (no respawn per epoch), pinned memory on CUDA and a deeper
+    prefetch there."""
+    if workers == "auto":
+        workers = 0 if pipeline == "tensor" or device.type == "cpu" else min(
+            16, max(1, available_cores() // max(1, processes_per_node) - 1))
+    settings: Dict[str, Any] = {"num_workers": int(workers), "pin_memory": device.type == "cuda"}
+    if workers:
+        settings.update(persistent_workers=True, prefetch_factor=4 if device.type == "cuda" else 2)
+    return settings
+
+
 def choose_pipeline(cfg: DictConfig, train_set, data_config: Dict[str, Any], plan: SchedulePlan) -> str:
     """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
     that cannot is a ConfigError naming why."""
@@ -192,6 +217,16 @@ def choose_pipeline(cfg: DictConfig, train_set, data_config: Dict[str, Any], pla
         raise ConfigError(f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or "
                           "auto runs it on timm's PIL path)")
     return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
+
+
+def _processes_per_node(info: DistInfo) -> int:
+    import os
+
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):  # torchrun; SLURM
+        value = os.environ.get(name, "")
+        if value.split("(")[0].isdigit():
+            return int(value.split("(")[0])
+    return info.world_size
 
 
 def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
@@ -269,7 +304,10 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     sampler = _train_sampler(train_set, cfg, info)
-    loader_kwargs = dict(num_workers=cfg.train.workers, pin_memory=device.type == "cuda")
+    loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, _processes_per_node(info))
+    log.info("data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)", loader_kwargs["num_workers"],
+             ", persistent, prefetch %d" % loader_kwargs["prefetch_factor"] if loader_kwargs["num_workers"] else "",
+             loader_kwargs["pin_memory"], cfg.train.workers, available_cores())
     train_loaders = TrainLoaders(train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment,
                                  **loader_kwargs)
     train_loader = train_loaders.get(local_batch)

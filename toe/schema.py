@@ -157,7 +157,7 @@ class TrainConfig:
     device: str = MISSING  # auto | cpu | cuda | cuda:N | any torch device string, checked by validate()
     amp: str = _spec(choices=AMP_MODES)
     compile: bool = MISSING
-    workers: int = _spec(ge=0)
+    workers: Any = "auto"  # DataLoader worker processes: auto (from the cores, the device and the pipeline) or N >= 0
     # how training images are loaded and augmented: auto (tensor where it can run the recipe) | tensor | pil
     pipeline: str = _spec("auto", choices=PIPELINES)
     progress: Any = _spec(choices=("auto", True, False))  # a tqdm bar per epoch; auto: only on a terminal
@@ -314,6 +314,9 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
 
         if not Path(str(cfg.finetune.path)).expanduser().is_file():
             raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
+    workers = cfg.train.workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"train.workers={_show(workers)}: expected auto or a number of processes >= 0")
     _check_timm_names(cfg)
     plan = plan_schedule(cfg)
     if devices:

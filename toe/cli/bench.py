@@ -4,6 +4,7 @@
 - ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
 - ``toe-bench flops`` the analytic per-image FLOPs table of the official schedules (``conf/bench/flops_table.yaml``)
 - ``toe-bench e2e``   a real run's loader alone, train step alone and whole loop, per ToE stage, and which bounds it
+- ``toe-bench capacity`` JPEG decode + DeiT augmentation img/s on one CPU core, and the cores that feed one GPU
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     e2e.add_argument("overrides", nargs="*", help="toe-train overrides, e.g. model=deit_small recipe=deit")
     e2e.add_argument("--batches", type=positive_int, default=20, help="batches timed per measurement")
     e2e.add_argument("--warmup", type=non_negative_int, default=1, help="untimed passes before each measurement")
+
+    capacity = sub.add_parser("capacity", help="CPU cores to feed one GPU: decode + DeiT augmentation per core")
+    capacity.add_argument("--gpu-img-per-s", type=float, default=None,
+                          help="the GPU's full-token DeiT-S training img/s (default: timm's published RTX 3090 "
+                               "figure, 1054)")
+    capacity.add_argument("--stage1-speedup", type=float, default=None,
+                          help="ToE stage 1's train speed-up (default: its analytic FLOP ratio for DeiT-S, 1.88)")
+    capacity.add_argument("--images", type=positive_int, default=64, help="224 px JPEG files written and timed")
+    capacity.add_argument("--repeats", type=positive_int, default=3)
 
     flops = sub.add_parser("flops", help="analytic FLOPs of the official schedules")
     flops.add_argument("--table", type=Path, help="a table of rows like conf/bench/flops_table.yaml (the default)")
@@ -116,6 +126,26 @@ def main(argv: Optional[List[str]] = None) -> int:
               "tokens; bound_by = the slower of loader and step; loop_vs_bound = how close the loop gets to it")
         print(markdown(rows, ["stage", "tokens", "loader_img_per_s", "step_img_per_s", "loop_img_per_s", "bound_by",
                               "loop_vs_bound", "step_speedup", "loop_speedup", "flop_ratio"]))
+    elif args.command == "capacity":
+        from toe.bench import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity, deit_s_stage1_flop_ratio
+
+        gpu = args.gpu_img_per_s or PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
+        if gpu <= 0 or (args.stage1_speedup is not None and args.stage1_speedup <= 0):
+            parser.error("--gpu-img-per-s and --stage1-speedup must be positive")
+        row = bench_capacity(args.images, gpu, args.stage1_speedup or deit_s_stage1_flop_ratio(), args.repeats)
+        rows = [row]
+        source = ("given" if args.gpu_img_per_s else "timm's published DeiT-S training benchmark, RTX 3090, AMP "
+                  "(results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv)")
+        print(f"decode + the DeiT recipe's train augmentation (timm's PIL path: RandomResizedCrop, flip, RandAugment "
+              f"m9, random erasing) of {args.images} JPEG files of 224 px on one core: "
+              f"{row['img_per_s_per_core']:.0f} img/s per core (ImageNet's JPEGs are larger, about 400 x 350 px on "
+              "average: expect fewer)\n")
+        print(markdown([
+            {"training": "DeiT-S, full tokens", "gpu_img_per_s": gpu, "cores_to_feed_it": row["cores_full_tokens"]},
+            {"training": f"DeiT-S, ToE stage 1 ({row['stage1_speedup']:.2f}x)", "gpu_img_per_s":
+             row["stage1_img_per_s"], "cores_to_feed_it": row["cores_toe_stage1"]}],
+            ["training", "gpu_img_per_s", "cores_to_feed_it"]))
+        print(f"\nGPU img/s: {source}.")
     else:
         rows = bench_flops(args)
         print(flops_markdown(rows))
