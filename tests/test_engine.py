@@ -3,6 +3,7 @@
 import copy
 import socket
 
+import pytest
 import torch
 from timm.scheduler import StepLRScheduler
 
@@ -65,3 +66,18 @@ def test_ddp_skips_the_all_reduce_on_every_micro_batch_but_the_last_of_a_window(
     assert result.num_updates == 3 and CountingDDP.skipped == 4  # windows of 3, 3, 1: two skips, two skips, none
     for trained, expected in zip(ddp.module.parameters(), plain.parameters()):
         torch.testing.assert_close(trained, expected)
+
+
+def test_evaluation_counts_top1_and_top5_as_timm_does_over_uneven_batches():
+    from timm.utils import accuracy
+
+    from toe.engine import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
+    inputs, targets = torch.randn(50, 3, 2, 2), torch.randint(0, 7, (50,))
+    batches = [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 50, 16)]  # 16, 16, 16, 2
+    top1, top5 = evaluate(model, batches, torch.device("cpu"))
+    expected1, expected5 = accuracy(model(inputs), targets, topk=(1, 5))
+    assert top1 == pytest.approx(float(expected1) / 100) and top5 == pytest.approx(float(expected5) / 100)
+    assert 0.0 < top1 < top5 < 1.0  # a random model: neither trivially right nor wrong

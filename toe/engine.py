@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 import torch
-from timm.utils import NativeScaler, accuracy, dispatch_clip_grad
+from timm.utils import NativeScaler, dispatch_clip_grad
 from tqdm import tqdm
 
 
@@ -117,18 +117,20 @@ def evaluate(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[float, float]:
-    """Top-1 and top-5 accuracy as fractions in [0, 1], over the shards of all processes (``reduce``)."""
+    """Top-1 and top-5 accuracy as fractions in [0, 1], over the shards of all processes (``reduce``).
+
+    Hits are counted on the device and read back once at the end (timm's ``accuracy`` gives per-batch percentages
+    that would be read back, a host-device sync, every batch).
+    """
     model.eval()
-    correct1 = correct5 = total = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
     for inputs, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if batch_transform is not None:
             inputs = batch_transform(inputs)
         with autocast():
             logits = model(inputs)
-        top1, top5 = accuracy(logits.float(), targets, topk=(1, min(5, logits.shape[-1])))
-        correct1 += float(top1) * inputs.shape[0] / 100.0
-        correct5 += float(top5) * inputs.shape[0] / 100.0
-        total += inputs.shape[0]
-    sums = reduce(torch.tensor([correct1, correct5, total], dtype=torch.float64, device=device))
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(targets[:, None])
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), hits.new_tensor(len(targets), dtype=torch.long)])
+    sums = reduce(sums)
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
