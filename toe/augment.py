@@ -11,8 +11,9 @@ share one crop; per-sample calls bring back the per-image overhead. kornia does 
 dependency for two operations. The crop and resize is one ``grid_sample`` with a per-sample affine grid (what
 kornia does too), bicubic or bilinear as the recipe asks; bilinear equals torchvision's crop-then-resize. It differs
 from timm's PIL path in the bicubic kernel (PyTorch's a = -0.75, PIL's -0.5; its outer taps at the box's edge read
-the pixels beyond it) and in not antialiasing a downscale; ``train.pipeline=pil`` keeps timm's exact path. RandAugment, colour jitter and random erasing have no batched form here: recipes that use them run on
-the PIL path (``train.pipeline=auto`` chooses it).
+the pixels beyond it) and in not antialiasing a downscale; ``train.pipeline=pil`` keeps timm's exact path.
+RandAugment, colour jitter and random erasing have no batched form here: recipes that use them run on the PIL path
+(``train.pipeline=auto`` chooses it).
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from torch.utils.data import Dataset
 INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear"}
 
 
-class TensorImages(Dataset):
-    """Images ``[N, 3, H, W]`` uint8 and their labels, served a batch at a time (``__getitems__``: the DataLoader
-    hands it a batch's indices and :func:`as_batch` passes the result through)."""
+class InMemoryImages(Dataset):
+    """Images ``[N, C, H, W]`` and their labels in memory, served a batch at a time (``__getitems__``: the
+    DataLoader hands it a batch's indices and :func:`as_batch` passes the result through)."""
 
-    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: List[str]):
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: Optional[List[str]]):
         self.images, self.targets, self.classes = images, torch.as_tensor(targets, dtype=torch.long), classes
 
     def __len__(self) -> int:
@@ -46,6 +45,23 @@ class TensorImages(Dataset):
     def __getitems__(self, indices: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices)
         return self.images[index], self.targets[index]
+
+
+class TensorImages(InMemoryImages):
+    """Decoded training images ``[N, 3, H, W]`` uint8, for :class:`BatchAugment` to augment on the device."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: List[str]):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        super().__init__(images, targets, classes)
+
+
+def cached_images(dataset: Dataset) -> InMemoryImages:
+    """``dataset`` with its transform applied once, for a transform that is deterministic (evaluation's resize,
+    centre crop, normalisation): the same tensors as the per-epoch path, without its per-epoch cost."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return InMemoryImages(torch.stack([image for image, _ in items]), [int(target) for _, target in items],
+                          getattr(dataset, "classes", None))
 
 
 def as_batch(batch: Any) -> Any:
@@ -124,27 +140,6 @@ class BatchAugment(nn.Module):
     def extra_repr(self) -> str:
         return (f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
                 f"interpolation={self.mode}")
-
-
-class CachedImages(Dataset):
-    """A dataset whose transform is deterministic (evaluation's resize, centre crop, normalisation), applied once:
-    the same tensors as the per-epoch path, without its per-epoch cost. Served a batch at a time."""
-
-    def __init__(self, dataset: Dataset):
-        items = [dataset[i] for i in range(len(dataset))]
-        self.images = torch.stack([image for image, _ in items])
-        self.targets = torch.as_tensor([int(target) for _, target in items])
-        self.classes = getattr(dataset, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.targets[index]
-
-    def __getitems__(self, indices: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        return self.images[index], self.targets[index]
 
 
 def uint8_images(dataset: Dataset) -> Optional[torch.Tensor]:

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
-from toe.augment import BatchAugment, CachedImages, TensorImages, as_batch, tensor_pipeline_blockers, uint8_images
+from toe.augment import (BatchAugment, InMemoryImages, TensorImages, as_batch, cached_images, tensor_pipeline_blockers,
+                          uint8_images)
 from toe.data import build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
@@ -171,7 +172,7 @@ def _collate(dataset) -> Dict[str, Any]:
     """Datasets served a batch at a time (``__getitems__`` returning a batch) pass through the DataLoader as they
     are; a Subset of one too."""
     inner = getattr(dataset, "dataset", dataset)
-    return {"collate_fn": as_batch} if isinstance(inner, (TensorImages, CachedImages)) else {}
+    return {"collate_fn": as_batch} if isinstance(inner, InMemoryImages) else {}
 
 
 CACHE_BYTES = 256 * 2**20  # the most a cached evaluation set may take
@@ -286,7 +287,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
             data_config["std"]).to(device)
         train_set = TensorImages(uint8_images(train_set), train_set.targets, list(train_set.classes))
     if len(val_set) * 3 * cfg.model.img_size ** 2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
-        val_set = CachedImages(val_set)
+        val_set = cached_images(val_set)
     log.info("training images: %s pipeline (train.pipeline=%s)%s", pipeline, cfg.train.pipeline,
              f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms")
     model.to(device)

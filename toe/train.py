@@ -130,8 +130,9 @@ def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunR
     progress.startup_seconds += time.time() - started_at
     for epoch in range(progress.epoch, epochs):
         setting = inputs.start(epoch)
-        result = train_one_epoch(run.net, setting.loader, run.step_config(setting.accumulation, setting.batch_transform),
-                                 progress.num_updates, bar, desc=f"epoch {epoch + 1}/{epochs}")
+        step = run.step_config(setting.accumulation, setting.batch_transform)
+        result = train_one_epoch(run.net, setting.loader, step, progress.num_updates, bar,
+                                 desc=f"epoch {epoch + 1}/{epochs}")
         run.scheduler.step(epoch + 1)
         row = epoch_row(setting, result, evaluator.after(setting), run.optimizer.param_groups[0]["lr"], progress.last)
         progress.history.append(row)
