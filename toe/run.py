@@ -129,9 +129,9 @@ class Run:
 
 
 class TrainLoaders:
-    """The training loader for each (micro-batch, RandAugment magnitude) the curriculum asks for, made once. Each
-    has its own shallow copy of the training set with its own transform, so no loader's transform changes under
-    it (or under its workers)."""
+    """The training loader for the (micro-batch, RandAugment magnitude) the curriculum asks for, kept while it is
+    asked for. A phase's loader has its own shallow copy of the training set with its own transform, so no
+    loader's transform changes under it (or under its workers)."""
 
     def __init__(self, dataset, sampler, data_config: Dict[str, Any], recipe: DictConfig, auto_augment: str,
                  **loader_kwargs: Any):
@@ -202,12 +202,11 @@ def loader_settings(workers: Any, pipeline: str, device: torch.device, processes
     return settings
 
 
-def choose_pipeline(cfg: DictConfig, train_set, data_config: Dict[str, Any], plan: SchedulePlan) -> str:
+def choose_pipeline(cfg: DictConfig, in_memory: bool, interpolation: str, plan: SchedulePlan) -> str:
     """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
-    that cannot is a ConfigError naming why."""
-    interpolation = cfg.recipe.get("train_interpolation") or data_config["interpolation"]
+    that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at hand."""
     reasons = [f"{key}={value}" for key, value in tensor_pipeline_blockers(cfg.recipe, interpolation).items()]
-    if uint8_images(train_set) is None:
+    if not in_memory:
         reasons.append(f"data={cfg.data.name} is read from files (the tensor pipeline holds digits and CIFAR in "
                        "memory)")
     if plan.phases:
@@ -278,14 +277,13 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
             raise ConfigError(f"model.name={cfg.model.name} with toe.enabled=true: {err}") from None
     data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
-    pipeline, batch_augment = choose_pipeline(cfg, train_set, data_config, plan), None
+    images = uint8_images(train_set) if cfg.train.pipeline != "pil" else None
+    interpolation = cfg.recipe.get("train_interpolation") or data_config["interpolation"]
+    pipeline, batch_augment = choose_pipeline(cfg, images is not None, interpolation, plan), None
     if pipeline == "tensor":
-        recipe = cfg.recipe
-        batch_augment = BatchAugment(
-            cfg.model.img_size, tuple(recipe.scale), (3 / 4, 4 / 3), recipe.hflip,
-            recipe.get("train_interpolation") or data_config["interpolation"], data_config["mean"],
-            data_config["std"]).to(device)
-        train_set = TensorImages(uint8_images(train_set), train_set.targets, list(train_set.classes))
+        batch_augment = BatchAugment(cfg.model.img_size, tuple(cfg.recipe.scale), (3 / 4, 4 / 3), cfg.recipe.hflip,
+                                     interpolation, data_config["mean"], data_config["std"]).to(device)
+        train_set = TensorImages(images, train_set.targets, list(train_set.classes))
     if len(val_set) * 3 * cfg.model.img_size ** 2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
         val_set = cached_images(val_set)
     log.info("training images: %s pipeline (train.pipeline=%s)%s", pipeline, cfg.train.pipeline,
