@@ -88,10 +88,11 @@ def test_the_pipeline_is_chosen_from_the_recipe_and_a_forced_tensor_pipeline_say
 
 def test_both_pipelines_train_the_default_model(tiny_cfg, tmp_path):
     results = {pipeline: train(tiny_cfg(f"train.pipeline={pipeline}", "model.kwargs.depth=4",
-                                        "schedule.epochs=3", "schedule.stage_starts=[0,1,2]"), tmp_path / pipeline)
+                                        "schedule.epochs=5", "schedule.stage_starts=[0,1,2]"), tmp_path / pipeline)
                for pipeline in ("tensor", "pil")}
-    for summary in results.values():  # 10 classes: a broken pipeline stays near 0.10
-        assert summary.status == "completed" and summary.final_top1 > 0.3
+    # 10 classes: a broken model or pipeline stays near 0.10; five epochs gave 0.29-0.40 over seeds 0-2, both pipelines
+    for summary in results.values():
+        assert summary.status == "completed" and summary.final_top1 > 0.2
 
 
 def test_loader_settings_follow_the_pipeline_the_device_and_the_cores(monkeypatch):

@@ -99,3 +99,18 @@ def test_capacity_bench_times_real_jpeg_decoding_and_augmentation_and_counts_cor
     assert "ToE stage 1 (2.00x)" in printed and "| given" not in printed
     with pytest.raises(SystemExit):
         main(["capacity", "--gpu-img-per-s", "-5"])
+
+
+def test_step_bench_has_rows_for_patchdropout_beside_toe(tmp_path):
+    out = tmp_path / "step.json"
+    main(["--json", str(out), "step", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch", "2",
+          "--warmup", "0", "--repeats", "1", "--methods", "toe", "patchdropout"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["stage"]) for r in rows] == [(m, s) for m in ("toe", "patchdropout")
+                                                           for s in (0, 1, 2, 3, "schedule")]
+    toe_rows, dropout_rows = rows[:5], rows[5:]
+    assert [r["tokens"] for r in dropout_rows[:4]] == [17, 9, 13, 17]  # ToE's kept rates: 8 and 12 of 16 patches
+    # the same kept count costs fewer FLOPs when every block sees it, not only the blocks after the first
+    assert dropout_rows[1]["flops_per_img_G"] < toe_rows[1]["flops_per_img_G"]
+    assert dropout_rows[0]["flops_per_img_G"] == pytest.approx(toe_rows[0]["flops_per_img_G"])
+    assert dropout_rows[1]["flop_ratio"] > toe_rows[1]["flop_ratio"]

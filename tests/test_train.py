@@ -38,8 +38,9 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     for r in rows:
         assert 0.0 <= r["val_top1"] <= r["val_top5"] <= 1.0 and 0.0 <= r["ema_top1"] <= 1.0
         assert r["train_loss"] > 0 and r["train_img_per_s"] > 0 and r["epoch_seconds"] > 0 and r["lr"] > 0
-    # it learns: 10 classes, so a broken model stays near 0.10
-    assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[1]["val_top1"] > 0.18
+    # the loss falls; two epochs (one of them warm-up) are too few for a val threshold that holds over seeds and torch
+    # versions (0.14-0.28 measured): tests/test_augment.py checks that five epochs learn
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[1]["train_seconds_total"] == pytest.approx(rows[0]["epoch_seconds"] + rows[1]["epoch_seconds"])
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())

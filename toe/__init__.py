@@ -6,6 +6,6 @@ from .schedule import ExpansionSchedule
 __all__ = ["ExpansionSchedule", "TokenExpansion", "expand_tokens", "unexpand"]
 __version__ = "0.1.0"
 
-from .patch import expansion_op, patch, set_epoch  # noqa: E402
+from .patch import expansion_op, patch, patch_dropout, reduction_op, set_epoch  # noqa: E402
 
-__all__ += ["expansion_op", "patch", "set_epoch"]
+__all__ += ["expansion_op", "patch", "patch_dropout", "reduction_op", "set_epoch"]

@@ -24,7 +24,7 @@ import yaml
 
 from .expansion import expand_tokens
 from .flops import ViTShape, schedule_average_macs
-from .patch import expansion_op, patch
+from .patch import expansion_op, patch, reduction_op
 from .reference import reference_expand_tokens
 from .schedule import ExpansionSchedule
 
@@ -74,13 +74,23 @@ def deit_schedule(repeats: int = 2) -> ExpansionSchedule:
 
 
 class StepBench:
-    """One optimiser step (forward, backward, AdamW) of a timm model at a fixed batch, per ToE stage."""
+    """One optimiser step (forward, backward, AdamW) of a timm model at a fixed batch, per stage of its token
+    reduction: ToE (``method="toe"``) or PatchDropout with ToE's kept rates (``"patchdropout"``)."""
 
     def __init__(self, model_name: str, batch: int, img_size: int, schedule: ExpansionSchedule,
-                 device: torch.device, amp: bool, compile_model: bool):
+                 device: torch.device, amp: bool, compile_model: bool, method: str = "toe"):
         import timm
 
-        self.model = patch(timm.create_model(model_name, img_size=img_size), schedule).to(device).train()
+        from .patch import patch_dropout
+        from .patch_dropout import KeptRateSchedule
+
+        model = timm.create_model(model_name, img_size=img_size)
+        if method == "patchdropout":
+            model = patch_dropout(model, KeptRateSchedule(schedule.expansion_steps, schedule.keep_rates))
+        else:
+            model = patch(model, schedule)
+        self.model = model.to(device).train()
+        self.method = method
         self.shape = ViTShape.from_model(self.model)
         self.net = torch.compile(self.model) if compile_model else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -89,9 +99,12 @@ class StepBench:
         self.device, self.amp = device, amp and device.type == "cuda"
 
     def set_stage(self, stage: int) -> int:
-        op = expansion_op(self.model)
+        op = reduction_op(self.model)
         op.stage = stage
         return op.kept_tokens(self.shape.num_patches)
+
+    def train_macs(self, kept: int) -> float:
+        return self.shape.train_macs(kept, first_block_reduced=reduction_op(self.model).reduces_first_block)
 
     def __call__(self) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -130,36 +143,48 @@ def bench_op(args: argparse.Namespace, device: torch.device) -> List[Dict[str, A
 
 
 def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str, Any]]:
+    """Train-step img/s per stage of each method in ``args.methods`` against its own full-token stage, every
+    (method, stage) timed in turn so that drift hits all alike; a ``schedule`` row per method projects the run."""
     sched = ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
-    bench = StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile)
+    benches = {method: StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile,
+                                 method) for method in args.methods}
     stage_epochs = [b - a for a, b in zip(sched.expansion_steps, list(sched.expansion_steps[1:]) + [args.epochs])]
-    stages = list(range(0, sched.num_stages + 1))
+    cases = [(method, stage) for method in args.methods for stage in range(0, sched.num_stages + 1)]
 
-    def at_stage(stage: int) -> Callable[[], None]:
-        return lambda: (bench.set_stage(stage), bench())
+    def at_stage(method: str, stage: int) -> Callable[[], None]:
+        return lambda: (benches[method].set_stage(stage), benches[method]())
 
-    timings = measure_interleaved([at_stage(s) for s in stages], device, args.warmup, args.repeats)
-    rows = []
-    for stage, t in zip(stages, timings):
-        kept = bench.set_stage(stage)
-        rows.append({"stage": stage, "tokens": bench.shape.num_prefix_tokens + kept,
-                     "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
-                     "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
-                     "flops_per_img_G": bench.shape.train_macs(kept) / 1e9})
+    timings = measure_interleaved([at_stage(m, s) for m, s in cases], device, args.warmup, args.repeats)
+    rows: List[Dict[str, Any]] = []
+    for method in args.methods:
+        bench, method_rows = benches[method], []
+        for (case_method, stage), t in zip(cases, timings):
+            if case_method != method:
+                continue
+            kept = bench.set_stage(stage)
+            method_rows.append({"method": method, "stage": stage, "tokens": bench.shape.num_prefix_tokens + kept,
+                                "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
+                                "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
+                                "flops_per_img_G": bench.train_macs(kept) / 1e9})
+        rows += _with_ratios(method, method_rows)
+    return rows
+
+
+def _with_ratios(method: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Speed-up, FLOP ratio and their ratio against the method's full-token stage, and the schedule's projection."""
     full = rows[0]
     for row in rows:
         row["speedup"] = row["img_per_s"] / full["img_per_s"]
         row["flop_ratio"] = full["flops_per_img_G"] / row["flops_per_img_G"]
         row["efficiency"] = row["speedup"] / row["flop_ratio"]
     total_epochs = sum(r["epochs"] for r in rows)
-    time_toe = sum(r["epochs"] / r["img_per_s"] for r in rows)
-    flops_toe = sum(r["epochs"] * r["flops_per_img_G"] for r in rows)
-    rows.append({"stage": "schedule", "tokens": None, "epochs": total_epochs, "img_per_s": total_epochs / time_toe,
-                 "speedup": total_epochs / full["img_per_s"] / time_toe,
-                 "flop_ratio": total_epochs * full["flops_per_img_G"] / flops_toe,
-                 "flops_per_img_G": flops_toe / total_epochs})
-    rows[-1]["efficiency"] = rows[-1]["speedup"] / rows[-1]["flop_ratio"]
-    return rows
+    seconds = sum(r["epochs"] / r["img_per_s"] for r in rows)
+    flops = sum(r["epochs"] * r["flops_per_img_G"] for r in rows)
+    projection = {"method": method, "stage": "schedule", "tokens": None, "epochs": total_epochs,
+                  "img_per_s": total_epochs / seconds, "speedup": total_epochs / full["img_per_s"] / seconds,
+                  "flop_ratio": total_epochs * full["flops_per_img_G"] / flops, "flops_per_img_G": flops / total_epochs}
+    projection["efficiency"] = projection["speedup"] / projection["flop_ratio"]
+    return rows + [projection]
 
 
 def default_flops_table() -> Path:

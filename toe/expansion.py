@@ -198,6 +198,8 @@ class TokenExpansion(nn.Module):
     Identity in stage 0, in a last stage whose kept rate is 1.0, and in eval mode unless ``sparse_eval``.
     """
 
+    reduces_first_block = False  # it runs on the first block's output: the first block sees every token
+
     def __init__(self, schedule: ExpansionSchedule, num_prefix_tokens: int = 1, sparse_eval: bool = False):
         super().__init__()
         self.schedule = schedule

@@ -59,19 +59,22 @@ class ViTShape:
         linear = tokens * (4 * d * d + 2 * d * self.mlp_hidden)
         return linear + (2 * tokens * tokens * d if attention else 0)
 
-    def forward_macs(self, kept_patches: int | None = None, attention: bool = True) -> float:
-        """Forward MACs per image when blocks 2..L see ``kept_patches`` patch tokens (all if ``None``)."""
+    def forward_macs(self, kept_patches: int | None = None, attention: bool = True,
+                     first_block_reduced: bool = False) -> float:
+        """Forward MACs per image when blocks 2..L (all blocks with ``first_block_reduced``, as under
+        PatchDropout) see ``kept_patches`` patch tokens (all if ``None``)."""
         kept = self.num_patches if kept_patches is None else kept_patches
         full, reduced = self.num_prefix_tokens + self.num_patches, self.num_prefix_tokens + kept
         return (
             self.num_patches * self.patch_macs
-            + self.block_macs(full, attention)
+            + self.block_macs(reduced if first_block_reduced else full, attention)
             + (self.depth - 1) * self.block_macs(reduced, attention)
             + self.embed_dim * self.num_classes
         )
 
-    def train_macs(self, kept_patches: int | None = None, attention: bool = True) -> float:
-        return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention)
+    def train_macs(self, kept_patches: int | None = None, attention: bool = True,
+                   first_block_reduced: bool = False) -> float:
+        return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention, first_block_reduced)
 
 
 def _stem_macs(patch_embed: nn.Module, proj: nn.Module) -> float:

@@ -67,10 +67,12 @@ class EpochInputs:
             crop = functools.partial(fourier_crop, size=img_size) if img_size < run.img_size else None
         run.sampler.set_epoch(epoch)
         shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
-        op = toe.expansion_op(run.model)
+        op = toe.reduction_op(run.model)
         kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
+        first = op is not None and op.reduces_first_block
         return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, shape.num_prefix_tokens + kept,
-                            shape.train_macs(kept), shape.train_macs(kept, attention=False))
+                            shape.train_macs(kept, first_block_reduced=first),
+                            shape.train_macs(kept, attention=False, first_block_reduced=first))
 
 
 class Evaluator:

@@ -25,7 +25,8 @@ from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
-from toe.schema import ConfigError, SchedulePlan, build_expansion_schedule, plan_schedule
+from toe.schema import (ConfigError, SchedulePlan, build_expansion_schedule, build_patch_dropout_schedule,
+                        plan_schedule)
 from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,12 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
             toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
         except TypeError as err:  # fewer than two blocks: nothing after the first block to run on fewer tokens
             raise ConfigError(f"model.name={cfg.model.name} with toe.enabled=true: {err}") from None
+    dropout_schedule = build_patch_dropout_schedule(cfg, plan.stage_starts)
+    if dropout_schedule is not None:
+        try:
+            toe.patch_dropout(model, dropout_schedule)
+        except TypeError as err:
+            raise ConfigError(f"model.name={cfg.model.name} with method=patchdropout: {err}") from None
     data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     images = uint8_images(train_set) if cfg.train.pipeline != "pil" else None

@@ -48,6 +48,14 @@ def _spec(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[fl
 
 
 @dataclass
+class PatchDropoutConfig:
+    """PatchDropout with a kept-rate schedule (toe.patch_dropout); the stage start epochs come from ``schedule``."""
+
+    enabled: bool = False
+    keep_rates: List[float] = _spec(gt=0.0, le=1.0)  # one per stage of `schedule`
+
+
+@dataclass
 class ToEConfig:
     """The operator (toe.ExpansionSchedule); the stage start epochs come from ``schedule``."""
 
@@ -200,6 +208,7 @@ class RunConfig:
     smoke_recipe: str = MISSING
     smoke_epochs: int = _spec(ge=1)
     toe: ToEConfig = field(default_factory=ToEConfig)
+    patch_dropout: PatchDropoutConfig = field(default_factory=PatchDropoutConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     token_label: TokenLabelConfig = field(default_factory=TokenLabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -314,6 +323,12 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
 
         if not Path(str(cfg.finetune.path)).expanduser().is_file():
             raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
+    if cfg.toe.enabled and cfg.patch_dropout.enabled:
+        raise ConfigError("toe.enabled=true and patch_dropout.enabled=true: one token-reduction method per run "
+                          "(method=toe or method=patchdropout)")
+    if cfg.patch_dropout.enabled and len(cfg.patch_dropout.keep_rates) != len(cfg.schedule.stage_starts):
+        raise ConfigError(f"patch_dropout.keep_rates={_show(list(cfg.patch_dropout.keep_rates))}: one rate per stage "
+                          f"of schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}")
     workers = cfg.train.workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"train.workers={_show(workers)}: expected auto or a number of processes >= 0")
@@ -369,11 +384,11 @@ class SchedulePlan:
     epochs: int
     stage_starts: List[int]
     phases: List[Any]  # toe.curriculum.Phase, empty without a curriculum
-    toe_enabled: bool = False
+    toe_enabled: bool = False  # a token-reduction method with stages runs (ToE or PatchDropout)
 
     @property
     def unreached_stages(self) -> List[int]:
-        """ToE stages (1-based) that start at or after the last epoch, so they never run (e.g. 0/100/400 of 300)."""
+        """Stages (1-based) that start at or after the last epoch, so they never run (e.g. 0/100/400 of 300)."""
         if not self.toe_enabled:
             return []
         return [stage for stage, start in enumerate(self.stage_starts, 1) if start >= self.epochs]
@@ -405,7 +420,22 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
                                   int(cfg.model.patch_size))
         except ValueError as err:
             raise ConfigError(f"curriculum.phases: {err}") from None
-    return SchedulePlan(int(cfg.schedule.epochs), starts, phases, bool(cfg.toe.enabled))
+    if cfg.patch_dropout.enabled:
+        try:
+            build_patch_dropout_schedule(cfg, starts)
+        except ValueError as err:
+            raise ConfigError(f"patch_dropout.keep_rates={_show(list(cfg.patch_dropout.keep_rates))}: {err}") from None
+    staged = bool(cfg.toe.enabled or cfg.patch_dropout.enabled)
+    return SchedulePlan(int(cfg.schedule.epochs), starts, phases, staged)
+
+
+def build_patch_dropout_schedule(cfg: DictConfig, starts: List[int]):
+    """The run's :class:`toe.patch_dropout.KeptRateSchedule`, or ``None`` with PatchDropout off."""
+    from .patch_dropout import KeptRateSchedule
+
+    if not cfg.patch_dropout.enabled:
+        return None
+    return KeptRateSchedule(tuple(starts), tuple(cfg.patch_dropout.keep_rates))
 
 
 def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None):

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=positive_int, default=5)
     step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
+    step.add_argument("--methods", nargs="+", default=["toe"], choices=["toe", "patchdropout"],
+                      help="token-reduction methods to time (patchdropout: ToE's kept rates, dropped before block 1)")
 
     e2e = sub.add_parser("e2e", help="a run's loader, step and whole loop per ToE stage (toe-train's config)")
     e2e.add_argument("overrides", nargs="*", help="toe-train overrides, e.g. model=deit_small recipe=deit")
@@ -108,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
         print(f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
               "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage")
-        print(markdown(rows, ["stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G", "speedup",
-                              "flop_ratio", "efficiency"]))
+        print(markdown(rows, ["method", "stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G",
+                              "speedup", "flop_ratio", "efficiency"]))
     elif args.command == "e2e":
         from toe.data import DataRootError
         from toe.schema import ConfigError, compose_error_line, is_compose_error

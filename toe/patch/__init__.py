@@ -15,8 +15,11 @@ from typing import Callable, Iterator, List, Optional, Tuple, Type
 from torch import nn
 
 from ..expansion import TokenExpansion
+from ..patch_dropout import KeptRateSchedule, ScheduledPatchDropout
 from ..schedule import ExpansionSchedule
 from . import lvvit, timm
+
+TokenReducer = (TokenExpansion, ScheduledPatchDropout)  # the ops whose stage follows the epoch
 
 
 def hosts() -> List[Tuple[Type[nn.Module], Callable[[nn.Module, TokenExpansion], None]]]:
@@ -44,16 +47,38 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
     return model
 
 
+def patch_dropout(model: nn.Module, schedule: KeptRateSchedule) -> nn.Module:
+    """Put a :class:`toe.patch_dropout.ScheduledPatchDropout` in ``model``'s ``patch_drop`` slot (timm's ViTs call
+    it after the position embedding, before the first block), in place; drive it with :func:`set_epoch`."""
+    if isinstance(model, lvvit.host_type()):
+        raise TypeError("PatchDropout on LV-ViT is not built yet: its dense head needs the dropped positions back")
+    if not isinstance(getattr(model, "patch_drop", None), nn.Module) or not hasattr(model, "blocks"):
+        raise TypeError(f"PatchDropout needs a timm vision transformer (its patch_drop slot); got "
+                        f"{type(model).__name__}")
+    model.patch_drop = ScheduledPatchDropout(schedule, num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
+    return model
+
+
+def reduction_ops(model: nn.Module) -> Iterator[nn.Module]:
+    """Every token-reduction op in ``model`` whose stage follows the epoch (ToE, scheduled PatchDropout)."""
+    return (m for m in model.modules() if isinstance(m, TokenReducer))
+
+
 def expansion_ops(model: nn.Module) -> Iterator[TokenExpansion]:
     return (m for m in model.modules() if isinstance(m, TokenExpansion))
 
 
 def set_epoch(model: nn.Module, epoch: int) -> int:
-    """Set the ToE stage of every operator in ``model`` from the global epoch; returns the stage (0 if unpatched)."""
+    """Set the stage of every token-reduction op in ``model`` from the global epoch; returns the stage (0 if
+    there is none)."""
     stage = 0
-    for op in expansion_ops(model):
+    for op in reduction_ops(model):
         stage = op.set_epoch(epoch)
     return stage
+
+
+def reduction_op(model: nn.Module) -> Optional[nn.Module]:
+    return next(reduction_ops(model), None)
 
 
 def expansion_op(model: nn.Module) -> Optional[TokenExpansion]:

@@ -1,0 +1,82 @@
+"""PatchDropout (Liu et al., WACV 2023; FLIP, Li et al., CVPR 2023) with a kept-rate schedule: in training, each
+image keeps a random ``int(n * r)`` of its ``n`` patch tokens before the first block, ``r`` the kept rate of the
+stage; evaluation sees every token. The stage comes from the epoch as ToE's does (:class:`KeptRateSchedule`).
+
+The dropping is timm's ``PatchDropout`` (timm's ViTs call it from their ``patch_drop`` slot, after the position
+embedding); only its drop probability is set per stage here.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Tuple
+
+from timm.layers import PatchDropout
+
+
+@dataclass(frozen=True)
+class KeptRateSchedule:
+    """Stages that start at ``stage_starts`` (epochs) and keep ``keep_rates`` of the patch tokens; epochs before the
+    first start are stage 0 (all tokens), as in :class:`toe.ExpansionSchedule`."""
+
+    stage_starts: Tuple[int, ...]
+    keep_rates: Tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_starts", tuple(int(s) for s in self.stage_starts))
+        object.__setattr__(self, "keep_rates", tuple(float(r) for r in self.keep_rates))
+        if len(self.stage_starts) != len(self.keep_rates) or not self.keep_rates:
+            raise ValueError(f"keep_rates {list(self.keep_rates)} need one stage start each, got "
+                             f"{list(self.stage_starts)}")
+        if any(not 0.0 < r <= 1.0 for r in self.keep_rates):
+            raise ValueError(f"keep_rates {list(self.keep_rates)} must lie in (0, 1]")
+        if any(b <= a for a, b in zip(self.stage_starts, self.stage_starts[1:])):
+            raise ValueError(f"stage_starts {list(self.stage_starts)} must increase")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.keep_rates)
+
+    def stage_at(self, epoch: int) -> int:
+        return bisect.bisect_right(self.stage_starts, epoch)
+
+    def keep_rate(self, stage: int) -> float:
+        return 1.0 if stage == 0 else self.keep_rates[stage - 1]
+
+    def kept_tokens(self, n: int, stage: int) -> int:
+        """Patch tokens kept of ``n`` at ``stage``, as timm's PatchDropout counts them."""
+        rate = self.keep_rate(stage)
+        return n if rate == 1.0 else max(1, int(n * (1.0 - (1.0 - rate))))
+
+
+class ScheduledPatchDropout(PatchDropout):
+    """timm's ``PatchDropout`` whose drop probability follows a :class:`KeptRateSchedule` through
+    :meth:`set_epoch`; parameter-free, like :class:`toe.TokenExpansion`."""
+
+    reduces_first_block = True  # it runs before the first block: every block sees the kept tokens
+
+    def __init__(self, schedule: KeptRateSchedule, num_prefix_tokens: int = 1):
+        super().__init__(prob=0.0, num_prefix_tokens=num_prefix_tokens)
+        self.schedule = schedule
+        self.stage = 0
+
+    @property
+    def stage(self) -> int:
+        return self._stage
+
+    @stage.setter
+    def stage(self, stage: int) -> None:
+        self._stage = stage
+        self.prob = 1.0 - self.schedule.keep_rate(stage)
+
+    def set_epoch(self, epoch: int) -> int:
+        self.stage = self.schedule.stage_at(epoch)
+        return self.stage
+
+    def kept_tokens(self, n: int) -> int:
+        """Patch tokens after the op for ``n`` input patch tokens, in the current stage and mode."""
+        return self.schedule.kept_tokens(n, self.stage) if self.training else n
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}, prob={self.prob:g}, schedule={self.schedule}"
