@@ -41,6 +41,8 @@ TABLES: Dict[str, TableSpec] = {
     "ablation_repeats": TableSpec("Ablation: repetition step k", ["model", "toe.repeats"], {"toe.repeats": "2"}),
     "ablation_keep_rates": TableSpec("Ablation: kept-rate sets", ["model", "toe"], {"toe": "r0.5"}),
     "ablation_stage_split": TableSpec("Ablation: stage split", ["model", "schedule"], {"schedule": "official"}),
+    "compare_token_reduction": TableSpec("Token reduction at matched train FLOPs: full tokens, ToE, PatchDropout, "
+                                         "Token Merging", ["model", "method"]),
 }
 NOT_ROW_KEYS = {"seed", "experiments", "smoke", "logger", "data.root", "hydra.sweep.dir", "hydra.run.dir"}
 

@@ -27,7 +27,8 @@ def _smoke_jobs(name: str) -> int:
 
 def test_every_experiment_is_a_multirun_with_its_own_task_name():
     assert {"table1_deit", "table2_consistency", "table3_lvvit", "table4_efficienttrain", "finetune_cifar", "ablation_init", "ablation_expand", "ablation_merge",
-            "ablation_distance", "ablation_repeats", "ablation_keep_rates", "ablation_stage_split"} <= set(EXPERIMENTS)
+            "ablation_distance", "ablation_repeats", "ablation_keep_rates", "ablation_stage_split",
+            "compare_token_reduction"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
         assert spec["task_name"] == name and spec["hydra"]["mode"] == "MULTIRUN"

@@ -59,9 +59,7 @@ def test_patch_dropout_sits_in_timms_slot_keeps_weights_and_survives_deepcopy():
     images = torch.randn(2, 3, 32, 32)
     model.eval()
     torch.testing.assert_close(model(images), plain.eval()(images))  # evaluation: all tokens
-    with pytest.raises(TypeError, match="LV-ViT"):
-        toe.patch_dropout(timm.create_model("lvvit_t", img_size=32, depth=2), SCHEDULE)
-    with pytest.raises(TypeError, match="patch_drop"):
+    with pytest.raises(TypeError, match="at least two `blocks`"):
         toe.patch_dropout(torch.nn.Linear(2, 2), SCHEDULE)
 
 
@@ -90,13 +88,15 @@ def test_a_patchdropout_run_records_its_stages_tokens_and_flops(tiny_cfg, tmp_pa
                              "model.kwargs.depth=4"), tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary.method == "patchdropout" and summary.status == "completed"
-    assert [r["stage"] for r in rows] == [1, 2, 3] and [r["tokens_after_first_block"] for r in rows] == [33, 49, 65]
+    # kept rates matched to ToE's train FLOPs per stage (toe.plan): 0.625, 0.8125, 1.0 of 64 patches
+    assert [r["stage"] for r in rows] == [1, 2, 3] and [r["tokens_after_first_block"] for r in rows] == [41, 53, 65]
     shape = ViTShape(64, 4, 256, 64, 1, 3 * 4 * 4 * 64, 10)
     assert rows[0]["train_flops_total"] == pytest.approx(rows[0]["images_seen"] * shape.train_macs(
-        32, first_block_reduced=True))
+        40, first_block_reduced=True))
+    assert shape.train_macs(40, first_block_reduced=True) == pytest.approx(shape.train_macs(32), rel=0.02)
     # 10 classes: a broken run stays near 0.10; three epochs gave 0.21-0.29 over seeds 0-2
     assert summary.final_top1 > 0.16
     with pytest.raises(ConfigError, match="one token-reduction method per run"):
         train(tiny_cfg("method=patchdropout", "toe.enabled=true"), tmp_path / "both")
-    with pytest.raises(ConfigError, match="one rate per stage"):
+    with pytest.raises(ConfigError, match="one value per stage"):
         train(tiny_cfg("method=patchdropout", "patch_dropout.keep_rates=[0.5]"), tmp_path / "rates")

@@ -16,7 +16,7 @@ import itertools
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -26,7 +26,7 @@ from .expansion import expand_tokens
 from .flops import ViTShape, schedule_average_macs
 from .patch import expansion_op, patch, reduction_op
 from .reference import reference_expand_tokens
-from .schedule import ExpansionSchedule
+from .schedule import ExpansionSchedule, MergeSchedule
 
 DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
 
@@ -73,22 +73,35 @@ def deit_schedule(repeats: int = 2) -> ExpansionSchedule:
     return ExpansionSchedule([0, 100, 200], [0.5, 0.75, 1.0], 0.25, repeats=repeats)
 
 
+STEP_METHODS = ("toe", "patchdropout", "tome", "tome-noprop")
+
+
 class StepBench:
     """One optimiser step (forward, backward, AdamW) of a timm model at a fixed batch, per stage of its token
-    reduction: ToE (``method="toe"``) or PatchDropout with ToE's kept rates (``"patchdropout"``)."""
+    reduction: ToE (``method="toe"``), or PatchDropout (``"patchdropout"``) or Token Merging (``"tome"``; without
+    proportional attention ``"tome-noprop"``) at the train FLOPs of ToE's stages (:func:`toe.plan.match_stages`)."""
 
     def __init__(self, model_name: str, batch: int, img_size: int, schedule: ExpansionSchedule,
                  device: torch.device, amp: bool, compile_model: bool, method: str = "toe"):
         import timm
 
-        from .patch import patch_dropout
+        from .patch import patch_dropout, patch_merging
         from .patch_dropout import KeptRateSchedule
+        from .plan import match_stages
 
         model = timm.create_model(model_name, img_size=img_size)
-        if method == "patchdropout":
-            model = patch_dropout(model, KeptRateSchedule(schedule.expansion_steps, schedule.keep_rates))
-        else:
+        steps = schedule.expansion_steps
+        if method == "toe":
             model = patch(model, schedule)
+        else:
+            matches = match_stages(ViTShape.from_model(model), schedule)
+            if method == "patchdropout":
+                model = patch_dropout(model, KeptRateSchedule(steps, tuple(m.kept_rate for m in matches)))
+            elif method in ("tome", "tome-noprop"):
+                model = patch_merging(model, MergeSchedule(steps, tuple(m.merge_r for m in matches)),
+                                      prop_attn=method == "tome")
+            else:
+                raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
         self.model = model.to(device).train()
         self.method = method
         self.shape = ViTShape.from_model(self.model)
@@ -98,13 +111,14 @@ class StepBench:
         self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
         self.device, self.amp = device, amp and device.type == "cuda"
 
-    def set_stage(self, stage: int) -> int:
+    def set_stage(self, stage: int) -> List[Tuple[int, int]]:
+        """Put the op in ``stage``; returns the (attention, MLP) tokens of each block."""
         op = reduction_op(self.model)
         op.stage = stage
-        return op.kept_tokens(self.shape.num_patches)
+        return op.block_tokens(self.shape.num_patches, self.shape.depth)
 
-    def train_macs(self, kept: int) -> float:
-        return self.shape.train_macs(kept, first_block_reduced=reduction_op(self.model).reduces_first_block)
+    def train_macs(self, tokens: List[Tuple[int, int]]) -> float:
+        return self.shape.train_macs_blocks(tokens)
 
     def __call__(self) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -161,11 +175,11 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str,
         for (case_method, stage), t in zip(cases, timings):
             if case_method != method:
                 continue
-            kept = bench.set_stage(stage)
-            method_rows.append({"method": method, "stage": stage, "tokens": bench.shape.num_prefix_tokens + kept,
+            tokens = bench.set_stage(stage)
+            method_rows.append({"method": method, "stage": stage, "tokens": tokens[1][0],
                                 "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
                                 "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
-                                "flops_per_img_G": bench.train_macs(kept) / 1e9})
+                                "flops_per_img_G": bench.train_macs(tokens) / 1e9})
         rows += _with_ratios(method, method_rows)
     return rows
 
@@ -263,6 +277,7 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
 
     from .distributed import DistInfo
     from .engine import train_one_epoch
+    from .loop import block_tokens
     from .run import build_run
     from .schema import validate
 
@@ -289,14 +304,14 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
         step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0))
         loop_rate = images_per_second(lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches),
                                                               step, 0))
-        kept = op.kept_tokens(run.shape.num_patches) if op is not None else run.shape.num_patches
-        rows.append({"stage": stage, "tokens": run.shape.num_prefix_tokens + kept, "pipeline": run.pipeline,
+        tokens = block_tokens(run.model, run.shape)
+        rows.append({"stage": stage, "tokens": tokens[min(1, len(tokens) - 1)][0], "pipeline": run.pipeline,
                      "loader_img_per_s": loader_rate, "step_img_per_s": step_rate, "loop_img_per_s": loop_rate,
                      "bound_by": "loader" if loader_rate < step_rate else "step",
                      "loop_vs_bound": loop_rate / min(loader_rate, step_rate),
                      "step_speedup": step_rate / rows[0]["step_img_per_s"] if rows else 1.0,
                      "loop_speedup": loop_rate / rows[0]["loop_img_per_s"] if rows else 1.0,
-                     "flop_ratio": run.shape.train_macs(run.shape.num_patches) / run.shape.train_macs(kept)})
+                     "flop_ratio": run.shape.train_macs() / run.shape.train_macs_blocks(tokens)})
     return rows
 
 

@@ -60,13 +60,13 @@ def pairwise_score(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Ten
     raise ValueError(f"unknown distance {distance!r}")
 
 
-def _flat_rows(idx: torch.Tensor, rows_per_item: int) -> torch.Tensor:
+def flat_rows(idx: torch.Tensor, rows_per_item: int) -> torch.Tensor:
     """Row numbers in a ``[B * rows_per_item, D]`` view for per-item positions ``idx [B, m]``."""
     base = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * rows_per_item
     return (idx + base).reshape(-1)
 
 
-def _gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``tokens[b, idx[b]]`` for ``idx [B, m]`` (or ``[m]`` shared by the batch).
 
     Row-wise ``index_select`` on the flattened ``[B * N, D]`` view: on CPU it is 5-20x faster than ``gather``
@@ -76,7 +76,7 @@ def _gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if idx.dim() == 1:
         return tokens.index_select(1, idx)
     flat = tokens.reshape(batch * rows, dim)  # a view for contiguous tokens
-    return flat.index_select(0, _flat_rows(idx, rows)).view(batch, -1, dim)
+    return flat.index_select(0, flat_rows(idx, rows)).view(batch, -1, dim)
 
 
 @torch.no_grad()
@@ -107,7 +107,7 @@ def select_tokens(
     seeds = seeds.expand(batch, -1) if seeds.dim() == 1 else seeds
     selected = torch.zeros(batch, n, dtype=torch.bool, device=patches.device)
     selected.scatter_(1, seeds, True)
-    best, nearest = pairwise_score(normed, _gather_tokens(normed, seeds), distance).max(dim=-1)
+    best, nearest = pairwise_score(normed, gather_tokens(normed, seeds), distance).max(dim=-1)
     keep, num_kept = [seeds], seeds.shape[-1]
     for size in substeps:
         if size == 0:
@@ -118,7 +118,7 @@ def select_tokens(
             candidate = torch.rand(batch, n, device=patches.device).masked_fill(selected, float("inf"))
         added = candidate.topk(size, dim=-1, largest=False, sorted=True).indices
         selected.scatter_(1, added, True)
-        block_best, block_arg = pairwise_score(normed, _gather_tokens(normed, added), distance).max(dim=-1)
+        block_best, block_arg = pairwise_score(normed, gather_tokens(normed, added), distance).max(dim=-1)
         better = block_best > best
         best = torch.where(better, block_best, best)
         nearest = torch.where(better, block_arg + num_kept, nearest)
@@ -142,15 +142,15 @@ def merge_tokens(
     ``(x_s + sum of assigned x_u) / (1 + #assigned)``, here with ``index_add`` (faster on CPU, and no host sync on
     CUDA). Gradients reach kept and merged tokens.
     """
-    kept = _gather_tokens(x, positions)
+    kept = gather_tokens(x, positions)
     if targets is None or rest_positions.shape[1] == 0:
         return kept
     batch, num_kept, dim = kept.shape
-    rows = _flat_rows(targets, num_kept)
+    rows = flat_rows(targets, num_kept)
     with torch.no_grad():
         counts = torch.ones(batch * num_kept, 1, dtype=kept.dtype, device=kept.device)
         counts.index_add_(0, rows, torch.ones(rows.shape[0], 1, dtype=kept.dtype, device=kept.device))
-    rest = _gather_tokens(x, rest_positions).reshape(-1, dim)
+    rest = gather_tokens(x, rest_positions).reshape(-1, dim)
     sums = kept.reshape(batch * num_kept, dim).index_add(0, rows, rest)
     return (sums / counts).view(batch, num_kept, dim)
 
@@ -217,6 +217,12 @@ class TokenExpansion(nn.Module):
     def kept_tokens(self, n: int) -> int:
         """Patch tokens after the op for ``n`` input patch tokens, in the current stage and mode."""
         return self.schedule.kept_tokens(n, self.stage) if self.is_active() else n
+
+    def block_tokens(self, num_patches: int, depth: int) -> List[Tuple[int, int]]:
+        """(tokens into the attention, tokens into the MLP) of each block, prefix included, now: the first block
+        sees every token, the others the kept ones."""
+        full, kept = num_patches + self.num_prefix_tokens, self.kept_tokens(num_patches) + self.num_prefix_tokens
+        return [(full, full)] + [(kept, kept)] * (depth - 1)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         stage = self.stage if self.is_active() else 0

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a plain ViT under a ToE token schedule.
+"""Analytic FLOPs of a plain ViT under a token schedule (ToE, Token Merging, PatchDropout).
 
 Convention (the paper's and thop's): one FLOP is one multiply-accumulate. Per
 block with ``t`` tokens, width ``D`` and MLP hidden width ``H``: ``t * (4 D^2 + 2 D H)`` for the linear layers
@@ -10,7 +10,7 @@ training step costs 3x the forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -55,9 +55,31 @@ class ViTShape:
         return cls(embed_dim, depth, 4 * embed_dim, num_patches, 1, 3 * 16 * 16 * embed_dim, num_classes)
 
     def block_macs(self, tokens: int, attention: bool = True) -> float:
+        return self.attention_macs(tokens, attention) + self.mlp_macs(tokens)
+
+    def attention_macs(self, tokens: int, attention: bool = True) -> float:
+        """qkv and output projections, and (with ``attention``) the two attention matmuls, on ``tokens`` tokens."""
         d = self.embed_dim
-        linear = tokens * (4 * d * d + 2 * d * self.mlp_hidden)
-        return linear + (2 * tokens * tokens * d if attention else 0)
+        return tokens * 4 * d * d + (2 * tokens * tokens * d if attention else 0)
+
+    def mlp_macs(self, tokens: int) -> float:
+        return tokens * 2 * self.embed_dim * self.mlp_hidden
+
+    def forward_macs_blocks(self, block_tokens: Sequence[Tuple[int, int]], attention: bool = True) -> float:
+        """Forward MACs per image when block ``l``'s attention sees ``block_tokens[l][0]`` tokens and its MLP
+        ``block_tokens[l][1]`` (prefix included), as each token-reduction op's ``block_tokens`` gives them (Token
+        Merging merges between the two)."""
+        if len(block_tokens) != self.depth:
+            raise ValueError(f"{len(block_tokens)} blocks of token counts for a depth of {self.depth}")
+        blocks = sum(self.attention_macs(t_attn, attention) + self.mlp_macs(t_mlp) for t_attn, t_mlp in block_tokens)
+        return self.num_patches * self.patch_macs + blocks + self.embed_dim * self.num_classes
+
+    def train_macs_blocks(self, block_tokens: Sequence[Tuple[int, int]], attention: bool = True) -> float:
+        return TRAIN_TO_FORWARD * self.forward_macs_blocks(block_tokens, attention)
+
+    def full_block_tokens(self) -> List[Tuple[int, int]]:
+        tokens = self.num_prefix_tokens + self.num_patches
+        return [(tokens, tokens)] * self.depth
 
     def forward_macs(self, kept_patches: int | None = None, attention: bool = True,
                      first_block_reduced: bool = False) -> float:
@@ -65,12 +87,8 @@ class ViTShape:
         PatchDropout) see ``kept_patches`` patch tokens (all if ``None``)."""
         kept = self.num_patches if kept_patches is None else kept_patches
         full, reduced = self.num_prefix_tokens + self.num_patches, self.num_prefix_tokens + kept
-        return (
-            self.num_patches * self.patch_macs
-            + self.block_macs(reduced if first_block_reduced else full, attention)
-            + (self.depth - 1) * self.block_macs(reduced, attention)
-            + self.embed_dim * self.num_classes
-        )
+        first = reduced if first_block_reduced else full
+        return self.forward_macs_blocks([(first, first)] + [(reduced, reduced)] * (self.depth - 1), attention)
 
     def train_macs(self, kept_patches: int | None = None, attention: bool = True,
                    first_block_reduced: bool = False) -> float:

@@ -14,13 +14,14 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
 import toe
 from toe.curriculum import Phase, fourier_crop, phase_at
 from toe.engine import EpochResult, evaluate
+from toe.flops import ViTShape
 from toe.record import EpochRow
 
 log = logging.getLogger("toe.train")
@@ -67,12 +68,15 @@ class EpochInputs:
             crop = functools.partial(fourier_crop, size=img_size) if img_size < run.img_size else None
         run.sampler.set_epoch(epoch)
         shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
-        op = toe.reduction_op(run.model)
-        kept = op.kept_tokens(shape.num_patches) if op is not None else shape.num_patches
-        first = op is not None and op.reduces_first_block
-        return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, shape.num_prefix_tokens + kept,
-                            shape.train_macs(kept, first_block_reduced=first),
-                            shape.train_macs(kept, attention=False, first_block_reduced=first))
+        tokens = block_tokens(run.model, shape)
+        return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, tokens[min(1, len(tokens) - 1)][0],
+                            shape.train_macs_blocks(tokens), shape.train_macs_blocks(tokens, attention=False))
+
+
+def block_tokens(model: torch.nn.Module, shape: ViTShape) -> List[Tuple[int, int]]:
+    """(attention, MLP) tokens of each block of ``model`` as its token-reduction op and mode leave them."""
+    op = toe.reduction_op(model)
+    return op.block_tokens(shape.num_patches, shape.depth) if op is not None else shape.full_block_tokens()
 
 
 class Evaluator:

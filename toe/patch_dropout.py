@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Optional, Tuple
 
+import torch
 from timm.layers import PatchDropout
+
+try:  # timm >= 1.0.20: the dropping as a function that also returns the kept positions
+    from timm.layers.patch_dropout import patch_dropout_forward
+except ImportError:  # older timm: PatchDropout returns them itself when its return_indices is set
+    patch_dropout_forward = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,22 @@ class ScheduledPatchDropout(PatchDropout):
     def kept_tokens(self, n: int) -> int:
         """Patch tokens after the op for ``n`` input patch tokens, in the current stage and mode."""
         return self.schedule.kept_tokens(n, self.stage) if self.training else n
+
+    def block_tokens(self, num_patches: int, depth: int) -> List[Tuple[int, int]]:
+        """(tokens into the attention, tokens into the MLP) of each block, prefix included, now."""
+        tokens = self.num_prefix_tokens + self.kept_tokens(num_patches)
+        return [(tokens, tokens)] * depth
+
+    def forward_with_indices(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The kept tokens and their patch positions ``[B, m]`` (``None`` when nothing is dropped), by timm's
+        dropping, for hosts that put the tokens back (LV-ViT's dense head)."""
+        if patch_dropout_forward is not None:
+            return patch_dropout_forward(x, self.prob, self.num_prefix_tokens, self.ordered, self.training)
+        self.return_indices = True
+        try:
+            return super().forward(x)
+        finally:
+            self.return_indices = False
 
     def extra_repr(self) -> str:
         return f"stage={self.stage}, prob={self.prob:g}, schedule={self.schedule}"

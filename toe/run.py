@@ -25,8 +25,7 @@ from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
-from toe.schema import (ConfigError, SchedulePlan, build_expansion_schedule, build_patch_dropout_schedule,
-                        plan_schedule)
+from toe.schema import ConfigError, SchedulePlan, build_expansion_schedule, plan_schedule
 from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 
 log = logging.getLogger(__name__)
@@ -241,6 +240,39 @@ def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
                                                drop_last=True)
 
 
+def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: SchedulePlan) -> None:
+    """Patch the run's token-reduction method into ``model`` (ToE, PatchDropout or Token Merging; at most one, as
+    :func:`toe.schema.validate` checks). PatchDropout's kept rates and Token Merging's ``r`` left null are matched,
+    stage by stage, to the train FLOPs of the ``toe:`` operator's schedule (:func:`toe.plan.match_stages`)."""
+    from toe.patch_dropout import KeptRateSchedule
+    from toe.plan import match_stages
+    from toe.schedule import MergeSchedule
+
+    starts = tuple(plan.stage_starts)
+    method, enabled = cfg.method_name, next((n for n in ("toe", "patch_dropout", "tome") if cfg[n].enabled), None)
+    if enabled is None:
+        return
+    try:
+        if enabled == "toe":
+            toe.patch(model, build_expansion_schedule(cfg, plan.stage_starts), sparse_eval=cfg.toe.sparse_eval)
+            return
+        matches = None
+        if (cfg.patch_dropout.keep_rates if enabled == "patch_dropout" else cfg.tome.r) is None:
+            matches = match_stages(ViTShape.from_model(model), build_expansion_schedule(cfg, plan.stage_starts,
+                                                                                        matching=True))
+        if enabled == "patch_dropout":
+            rates = cfg.patch_dropout.keep_rates or [m.kept_rate for m in matches]
+            toe.patch_dropout(model, KeptRateSchedule(starts, tuple(rates)))
+        else:
+            rs = cfg.tome.r or [m.merge_r for m in matches]
+            toe.patch_merging(model, MergeSchedule(starts, tuple(rs)), prop_attn=cfg.tome.prop_attn,
+                              sparse_eval=cfg.tome.sparse_eval)
+    except TypeError as err:  # a host the method cannot run on (fewer than two blocks, another block type)
+        raise ConfigError(f"model.name={cfg.model.name} with method={method}: {err}") from None
+    if matches is not None:
+        log.info("%s matched to the train FLOPs of ToE's stages: %s", method, toe.reduction_op(model).schedule)
+
+
 def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -270,18 +302,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
         except (FileNotFoundError, CheckpointMismatchError) as err:
             raise ConfigError(str(err)) from None
     train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
-    schedule = build_expansion_schedule(cfg, plan.stage_starts)
-    if schedule is not None:
-        try:
-            toe.patch(model, schedule, sparse_eval=cfg.toe.sparse_eval)
-        except TypeError as err:  # fewer than two blocks: nothing after the first block to run on fewer tokens
-            raise ConfigError(f"model.name={cfg.model.name} with toe.enabled=true: {err}") from None
-    dropout_schedule = build_patch_dropout_schedule(cfg, plan.stage_starts)
-    if dropout_schedule is not None:
-        try:
-            toe.patch_dropout(model, dropout_schedule)
-        except TypeError as err:
-            raise ConfigError(f"model.name={cfg.model.name} with method=patchdropout: {err}") from None
+    apply_token_reduction(model, cfg, plan)
     data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     images = uint8_images(train_set) if cfg.train.pipeline != "pil" else None

@@ -130,3 +130,35 @@ class ExpansionSchedule:
     def token_counts(self, n: int) -> List[int]:
         """Kept patch tokens for stages 1..Δ, e.g. ``[98, 147, 196]`` for the DeiT script at n=196."""
         return [self.kept_tokens(n, s) for s in range(1, self.num_stages + 1)]
+
+
+@dataclass(frozen=True)
+class MergeSchedule:
+    """Token Merging's stages (:mod:`toe.merging`): stage ``s`` starts at epoch ``stage_starts[s - 1]`` and merges
+    ``rs[s - 1]`` tokens in every block (a fractional ``r`` spreads over the blocks, :func:`toe.merging.block_r`);
+    epochs before the first start are stage 0 (nothing merged), as in :class:`ExpansionSchedule`. An ``r`` of 0 is
+    full-token training."""
+
+    stage_starts: Tuple[int, ...]
+    rs: Tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_starts", tuple(int(s) for s in self.stage_starts))
+        object.__setattr__(self, "rs", tuple(int(r) if float(r).is_integer() else round(float(r), 6)
+                                             for r in self.rs))
+        if len(self.stage_starts) != len(self.rs) or not self.rs:
+            raise ValueError(f"r {list(self.rs)} needs one stage start each, got {list(self.stage_starts)}")
+        if any(r < 0 for r in self.rs):
+            raise ValueError(f"r {list(self.rs)} must be >= 0")
+        if any(b <= a for a, b in zip(self.stage_starts, self.stage_starts[1:])):
+            raise ValueError(f"stage_starts {list(self.stage_starts)} must increase")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.rs)
+
+    def stage_at(self, epoch: int) -> int:
+        return bisect.bisect_right(self.stage_starts, epoch)
+
+    def r(self, stage: int) -> float:
+        return 0 if stage == 0 else self.rs[stage - 1]

@@ -33,6 +33,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 RANDOM_ERASE_MODES = ("pixel", "rand", "const")
 INTERPOLATIONS = ("random", "bilinear", "bicubic", "nearest")
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant")
+REDUCTION_NODES = ("toe", "patch_dropout", "tome")  # the token-reduction methods whose stages follow `schedule`
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,20 @@ class PatchDropoutConfig:
     """PatchDropout with a kept-rate schedule (toe.patch_dropout); the stage start epochs come from ``schedule``."""
 
     enabled: bool = False
-    keep_rates: List[float] = _spec(gt=0.0, le=1.0)  # one per stage of `schedule`
+    # one per stage of `schedule`; null: per stage the rate whose train FLOPs match the `toe:` operator's (toe.plan)
+    keep_rates: Optional[List[float]] = _spec(None, gt=0.0, le=1.0)
+
+
+@dataclass
+class MergingConfig:
+    """Token Merging (toe.merging) with ``r`` per stage; the stage start epochs come from ``schedule``."""
+
+    enabled: bool = False
+    # tokens merged in every block, one per stage of `schedule`; null: per stage the r whose train FLOPs match the
+    # `toe:` operator's (toe.plan)
+    r: Optional[List[float]] = _spec(None, ge=0.0)  # a fractional r spreads over the blocks (toe.merging.block_r)
+    prop_attn: bool = True  # size-weighted (proportional) attention, as the paper
+    sparse_eval: bool = False  # merge at evaluation too
 
 
 @dataclass
@@ -209,6 +223,7 @@ class RunConfig:
     smoke_epochs: int = _spec(ge=1)
     toe: ToEConfig = field(default_factory=ToEConfig)
     patch_dropout: PatchDropoutConfig = field(default_factory=PatchDropoutConfig)
+    tome: MergingConfig = field(default_factory=MergingConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     token_label: TokenLabelConfig = field(default_factory=TokenLabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -323,12 +338,15 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
 
         if not Path(str(cfg.finetune.path)).expanduser().is_file():
             raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
-    if cfg.toe.enabled and cfg.patch_dropout.enabled:
-        raise ConfigError("toe.enabled=true and patch_dropout.enabled=true: one token-reduction method per run "
-                          "(method=toe or method=patchdropout)")
-    if cfg.patch_dropout.enabled and len(cfg.patch_dropout.keep_rates) != len(cfg.schedule.stage_starts):
-        raise ConfigError(f"patch_dropout.keep_rates={_show(list(cfg.patch_dropout.keep_rates))}: one rate per stage "
-                          f"of schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}")
+    enabled = [f"{node}.enabled=true" for node in REDUCTION_NODES if cfg[node].enabled]
+    if len(enabled) > 1:
+        raise ConfigError(f"{' and '.join(enabled)}: one token-reduction method per run (method=toe, "
+                          "method=patchdropout or method=tome)")
+    for key, values in (("patch_dropout.keep_rates", cfg.patch_dropout.keep_rates), ("tome.r", cfg.tome.r)):
+        if cfg[key.split(".")[0]].enabled and values is not None and len(values) != len(cfg.schedule.stage_starts):
+            raise ConfigError(f"{key}={_show(list(values))}: one value per stage of "
+                              f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))} (or null: matched to "
+                              "the ToE operator's train FLOPs)")
     workers = cfg.train.workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"train.workers={_show(workers)}: expected auto or a number of processes >= 0")
@@ -420,29 +438,18 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
                                   int(cfg.model.patch_size))
         except ValueError as err:
             raise ConfigError(f"curriculum.phases: {err}") from None
-    if cfg.patch_dropout.enabled:
-        try:
-            build_patch_dropout_schedule(cfg, starts)
-        except ValueError as err:
-            raise ConfigError(f"patch_dropout.keep_rates={_show(list(cfg.patch_dropout.keep_rates))}: {err}") from None
-    staged = bool(cfg.toe.enabled or cfg.patch_dropout.enabled)
+    if (cfg.patch_dropout.enabled and cfg.patch_dropout.keep_rates is None) or (cfg.tome.enabled and cfg.tome.r is None):
+        build_expansion_schedule(cfg, starts, matching=True)  # the settings they are matched to must work
+    staged = any(cfg[node].enabled for node in REDUCTION_NODES)
     return SchedulePlan(int(cfg.schedule.epochs), starts, phases, staged)
 
 
-def build_patch_dropout_schedule(cfg: DictConfig, starts: List[int]):
-    """The run's :class:`toe.patch_dropout.KeptRateSchedule`, or ``None`` with PatchDropout off."""
-    from .patch_dropout import KeptRateSchedule
-
-    if not cfg.patch_dropout.enabled:
-        return None
-    return KeptRateSchedule(tuple(starts), tuple(cfg.patch_dropout.keep_rates))
-
-
-def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None):
-    """The run's :class:`toe.ExpansionSchedule`, or ``None`` with ToE off."""
+def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None, matching: bool = False):
+    """The run's :class:`toe.ExpansionSchedule`, or ``None`` with ToE off; with ``matching``, the schedule of the
+    ``toe:`` node even with ToE off (PatchDropout and Token Merging match its train FLOPs)."""
     from .schedule import ExpansionSchedule
 
-    if not cfg.toe.enabled:
+    if not (cfg.toe.enabled or matching):
         return None
     node = cfg.toe
     try:

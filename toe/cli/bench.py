@@ -21,7 +21,7 @@ from toe.cli.args import kept_rate, non_negative_int, positive_int, torch_device
 
 
 def _parser() -> argparse.ArgumentParser:
-    from toe.bench import DEIT
+    from toe.bench import DEIT, STEP_METHODS
 
     parser = argparse.ArgumentParser(prog="toe-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=positive_int, default=5)
     step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
-    step.add_argument("--methods", nargs="+", default=["toe"], choices=["toe", "patchdropout"],
-                      help="token-reduction methods to time (patchdropout: ToE's kept rates, dropped before block 1)")
+    step.add_argument("--methods", nargs="+", default=["toe"], choices=list(STEP_METHODS),
+                      help="token-reduction methods to time: toe, and patchdropout, tome (tome-noprop: without "
+                           "proportional attention) at the train FLOPs of ToE's stages")
 
     e2e = sub.add_parser("e2e", help="a run's loader, step and whole loop per ToE stage (toe-train's config)")
     e2e.add_argument("overrides", nargs="*", help="toe-train overrides, e.g. model=deit_small recipe=deit")

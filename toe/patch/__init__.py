@@ -1,31 +1,44 @@
-"""Host integration: put ToE on the output of a vision transformer's first block, in place.
+"""Host integration: put a token-reduction op (ToE, Token Merging, PatchDropout) in a vision transformer, in place.
 
-Like ToMe's ``tome.patch``, a host's class is swapped for a subclass that adds the operator, so no parameter is
-added and the ``state_dict`` keys stay those of the unpatched model; the host model itself knows nothing of ToE.
+Like ToMe's ``tome.patch``, a host's class is swapped for a subclass that adds the op, so no parameter is added and
+the ``state_dict`` keys stay those of the unpatched model; the host model itself knows nothing of token reduction.
 One module per host family: :mod:`toe.patch.timm` (timm ``VisionTransformer`` and any model with ``blocks`` and
-``num_prefix_tokens``) and :mod:`toe.patch.lvvit` (LV-ViT, whose dense head needs every position back). As in ToMe,
-the function :func:`patch` shadows the package's name on ``toe``: import a host module with
-``from toe.patch import timm``.
+``num_prefix_tokens``) and :mod:`toe.patch.lvvit` (LV-ViT, whose dense head needs every position back); each has
+``apply`` (ToE), ``apply_merging`` and ``apply_patch_dropout``. As in ToMe, the function :func:`patch` shadows the
+package's name on ``toe``: import a host module with ``from toe.patch import timm``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Tuple, Type
+from types import ModuleType
+from typing import Iterator, List, Optional, Tuple, Type
 
 from torch import nn
 
 from ..expansion import TokenExpansion
+from ..merging import TokenMerging
 from ..patch_dropout import KeptRateSchedule, ScheduledPatchDropout
-from ..schedule import ExpansionSchedule
+from ..schedule import ExpansionSchedule, MergeSchedule
 from . import lvvit, timm
 
-TokenReducer = (TokenExpansion, ScheduledPatchDropout)  # the ops whose stage follows the epoch
+TokenReducer = (TokenExpansion, TokenMerging, ScheduledPatchDropout)  # the ops whose stage follows the epoch
 
 
-def hosts() -> List[Tuple[Type[nn.Module], Callable[[nn.Module, TokenExpansion], None]]]:
-    """(host type, how to patch it), most specific first; the first whose type matches the model is used. A
+def hosts() -> List[Tuple[Type[nn.Module], ModuleType]]:
+    """(host type, its host module), most specific first; the first whose type matches the model is used. A
     function, so that ``import toe`` does not import the host models (and timm with them)."""
-    return [(lvvit.host_type(), lvvit.apply), (nn.Module, timm.apply)]
+    return [(lvvit.host_type(), lvvit), (nn.Module, timm)]
+
+
+def _host(model: nn.Module, method: str) -> ModuleType:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) < 2:
+        raise TypeError(f"{method} needs a vision transformer with at least two `blocks`; got {type(model).__name__}")
+    return next(module for host, module in hosts() if isinstance(model, host))
+
+
+def _prefix(model: nn.Module) -> int:
+    return int(getattr(model, "num_prefix_tokens", 1))
 
 
 def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = False) -> nn.Module:
@@ -35,32 +48,31 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
     ``VisionTransformer`` or an LV-ViT. Patching twice replaces the schedule. Drive the stage with
     :func:`set_epoch`; evaluation uses all tokens unless ``sparse_eval``.
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) < 2:
-        raise TypeError(
-            f"toe.patch needs a vision transformer with at least two `blocks`; got {type(model).__name__}"
-        )
-    op = TokenExpansion(schedule, num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
-                        sparse_eval=sparse_eval)
-    apply = next(apply for host, apply in hosts() if isinstance(model, host))
-    apply(model, op)
+    host = _host(model, "toe.patch")
+    host.apply(model, TokenExpansion(schedule, num_prefix_tokens=_prefix(model), sparse_eval=sparse_eval))
+    return model
+
+
+def patch_merging(model: nn.Module, schedule: MergeSchedule, prop_attn: bool = True,
+                  sparse_eval: bool = False) -> nn.Module:
+    """Token Merging (ToMe) in every block of ``model``, in place: ``r`` tokens per block per stage of
+    ``schedule``, size-weighted attention with ``prop_attn``; evaluation uses all tokens unless ``sparse_eval``.
+    Drive the stage with :func:`set_epoch`. At ``r = 0`` the model computes what the unpatched one does."""
+    host = _host(model, "Token Merging")
+    host.apply_merging(model, TokenMerging(schedule, _prefix(model), prop_attn=prop_attn, sparse_eval=sparse_eval))
     return model
 
 
 def patch_dropout(model: nn.Module, schedule: KeptRateSchedule) -> nn.Module:
-    """Put a :class:`toe.patch_dropout.ScheduledPatchDropout` in ``model``'s ``patch_drop`` slot (timm's ViTs call
-    it after the position embedding, before the first block), in place; drive it with :func:`set_epoch`."""
-    if isinstance(model, lvvit.host_type()):
-        raise TypeError("PatchDropout on LV-ViT is not built yet: its dense head needs the dropped positions back")
-    if not isinstance(getattr(model, "patch_drop", None), nn.Module) or not hasattr(model, "blocks"):
-        raise TypeError(f"PatchDropout needs a timm vision transformer (its patch_drop slot); got "
-                        f"{type(model).__name__}")
-    model.patch_drop = ScheduledPatchDropout(schedule, num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
+    """A :class:`toe.patch_dropout.ScheduledPatchDropout` before the first block of ``model``, in place (timm's
+    ViTs: their ``patch_drop`` slot, after the position embedding); drive it with :func:`set_epoch`."""
+    host = _host(model, "PatchDropout")
+    host.apply_patch_dropout(model, ScheduledPatchDropout(schedule, num_prefix_tokens=_prefix(model)))
     return model
 
 
 def reduction_ops(model: nn.Module) -> Iterator[nn.Module]:
-    """Every token-reduction op in ``model`` whose stage follows the epoch (ToE, scheduled PatchDropout)."""
+    """Every token-reduction op in ``model`` whose stage follows the epoch (ToE, ToMe, scheduled PatchDropout)."""
     return (m for m in model.modules() if isinstance(m, TokenReducer))
 
 
