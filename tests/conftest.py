@@ -62,3 +62,32 @@ def digits_label_maps(digits_teacher) -> Path:
     out = digits_teacher.parent / "label_maps"
     assert write_label_maps([str(digits_teacher), str(out)]) == 0
     return out
+
+
+def assert_checkpointing_keeps_gradients(model, images) -> None:
+    """Gradients of ``model`` (in training mode, its token-reduction stage set) with timm's grad checkpointing equal
+    those without: the blocks run again in backward and must reduce the same tokens."""
+    import torch
+
+    model(images).sum().backward()
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    model(images).sum().backward()
+    for plain, checkpointed in zip(plain_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
+
+
+def assert_bf16_autocast_trains_close_to_fp32(model, images) -> None:
+    """Under CPU bf16 autocast ``model`` (in training mode) gives outputs close to fp32 and gradients that reach
+    its last block."""
+    import torch
+
+    with torch.no_grad():
+        full_precision = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), full_precision, rtol=0.05, atol=0.05)  # bf16 keeps ~3 digits
+    out.float().sum().backward()
+    assert model.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0

@@ -8,12 +8,12 @@ embedding); only its drop probability is set per stage here.
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 from timm.layers import PatchDropout
+
+from .schedule import StageValues
 
 try:  # timm >= 1.0.20: the dropping as a function that also returns the kept positions
     from timm.layers.patch_dropout import patch_dropout_forward
@@ -21,34 +21,21 @@ except ImportError:  # older timm: PatchDropout returns them itself when its ret
     patch_dropout_forward = None
 
 
-@dataclass(frozen=True)
-class KeptRateSchedule:
-    """Stages that start at ``stage_starts`` (epochs) and keep ``keep_rates`` of the patch tokens; epochs before the
-    first start are stage 0 (all tokens), as in :class:`toe.ExpansionSchedule`."""
+class KeptRateSchedule(StageValues):
+    """Stages that keep ``keep_rates`` of the patch tokens; stage 0 keeps all of them."""
 
-    stage_starts: Tuple[int, ...]
-    keep_rates: Tuple[float, ...]
+    name = "keep_rates"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stage_starts", tuple(int(s) for s in self.stage_starts))
-        object.__setattr__(self, "keep_rates", tuple(float(r) for r in self.keep_rates))
-        if len(self.stage_starts) != len(self.keep_rates) or not self.keep_rates:
-            raise ValueError(f"keep_rates {list(self.keep_rates)} need one stage start each, got "
-                             f"{list(self.stage_starts)}")
-        if any(not 0.0 < r <= 1.0 for r in self.keep_rates):
-            raise ValueError(f"keep_rates {list(self.keep_rates)} must lie in (0, 1]")
-        if any(b <= a for a, b in zip(self.stage_starts, self.stage_starts[1:])):
-            raise ValueError(f"stage_starts {list(self.stage_starts)} must increase")
+    def check(self, values: Tuple[float, ...]) -> None:
+        if any(not 0.0 < r <= 1.0 for r in values):
+            raise ValueError(f"keep_rates {list(values)} must lie in (0, 1]")
 
     @property
-    def num_stages(self) -> int:
-        return len(self.keep_rates)
-
-    def stage_at(self, epoch: int) -> int:
-        return bisect.bisect_right(self.stage_starts, epoch)
+    def keep_rates(self) -> Tuple[float, ...]:
+        return self.values
 
     def keep_rate(self, stage: int) -> float:
-        return 1.0 if stage == 0 else self.keep_rates[stage - 1]
+        return self.value(stage, 1.0)
 
     def kept_tokens(self, n: int, stage: int) -> int:
         """Patch tokens kept of ``n`` at ``stage``, as timm's PatchDropout counts them."""

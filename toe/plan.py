@@ -7,7 +7,7 @@ train FLOPs match a ToE stage's, so that the methods are compared at the same co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .flops import ViTShape
 from .merging import merging_block_tokens
@@ -122,21 +122,27 @@ def toe_flop_ratio(shape: ViTShape, schedule: ExpansionSchedule, epochs: int, at
     return full * epochs / schedule_macs(shape, spent, stage_macs, before) if epochs else 1.0
 
 
+def _nearest(schedules: Iterable[ExpansionSchedule], shape: ViTShape, epochs: int, target: float,
+             attention: bool) -> Optional[Tuple[ExpansionSchedule, float]]:
+    """The schedule whose FLOP ratio is nearest ``target`` (the first of equals), with its ratio."""
+    rated = ((schedule, toe_flop_ratio(shape, schedule, epochs, attention)) for schedule in schedules)
+    return min(rated, key=lambda pair: abs(pair[1] - target), default=None)
+
+
 def plan_keep_rates(shape: ViTShape, starts: Sequence[int], epochs: int, target: float, rate_step: float = 0.05,
                     repeats: int = 2, attention: bool = True) -> Tuple[ExpansionSchedule, float]:
     """The ToE_r1 schedule (:func:`rates_from_first`, r_1 on a grid of ``rate_step``) for the stage split
     ``starts`` whose FLOP ratio is nearest ``target``; returns it and its ratio."""
-    grid = [round(k * rate_step, 6) for k in range(1, int(round(1 / rate_step)))]
-    best = None
-    for first in grid:
-        r0, rates = rates_from_first(first, len(starts))
-        try:
-            schedule = ExpansionSchedule(tuple(starts), rates, r0, repeats=repeats)
-        except ValueError:  # e.g. too few seed tokens for r_0
-            continue
-        ratio = toe_flop_ratio(shape, schedule, epochs, attention)
-        if best is None or abs(ratio - target) < abs(best[1] - target):
-            best = (schedule, ratio)
+
+    def candidates() -> Iterator[ExpansionSchedule]:
+        for k in range(1, int(round(1 / rate_step))):
+            r0, rates = rates_from_first(round(k * rate_step, 6), len(starts))
+            try:
+                yield ExpansionSchedule(tuple(starts), rates, r0, repeats=repeats)
+            except ValueError:  # e.g. too few seed tokens for r_0
+                continue
+
+    best = _nearest(candidates(), shape, epochs, target, attention)
     if best is None:
         raise ValueError(f"no kept rates on a grid of {rate_step} give {shape.num_patches} patches a seed token")
     return best
@@ -149,13 +155,9 @@ def plan_stage_split(shape: ViTShape, keep_rates: Sequence[float], init_keep_rat
     ``target``; returns the schedule and its ratio."""
     stages = len(keep_rates)
     longest = (epochs - 1) // max(1, stages - 1) if stages > 1 else epochs
-    best = None
-    for length in range(1, longest + 1):
-        starts = tuple(i * length for i in range(stages))
-        schedule = ExpansionSchedule(starts, tuple(keep_rates), init_keep_rate, repeats=repeats)
-        ratio = toe_flop_ratio(shape, schedule, epochs, attention)
-        if best is None or abs(ratio - target) < abs(best[1] - target):
-            best = (schedule, ratio)
+    splits = (ExpansionSchedule(tuple(i * length for i in range(stages)), tuple(keep_rates), init_keep_rate,
+                                repeats=repeats) for length in range(1, longest + 1))
+    best = _nearest(splits, shape, epochs, target, attention)
     if best is None:
         raise ValueError(f"{epochs} epochs cannot hold {stages} stages")
     return best

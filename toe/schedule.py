@@ -133,32 +133,57 @@ class ExpansionSchedule:
 
 
 @dataclass(frozen=True)
-class MergeSchedule:
-    """Token Merging's stages (:mod:`toe.merging`): stage ``s`` starts at epoch ``stage_starts[s - 1]`` and merges
-    ``rs[s - 1]`` tokens in every block (a fractional ``r`` spreads over the blocks, :func:`toe.merging.block_r`);
-    epochs before the first start are stage 0 (nothing merged), as in :class:`ExpansionSchedule`. An ``r`` of 0 is
-    full-token training."""
+class StageValues:
+    """One value per stage, stage ``s`` starting at epoch ``stage_starts[s - 1]``; epochs before the first start are
+    stage 0, as in :class:`ExpansionSchedule`. The base of the schedules of PatchDropout and Token Merging."""
 
     stage_starts: Tuple[int, ...]
-    rs: Tuple[float, ...]
+    values: Tuple[float, ...]
+    name = "values"  # how errors name the values
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_starts", tuple(int(s) for s in self.stage_starts))
-        object.__setattr__(self, "rs", tuple(int(r) if float(r).is_integer() else round(float(r), 6)
-                                             for r in self.rs))
-        if len(self.stage_starts) != len(self.rs) or not self.rs:
-            raise ValueError(f"r {list(self.rs)} needs one stage start each, got {list(self.stage_starts)}")
-        if any(r < 0 for r in self.rs):
-            raise ValueError(f"r {list(self.rs)} must be >= 0")
+        object.__setattr__(self, "values", tuple(int(v) if float(v).is_integer() and self.whole_when_integral
+                                                 else round(float(v), 6) for v in self.values))
+        if len(self.stage_starts) != len(self.values) or not self.values:
+            raise ValueError(f"{self.name} {list(self.values)} need one stage start each, got "
+                             f"{list(self.stage_starts)}")
         if any(b <= a for a, b in zip(self.stage_starts, self.stage_starts[1:])):
             raise ValueError(f"stage_starts {list(self.stage_starts)} must increase")
+        self.check(self.values)
+
+    whole_when_integral = False
+
+    def check(self, values: Tuple[float, ...]) -> None:
+        """Raise ``ValueError`` for values the method cannot take."""
 
     @property
     def num_stages(self) -> int:
-        return len(self.rs)
+        return len(self.values)
 
     def stage_at(self, epoch: int) -> int:
         return bisect.bisect_right(self.stage_starts, epoch)
 
+    def value(self, stage: int, before: float) -> float:
+        """The value of ``stage``; ``before`` for stage 0."""
+        return before if stage == 0 else self.values[stage - 1]
+
+
+class MergeSchedule(StageValues):
+    """Token Merging's stages (:mod:`toe.merging`): ``r`` tokens merged in every block per stage (a fractional ``r``
+    spreads over the blocks, :func:`toe.merging.block_r`); stage 0 merges nothing, and an ``r`` of 0 is full-token
+    training."""
+
+    name = "r"
+    whole_when_integral = True
+
+    def check(self, values: Tuple[float, ...]) -> None:
+        if any(r < 0 for r in values):
+            raise ValueError(f"r {list(values)} must be >= 0")
+
+    @property
+    def rs(self) -> Tuple[float, ...]:
+        return self.values
+
     def r(self, stage: int) -> float:
-        return 0 if stage == 0 else self.rs[stage - 1]
+        return self.value(stage, 0)
