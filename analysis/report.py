@@ -7,7 +7,7 @@ import argparse
 import base64
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pandas as pd
 
@@ -54,8 +54,36 @@ def read_reference(path: Path) -> pd.DataFrame:
     return reference
 
 
+REDUCING_METHODS = ("toe", "efficienttrain_toe", "patchdropout", "tome")
+
+
+def token_pictures(subset: pd.DataFrame, root: Path, rows: List[str], out_dir: Path) -> List[Tuple[str, Path]]:
+    """``toe-vis`` grids (:func:`toe.vis.draw_run`) of one completed run with a checkpoint per setting of a
+    token-reduction method; a run that cannot be drawn (e.g. its data is not on this machine) is named, not fatal."""
+    from toe.vis import draw_run
+
+    done = subset[(subset["status"] == "completed") & subset["method"].isin(REDUCING_METHODS)]
+    pictures = []
+    for setting, group in done.groupby([c for c in rows if c in done.columns], sort=True, dropna=False):
+        setting = setting if isinstance(setting, tuple) else (setting,)
+        name = "_".join(str(v) for v in setting)
+        for run in sorted(group["run"]):
+            run_dir = root / run if (root / run).is_dir() else root  # a single run dir reports itself
+            if not (run_dir / "checkpoint.pth").is_file():
+                continue
+            out = out_dir / f"tokens_{name}.png".replace("/", "-")
+            try:
+                draw_run(out, run_dir, count=3)
+            except Exception as err:  # noqa: BLE001 - a picture is never worth losing the report
+                pictures.append((f"{name}: not drawn ({type(err).__name__}: {str(err).splitlines()[0]})", None))
+            else:
+                pictures.append((name, out))
+            break
+    return pictures
+
+
 def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Optional[pd.DataFrame] = None,
-                 html: bool = False) -> Path:
+                 html: bool = False, root: Optional[Path] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = collected.runs
     parts = [f"# toe report: {source}\n", f"{len(runs)} runs, {int((runs['status'] == 'completed').sum())} completed.\n"]
@@ -81,11 +109,17 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
         parts += ["\n**Where the time went** (seconds, mean over seeds; start-up counts from the process start)\n",
                   split.to_markdown(index=False, floatfmt=".1f")]
         parts += [""] + [f"![{key}]({name}/{path.name})" for key, path in plots.items()]
+        pictures = token_pictures(subset, root, table.attrs["rows"], section) if root is not None else []
+        if pictures:
+            parts.append("\n**What the token reduction keeps** (`toe-vis`: one run per setting; thick border: a "
+                         "kept token, its colour how it was chosen; fill: the kept token a patch was merged into)\n")
+            parts += [f"![tokens {key}]({name}/{path.name})" if path else f"- {key}" for key, path in pictures]
         html_parts += [f"<h2>{spec.title}</h2>", format_table(table).to_html(index=False),
                        "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>",
                        "<h3>Where the time went (seconds)</h3>", split.to_html(index=False, float_format="%.1f")]
+        images = list(plots.items()) + [(f"tokens {key}", p) for key, p in pictures if p is not None]
         html_parts += [f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                       for key, p in plots.items()]
+                       for key, p in images]
     flagged = runs[runs["flag"].notna()]
     parts.append("\n## Flagged runs\n")
     if len(flagged):
@@ -128,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             reference = read_reference(args.reference)
         except (OSError, ValueError) as err:
             parser.error(f"--reference {args.reference}: {str(err).splitlines()[0]}")
-    path = build_report(collected, args.out, args.source, reference, html=args.html)
+    root = None if args.source.startswith("wandb:") else Path(args.source)
+    path = build_report(collected, args.out, args.source, reference, html=args.html, root=root)
     flagged = collected.runs["flag"].notna().sum()
     print(f"toe-report: wrote {path} ({len(collected.runs)} runs, {flagged} flagged)")
     return 0

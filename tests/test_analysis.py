@@ -107,8 +107,12 @@ def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, c
         png = tmp_path / "report" / "train" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"train/{name}.png" in report
+    # toe-vis's grid of one ToE run with a checkpoint (the baseline has nothing to draw)
+    tokens = tmp_path / "report" / "train" / "tokens_vit_tiny_patch16_224_toe.png"
+    assert tokens.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "train/tokens_vit_tiny_patch16_224_toe.png" in report
+    assert "tokens_vit_tiny_patch16_224_baseline" not in report
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
     assert "1 flagged" in capsys.readouterr().out
     assert report_main([str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
 
