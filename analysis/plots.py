@@ -101,3 +101,48 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both ``x`` and ``y`` (both larger is better), by ``x``."""
+    ordered = points.sort_values([x, y], ascending=[False, False])
+    front, best = [], float("-inf")
+    for index, row in ordered.iterrows():
+        if row[y] > best:
+            front.append(index)
+            best = row[y]
+    return points.loc[front].sort_values(x)
+
+
+def plot_search(trials: pd.DataFrame, out: Path, budget: float = None) -> Path:
+    """Final top-1 vs train-FLOP speed-up of a search's trained trials, the Pareto front joined, the best trial
+    marked, and the budget as a line (pruned trials: crosses at their speed-up, below the axis)."""
+    trained = trials[trials["state"] == "COMPLETE"].dropna(subset=["top1", "flop_ratio"])
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.scatter(trained["flop_ratio"], 100 * trained["top1"], color="#1f77b4", label="trained trial", zorder=3)
+    if len(trained):
+        front = pareto_front(trained, "flop_ratio", "top1")
+        ax.plot(front["flop_ratio"].to_numpy(), 100 * front["top1"].to_numpy(), color="#d62728", marker="o",
+                label="Pareto front", zorder=4)
+        best = trained.loc[trained["top1"].idxmax()]
+        ax.scatter([best["flop_ratio"]], [100 * best["top1"]], s=180, facecolor="none", edgecolor="black",
+                   linewidth=1.5, label=f"best: trial {int(best['trial'])}", zorder=5)
+        for _, row in trained.iterrows():
+            ax.annotate(str(int(row["trial"])), (row["flop_ratio"], 100 * row["top1"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    pruned = trials[(trials["state"] == "PRUNED")].dropna(subset=["flop_ratio"])
+    if len(pruned):
+        low = ax.get_ylim()[0]
+        ax.scatter(pruned["flop_ratio"], [low] * len(pruned), marker="x", color="grey", label="pruned (budget)",
+                   clip_on=False, zorder=2)
+    if budget:
+        ax.axvline(budget, color="grey", linestyle="--", linewidth=1, label=f"budget {budget:g}x")
+    ax.set_xlabel("train-FLOP speed-up over full tokens")
+    ax.set_ylabel("final val top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -82,6 +82,55 @@ def token_pictures(subset: pd.DataFrame, root: Path, rows: List[str], out_dir: P
     return pictures
 
 
+def search_section(root: Path, out_dir: Path) -> Tuple[List[str], List[str]]:
+    """A budgeted search's trials (from its Optuna study, ``optuna.db`` in the sweep dir, pruned trials included):
+    the trials table, the best trial, and top-1 vs train-FLOP speed-up with the Pareto front."""
+    from toe.search import load_trials
+
+    from .plots import plot_search
+
+    trials = load_trials(root)
+    if trials is None or not len(trials):
+        return [], []
+    budget = _search_budget(root)
+    plot = plot_search(trials, out_dir / "search" / "top1_vs_flop_ratio.png", budget)
+    shown = trials.drop(columns=["study"]).copy()
+    shown["top1"] = shown["top1"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}")
+    shown["flop_ratio"] = shown["flop_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}x")
+    shown = shown.fillna("")
+    shown.to_csv(out_dir / "search" / "trials.csv", index=False)
+    complete = trials[trials["state"] == "COMPLETE"].dropna(subset=["top1"])
+    best = ("none trained yet" if not len(complete) else
+            "trial {trial}: top-1 {top1:.2f} % at a {flop_ratio:.3f}x train-FLOP speed-up, {params}".format(
+                trial=int(complete.loc[complete["top1"].idxmax(), "trial"]),
+                top1=100 * complete["top1"].max(), flop_ratio=complete.loc[complete["top1"].idxmax(), "flop_ratio"],
+                params=", ".join(f"{c[6:]}={complete.loc[complete['top1'].idxmax(), c]}" for c in complete.columns
+                                 if c.startswith("param "))))
+    counts = trials["state"].value_counts().to_dict()
+    parts = ["\n## Search: trials\n",
+             f"Study `{trials['study'].iloc[0]}` in `{root}`: {len(trials)} trials "
+             f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))})"
+             + (f"; budget {budget:g}x train-FLOP speed-up (trials below it pruned before training)" if budget else "")
+             + ".\n", f"**Best**: {best}\n", shown.to_markdown(index=False), "",
+             f"![top-1 vs FLOP ratio](search/{plot.name})"]
+    html = ["<h2>Search: trials</h2>", f"<p>Best: {best}</p>", shown.to_html(index=False),
+            f'<img alt="search" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">']
+    return parts, html
+
+
+def _search_budget(root: Path) -> Optional[float]:
+    import yaml
+
+    plan = root / "multirun.yaml"
+    if not plan.is_file():
+        return None
+    saved = yaml.safe_load(plan.read_text()) or {}
+    budget = saved.get("hydra", {}).get("sweeper", {}).get("budget")
+    if isinstance(budget, str):  # Hydra saves it unresolved: ${budget}
+        budget = saved.get(budget.strip("${}"))
+    return float(budget) if isinstance(budget, (int, float)) else None
+
+
 def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Optional[pd.DataFrame] = None,
                  html: bool = False, root: Optional[Path] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +169,10 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
         images = list(plots.items()) + [(f"tokens {key}", p) for key, p in pictures if p is not None]
         html_parts += [f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                        for key, p in images]
+    if root is not None:
+        search_parts, search_html = search_section(root, out_dir)
+        parts += search_parts
+        html_parts += search_html
     flagged = runs[runs["flag"].notna()]
     parts.append("\n## Flagged runs\n")
     if len(flagged):

@@ -61,6 +61,14 @@ def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_en
     assert report.returncode == 0 and (empty / "report" / "report.md").exists(), report.stderr[-2000:]
     flops = _run(wheel_env, "toe-bench", "flops")
     assert flops.returncode == 0 and "DeiT-Small, Hyper split" in flops.stdout, flops.stderr[-2000:]
+    # the Optuna sweeper is found as a Hydra plugin of the wheel; toe-plan and toe-vis run from it too
+    search = _run(wheel_env, "toe-train", "hparams_search=toe_budget", "smoke=on", "hydra.sweeper.smoke_trials=1",
+                  "hydra.sweep.dir=search")
+    assert search.returncode == 0 and (empty / "search" / "optuna.db").exists(), search.stderr[-2000:]
+    plan = _run(wheel_env, "toe-plan", "--speedup", "1.31")
+    assert plan.returncode == 0 and "method=tome" in plan.stdout, plan.stderr[-2000:]
+    vis = _run(wheel_env, "toe-vis", "run", "-n", "1")
+    assert vis.returncode == 0 and (empty / "run" / "token_vis.png").exists(), vis.stderr[-2000:]
     refused = _run(wheel_env, "toe-train", "recipe.lr=-1", "hydra.run.dir=bad")
     assert refused.returncode == 2 and "recipe.lr=-1.0: must be > 0" in refused.stdout + refused.stderr
     assert not (empty / "multirun").exists() and not (empty / "outputs").exists()
@@ -72,6 +80,6 @@ def test_every_config_group_and_python_package_is_a_package_of_the_wheel():
     packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     groups = {"toe." + ".".join(d.relative_to(ROOT).parts) for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
               if d.is_dir() and "__pycache__" not in d.parts and "local" not in d.parts}
-    modules = {".".join(p.parent.relative_to(ROOT).parts) for top in ("toe", "analysis")
+    modules = {".".join(p.parent.relative_to(ROOT).parts) for top in ("toe", "analysis", "hydra_plugins")
                for p in (ROOT / top).rglob("__init__.py")}
     assert groups | modules <= packages, f"add to pyproject.toml's packages: {sorted((groups | modules) - packages)}"

@@ -52,6 +52,19 @@ def _toe_train(*args):
     return [sys.executable, "-m", "toe.cli.train", *args]
 
 
+def test_budgeted_search_runs_its_trials_as_slurm_jobs(tmp_path, env):
+    from toe.search import load_trials
+
+    proc = subprocess.run(_toe_train("hparams_search=toe_budget", "smoke=on", "hydra.sweeper.smoke_trials=2", *LAUNCH,
+                                     f"hydra.sweep.dir={tmp_path}"), capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    trials = load_trials(tmp_path)
+    complete = trials[trials["state"] == "COMPLETE"]
+    assert len(complete) == 2 and complete["top1"].notna().all()
+    assert all((tmp_path / str(int(n)) / "summary.json").exists() for n in complete["trial"])
+
+
 def test_smoke_experiment_runs_through_the_slurm_launcher(tmp_path, env):
     proc = subprocess.run(_toe_train("experiments=ablation_merge", "smoke=on", *LAUNCH, f"hydra.sweep.dir={tmp_path}"),
                           capture_output=True, text=True, timeout=900, env=env)

@@ -11,3 +11,23 @@ __version__ = "0.1.0"
 from .patch import expansion_op, patch, patch_dropout, patch_merging, reduction_op, set_epoch  # noqa: E402
 
 __all__ += ["expansion_op", "patch", "patch_dropout", "patch_merging", "reduction_op", "set_epoch"]
+
+
+def _list_hydra_plugin() -> None:
+    """Hydra finds plugins by listing the ``hydra_plugins`` namespace with ``pkgutil``, which cannot see a portion
+    that an editable install maps through an import hook (``pip install -e``): add the folder of toe's sweeper to
+    the namespace's path, so that ``hydra/sweeper=toe_optuna`` is found in a clone too. A wheel needs nothing."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("hydra_plugins.toe_optuna_sweeper")
+    if spec is None or spec.origin is None:
+        return
+    import hydra_plugins
+
+    folder = os.path.dirname(os.path.dirname(spec.origin))
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
+
+
+_list_hydra_plugin()

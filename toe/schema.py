@@ -217,6 +217,7 @@ class RunConfig:
 
     task_name: str = MISSING
     seed: int = _spec(ge=0)
+    budget: Optional[float] = _spec(None, gt=0.0)  # hparams_search: the least train-FLOP speed-up of a trial
     method_name: str = MISSING
     smoke_model: str = MISSING
     smoke_recipe: str = MISSING

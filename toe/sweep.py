@@ -31,6 +31,8 @@ def sweep_jobs(config: DictConfig) -> Optional[List[List[str]]]:
     ``None`` when a value is not a list of choices (a range or interval that another sweeper samples)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "BasicSweeper")):
+        return None  # another sweeper (an Optuna search) draws its jobs as it goes
     params = config.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=True) if params is not None else {}
     arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
@@ -46,6 +48,12 @@ def sweep_jobs(config: DictConfig) -> Optional[List[List[str]]]:
     return [list(job) for job in itertools.product(*choices.values())]
 
 
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).is_sweep_override()
+
+
 def check_jobs(config: DictConfig) -> int:
     """Compose and validate every job of the multirun ``config``; returns how many were checked, raises
     :class:`ExperimentError` naming the first job that cannot run."""
@@ -54,12 +62,15 @@ def check_jobs(config: DictConfig) -> int:
     from .schema import ConfigError, compose_error_line, is_compose_error, validate
 
     experiment = config.hydra.runtime.choices.get("experiments")
-    source = f"experiments/{experiment}.yaml" if experiment else "the command line"
+    search = config.hydra.runtime.choices.get("hparams_search")
+    source = (f"experiments/{experiment}.yaml" if experiment else f"hparams_search/{search}.yaml" if search
+              else "the command line")
     launcher = config.hydra.runtime.choices.get("hydra/launcher")
     jobs = sweep_jobs(config)
-    if jobs is None:
+    if jobs is None:  # the values are drawn as the sweep goes: check what is fixed now, each job when it starts
         log.info("%s: the sweeper samples its values; each job is checked when it starts", source)
-        return 0
+        fixed = [o for o in config.hydra.overrides.task if not _is_sweep(o)]
+        jobs, source = [fixed], f"{source} (its fixed settings)"
     for number, job in enumerate(jobs):
         where = f"{source}: job {number} ({' '.join(job)})"
         try:
