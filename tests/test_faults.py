@@ -265,3 +265,24 @@ def test_toe_label_maps_refuses_bad_flags_and_a_cut_checkpoint_in_one_line(tiny_
         main([str(tmp_path / "teacher"), str(tmp_path / "maps")])
     assert refused.value.code == 2 and "checkpoint.pth is unreadable" in capsys.readouterr().err
     assert not (tmp_path / "maps").exists()
+
+
+def test_a_run_of_an_earlier_toe_resumes_despite_keys_added_since(tiny_cfg, tmp_path):
+    """A checkpoint written before `tome` and `budget` existed, and when patch_dropout.keep_rates defaulted to ToE's
+    rates, resumes: neither difference changes what the run trains."""
+    import torch
+
+    from toe.schema import config_changes
+
+    train(tiny_cfg(), tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoint.prev.pth", weights_only=True)  # the checkpoint after epoch 1
+    config = checkpoint["config"]
+    del config["tome"], config["budget"]
+    config["patch_dropout"]["keep_rates"] = [0.5, 0.75, 1.0]
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    summary = train(tiny_cfg(), tmp_path)
+    assert summary.status == "completed" and summary.epochs == 2 and summary.config_changes == []
+    assert summary.resumed_at == [1]
+    # a switched-on method still counts
+    assert "patch_dropout.enabled" in config_changes(config, dict(config, patch_dropout={"enabled": True,
+                                                                                         "keep_rates": None}))
