@@ -186,12 +186,12 @@ class Search:
 def load_trials(sweep_dir: Path) -> Optional["Any"]:
     """Every trial of the study in ``sweep_dir`` as a pandas DataFrame (number, state, value, params, FLOP ratio,
     why pruned), or ``None`` when the dir holds no study."""
-    import optuna
-    import pandas as pd
-
     path = Path(sweep_dir) / STUDY_FILE
     if not path.is_file():
         return None
+    import optuna
+    import pandas as pd
+
     storage = f"sqlite:///{path.resolve()}"
     rows = []
     for summary in optuna.get_all_study_summaries(storage):
