@@ -20,6 +20,15 @@ def test_flop_ratios_of_the_official_deit_s_and_hyper_schedules():
     assert toe_flop_ratio(DEIT_S, HYPER, 300, attention=False) == pytest.approx(1.41, abs=0.01)
 
 
+def test_epochs_before_the_first_stage_count_at_full_tokens_in_either_flop_convention():
+    late = ExpansionSchedule((100, 200), (0.5, 1.0), 0.25)
+    for attention in (True, False):
+        full = DEIT_S.train_macs(attention=attention)
+        stage1 = DEIT_S.train_macs(98, attention=attention)
+        expected = full * 300 / (full * 100 + stage1 * 100 + full * 100)
+        assert toe_flop_ratio(DEIT_S, late, 300, attention=attention) == pytest.approx(expected)
+
+
 def test_the_planner_finds_the_papers_settings_from_their_flop_ratios():
     schedule, ratio = plan_keep_rates(DEIT_S, (0, 100, 200), 300, target=1.31)
     assert (schedule.init_keep_rate, schedule.keep_rates) == (0.25, (0.5, 0.75, 1.0))

@@ -89,13 +89,6 @@ def match_stages(shape: ViTShape, schedule: ExpansionSchedule, attention: bool =
     return matches
 
 
-def schedule_macs(shape: ViTShape, stage_epochs: Sequence[int], stage_macs: Sequence[float],
-                  full_epochs: int = 0) -> float:
-    """Train MACs per image summed over a run: ``full_epochs`` at full tokens, then each stage's epochs."""
-    full = shape.train_macs_blocks(shape.full_block_tokens())
-    return full * full_epochs + sum(e * m for e, m in zip(stage_epochs, stage_macs))
-
-
 def rates_from_first(first: float, num_stages: int) -> Tuple[float, Tuple[float, ...]]:
     """The paper's family ToE_r1 (Tab. 2, the official scripts): r_0 = r_1 / 2, then kept rates rising evenly from
     r_1 to 1.0 over the stages (for three stages r_2 = (1 + r_1) / 2). Returns ``(r_0, (r_1, ..., 1.0))``."""
@@ -118,8 +111,9 @@ def toe_flop_ratio(shape: ViTShape, schedule: ExpansionSchedule, epochs: int, at
     spent = stage_epochs(schedule.expansion_steps, epochs)
     stage_macs = [shape.train_macs_blocks(toe_block_tokens(shape, schedule, s), attention)
                   for s in range(1, schedule.num_stages + 1)]
-    before = min(schedule.expansion_steps[0], epochs)
-    return full * epochs / schedule_macs(shape, spent, stage_macs, before) if epochs else 1.0
+    before = min(schedule.expansion_steps[0], epochs)  # epochs at full tokens
+    spent_macs = full * before + sum(e * m for e, m in zip(spent, stage_macs))
+    return full * epochs / spent_macs if epochs else 1.0
 
 
 def _nearest(schedules: Iterable[ExpansionSchedule], shape: ViTShape, epochs: int, target: float,
