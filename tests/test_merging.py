@@ -127,12 +127,16 @@ def test_training_merges_r_tokens_in_every_block():
     assert toe.reduction_op(model).block_tokens(64, 3) == [(67, 59), (59, 51), (51, 43)]
 
 
-def test_gradients_equal_with_and_without_grad_checkpointing_and_ema_gets_its_own_op():
+def _training_at_stage_1():
     model, _ = _pair()
     model.train()
     toe.set_epoch(model, 0)
-    images = torch.randn(2, 3, 32, 32)
-    assert_checkpointing_keeps_gradients(model, images)
+    return model
+
+
+def test_gradients_equal_with_and_without_grad_checkpointing_and_ema_gets_its_own_op():
+    model = _training_at_stage_1()
+    assert_checkpointing_keeps_gradients(model, torch.randn(2, 3, 32, 32))
     ema = ModelEmaV3(model, decay=0.9)
     assert toe.reduction_op(ema.module) is not toe.reduction_op(model)
     assert ema.module.blocks[1]._tome_op is toe.reduction_op(ema.module)
@@ -142,20 +146,13 @@ def test_gradients_equal_with_and_without_grad_checkpointing_and_ema_gets_its_ow
 
 
 def test_torch_compile_traces_the_merging_model_without_graph_breaks():
-    model, _ = _pair()
-    model.train()
-    toe.set_epoch(model, 0)
-    images = torch.randn(2, 3, 32, 32)
-    explanation = torch._dynamo.explain(model)(images)
+    model = _training_at_stage_1()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explanation.graph_break_count == 0
 
 
 def test_merging_trains_under_bf16_autocast_close_to_fp32():
-    model, _ = _pair()
-    model.train()
-    toe.set_epoch(model, 0)
-    images = torch.randn(4, 3, 32, 32)
-    assert_bf16_autocast_trains_close_to_fp32(model, images)
+    assert_bf16_autocast_trains_close_to_fp32(_training_at_stage_1(), torch.randn(4, 3, 32, 32))
 
 
 def test_flops_follow_the_tokens_of_each_branch():

@@ -8,9 +8,10 @@ __all__ = ["ExpansionSchedule", "MergeSchedule", "TokenExpansion", "TokenMerging
            "expand_tokens", "merge_tokens", "unexpand", "unmerge"]
 __version__ = "0.1.0"
 
-from .patch import expansion_op, patch, patch_dropout, patch_merging, reduction_op, set_epoch  # noqa: E402
+from .patch import (expansion_op, patch, patch_dropout, patch_merging, patch_method, reduction_op,  # noqa: E402
+                    set_epoch)
 
-__all__ += ["expansion_op", "patch", "patch_dropout", "patch_merging", "reduction_op", "set_epoch"]
+__all__ += ["expansion_op", "patch", "patch_dropout", "patch_merging", "patch_method", "reduction_op", "set_epoch"]
 
 
 def _list_hydra_plugin() -> None:

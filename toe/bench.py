@@ -16,17 +16,17 @@ import itertools
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import pandas as pd
 import torch
 import yaml
 
 from .expansion import expand_tokens
-from .flops import ViTShape, schedule_average_macs
+from .flops import BlockTokens, ViTShape, schedule_average_macs, tokens_after_first_block
 from .patch import expansion_op, patch, reduction_op
 from .reference import reference_expand_tokens
-from .schedule import ExpansionSchedule, MergeSchedule
+from .schedule import ExpansionSchedule
 
 DEIT = {192: "deit_tiny_patch16_224", 384: "deit_small_patch16_224", 768: "deit_base_patch16_224"}
 
@@ -85,23 +85,12 @@ class StepBench:
                  device: torch.device, amp: bool, compile_model: bool, method: str = "toe"):
         import timm
 
-        from .patch import patch_dropout, patch_merging
-        from .patch_dropout import KeptRateSchedule
-        from .plan import match_stages
+        from .patch import patch_method
 
-        model = timm.create_model(model_name, img_size=img_size)
-        steps = schedule.expansion_steps
-        if method == "toe":
-            model = patch(model, schedule)
-        else:
-            matches = match_stages(ViTShape.from_model(model), schedule)
-            if method == "patchdropout":
-                model = patch_dropout(model, KeptRateSchedule(steps, tuple(m.kept_rate for m in matches)))
-            elif method in ("tome", "tome-noprop"):
-                model = patch_merging(model, MergeSchedule(steps, tuple(m.merge_r for m in matches)),
-                                      prop_attn=method == "tome")
-            else:
-                raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
+        if method not in STEP_METHODS:
+            raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
+        model = patch_method(timm.create_model(model_name, img_size=img_size), method.removesuffix("-noprop"),
+                             schedule, prop_attn=method != "tome-noprop")
         self.model = model.to(device).train()
         self.method = method
         self.shape = ViTShape.from_model(self.model)
@@ -111,13 +100,13 @@ class StepBench:
         self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
         self.device, self.amp = device, amp and device.type == "cuda"
 
-    def set_stage(self, stage: int) -> List[Tuple[int, int]]:
+    def set_stage(self, stage: int) -> BlockTokens:
         """Put the op in ``stage``; returns the (attention, MLP) tokens of each block."""
         op = reduction_op(self.model)
         op.stage = stage
         return op.block_tokens(self.shape.num_patches, self.shape.depth)
 
-    def train_macs(self, tokens: List[Tuple[int, int]]) -> float:
+    def train_macs(self, tokens: BlockTokens) -> float:
         return self.shape.train_macs_blocks(tokens)
 
     def __call__(self) -> None:
@@ -176,7 +165,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str,
             if case_method != method:
                 continue
             tokens = bench.set_stage(stage)
-            method_rows.append({"method": method, "stage": stage, "tokens": tokens[1][0],
+            method_rows.append({"method": method, "stage": stage, "tokens": tokens_after_first_block(tokens),
                                 "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
                                 "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
                                 "flops_per_img_G": bench.train_macs(tokens) / 1e9})
@@ -305,7 +294,7 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
         loop_rate = images_per_second(lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches),
                                                               step, 0))
         tokens = block_tokens(run.model, run.shape)
-        rows.append({"stage": stage, "tokens": tokens[min(1, len(tokens) - 1)][0], "pipeline": run.pipeline,
+        rows.append({"stage": stage, "tokens": tokens_after_first_block(tokens), "pipeline": run.pipeline,
                      "loader_img_per_s": loader_rate, "step_img_per_s": step_rate, "loop_img_per_s": loop_rate,
                      "bound_by": "loader" if loader_rate < step_rate else "step",
                      "loop_vs_bound": loop_rate / min(loader_rate, step_rate),

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .flops import BlockTokens, reduced_block_tokens
 from .schedule import ExpansionSchedule
 
 
@@ -198,8 +199,6 @@ class TokenExpansion(nn.Module):
     Identity in stage 0, in a last stage whose kept rate is 1.0, and in eval mode unless ``sparse_eval``.
     """
 
-    reduces_first_block = False  # it runs on the first block's output: the first block sees every token
-
     def __init__(self, schedule: ExpansionSchedule, num_prefix_tokens: int = 1, sparse_eval: bool = False):
         super().__init__()
         self.schedule = schedule
@@ -218,11 +217,10 @@ class TokenExpansion(nn.Module):
         """Patch tokens after the op for ``n`` input patch tokens, in the current stage and mode."""
         return self.schedule.kept_tokens(n, self.stage) if self.is_active() else n
 
-    def block_tokens(self, num_patches: int, depth: int) -> List[Tuple[int, int]]:
+    def block_tokens(self, num_patches: int, depth: int) -> BlockTokens:
         """(tokens into the attention, tokens into the MLP) of each block, prefix included, now: the first block
         sees every token, the others the kept ones."""
-        full, kept = num_patches + self.num_prefix_tokens, self.kept_tokens(num_patches) + self.num_prefix_tokens
-        return [(full, full)] + [(kept, kept)] * (depth - 1)
+        return reduced_block_tokens(self.num_prefix_tokens, num_patches, self.kept_tokens(num_patches), depth)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         stage = self.stage if self.is_active() else 0

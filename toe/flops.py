@@ -17,6 +17,21 @@ from torch import nn
 from .schedule import ExpansionSchedule
 
 TRAIN_TO_FORWARD = 3
+BlockTokens = List[Tuple[int, int]]  # (tokens into the attention, tokens into the MLP) of each block, prefix included
+
+
+def reduced_block_tokens(num_prefix_tokens: int, num_patches: int, kept_patches: int, depth: int,
+                         first_block_reduced: bool = False) -> BlockTokens:
+    """Blocks 2..L (all blocks with ``first_block_reduced``, as under PatchDropout) on ``kept_patches`` patch
+    tokens, the first block (ToE: the op runs on its output) on all of them."""
+    full, reduced = num_prefix_tokens + num_patches, num_prefix_tokens + kept_patches
+    first = reduced if first_block_reduced else full
+    return [(first, first)] + [(reduced, reduced)] * (depth - 1)
+
+
+def tokens_after_first_block(block_tokens: BlockTokens) -> int:
+    """The tokens the first block hands on (what the run record calls ``tokens_after_first_block``)."""
+    return block_tokens[1][0] if len(block_tokens) > 1 else block_tokens[0][1]
 
 
 @dataclass(frozen=True)
@@ -77,18 +92,16 @@ class ViTShape:
     def train_macs_blocks(self, block_tokens: Sequence[Tuple[int, int]], attention: bool = True) -> float:
         return TRAIN_TO_FORWARD * self.forward_macs_blocks(block_tokens, attention)
 
-    def full_block_tokens(self) -> List[Tuple[int, int]]:
-        tokens = self.num_prefix_tokens + self.num_patches
-        return [(tokens, tokens)] * self.depth
+    def full_block_tokens(self) -> BlockTokens:
+        return reduced_block_tokens(self.num_prefix_tokens, self.num_patches, self.num_patches, self.depth)
 
     def forward_macs(self, kept_patches: int | None = None, attention: bool = True,
                      first_block_reduced: bool = False) -> float:
         """Forward MACs per image when blocks 2..L (all blocks with ``first_block_reduced``, as under
         PatchDropout) see ``kept_patches`` patch tokens (all if ``None``)."""
         kept = self.num_patches if kept_patches is None else kept_patches
-        full, reduced = self.num_prefix_tokens + self.num_patches, self.num_prefix_tokens + kept
-        first = reduced if first_block_reduced else full
-        return self.forward_macs_blocks([(first, first)] + [(reduced, reduced)] * (self.depth - 1), attention)
+        return self.forward_macs_blocks(reduced_block_tokens(self.num_prefix_tokens, self.num_patches, kept,
+                                                             self.depth, first_block_reduced), attention)
 
     def train_macs(self, kept_patches: int | None = None, attention: bool = True,
                    first_block_reduced: bool = False) -> float:

@@ -14,14 +14,14 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 import toe
 from toe.curriculum import Phase, fourier_crop, phase_at
 from toe.engine import EpochResult, evaluate
-from toe.flops import ViTShape
+from toe.flops import BlockTokens, ViTShape, tokens_after_first_block
 from toe.record import EpochRow
 
 log = logging.getLogger("toe.train")
@@ -69,11 +69,11 @@ class EpochInputs:
         run.sampler.set_epoch(epoch)
         shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
         tokens = block_tokens(run.model, shape)
-        return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, tokens[min(1, len(tokens) - 1)][0],
+        return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, tokens_after_first_block(tokens),
                             shape.train_macs_blocks(tokens), shape.train_macs_blocks(tokens, attention=False))
 
 
-def block_tokens(model: torch.nn.Module, shape: ViTShape) -> List[Tuple[int, int]]:
+def block_tokens(model: torch.nn.Module, shape: ViTShape) -> BlockTokens:
     """(attention, MLP) tokens of each block of ``model`` as its token-reduction op and mode leave them."""
     op = toe.reduction_op(model)
     return op.block_tokens(shape.num_patches, shape.depth) if op is not None else shape.full_block_tokens()

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .expansion import flat_rows, gather_tokens
+from .flops import BlockTokens
 from .schedule import MergeSchedule
 
 
@@ -123,7 +124,7 @@ def unmerge(x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
     return x if source is None else gather_tokens(x, source)
 
 
-def merging_block_tokens(num_patches: int, depth: int, r: float, num_prefix_tokens: int = 1) -> List[Tuple[int, int]]:
+def merging_block_tokens(num_patches: int, depth: int, r: float, num_prefix_tokens: int = 1) -> BlockTokens:
     """(tokens into the attention, tokens into the MLP) of each block when every block merges its share of ``r``,
     prefix included."""
     p, n, counts = num_prefix_tokens, num_patches, []
@@ -142,8 +143,6 @@ class TokenMerging(nn.Module):
     tokens in the current forward; each block writes its successor's, so a block re-run by gradient checkpointing
     reads the same sizes it read the first time.
     """
-
-    reduces_first_block = False  # the first block's attention sees every token
 
     def __init__(self, schedule: MergeSchedule, num_prefix_tokens: int = 1, prop_attn: bool = True,
                  sparse_eval: bool = False):
@@ -164,13 +163,9 @@ class TokenMerging(nn.Module):
         """Tokens merged per block now: the stage's ``r`` in training (or with ``sparse_eval``), else 0."""
         return self.schedule.r(self.stage) if (self.training or self.sparse_eval) else 0
 
-    def block_tokens(self, num_patches: int, depth: int) -> List[Tuple[int, int]]:
+    def block_tokens(self, num_patches: int, depth: int) -> BlockTokens:
         """(tokens into the attention, tokens into the MLP) of each block, prefix included, now."""
         return merging_block_tokens(num_patches, depth, self.r, self.num_prefix_tokens)
-
-    def kept_tokens(self, n: int) -> int:
-        """Patch tokens after the first block for ``n`` input patch tokens, now."""
-        return n - merge_count(n, block_r(self.r, 0))
 
     def forward(self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                 index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Matching]]:

@@ -8,11 +8,12 @@ embedding); only its drop probability is set per stage here.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.layers import PatchDropout
 
+from .flops import BlockTokens, reduced_block_tokens
 from .schedule import StageValues
 
 try:  # timm >= 1.0.20: the dropping as a function that also returns the kept positions
@@ -47,8 +48,6 @@ class ScheduledPatchDropout(PatchDropout):
     """timm's ``PatchDropout`` whose drop probability follows a :class:`KeptRateSchedule` through
     :meth:`set_epoch`; parameter-free, like :class:`toe.TokenExpansion`."""
 
-    reduces_first_block = True  # it runs before the first block: every block sees the kept tokens
-
     def __init__(self, schedule: KeptRateSchedule, num_prefix_tokens: int = 1):
         super().__init__(prob=0.0, num_prefix_tokens=num_prefix_tokens)
         self.schedule = schedule
@@ -71,10 +70,11 @@ class ScheduledPatchDropout(PatchDropout):
         """Patch tokens after the op for ``n`` input patch tokens, in the current stage and mode."""
         return self.schedule.kept_tokens(n, self.stage) if self.training else n
 
-    def block_tokens(self, num_patches: int, depth: int) -> List[Tuple[int, int]]:
-        """(tokens into the attention, tokens into the MLP) of each block, prefix included, now."""
-        tokens = self.num_prefix_tokens + self.kept_tokens(num_patches)
-        return [(tokens, tokens)] * depth
+    def block_tokens(self, num_patches: int, depth: int) -> BlockTokens:
+        """(tokens into the attention, tokens into the MLP) of each block, prefix included, now: it runs before
+        the first block, so every block sees the kept tokens."""
+        return reduced_block_tokens(self.num_prefix_tokens, num_patches, self.kept_tokens(num_patches), depth,
+                                    first_block_reduced=True)
 
     def forward_with_indices(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The kept tokens and their patch positions ``[B, m]`` (``None`` when nothing is dropped), by timm's

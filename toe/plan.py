@@ -9,19 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .flops import ViTShape
+from .flops import BlockTokens, ViTShape, reduced_block_tokens, tokens_after_first_block
 from .merging import merging_block_tokens
 from .patch_dropout import KeptRateSchedule
 from .schedule import ExpansionSchedule
 
-BlockTokens = List[Tuple[int, int]]
-
-
 def toe_block_tokens(shape: ViTShape, schedule: ExpansionSchedule, stage: int) -> BlockTokens:
     """ToE: the first block sees every token, the others the stage's kept tokens (prefix included)."""
-    p, n = shape.num_prefix_tokens, shape.num_patches
-    full, kept = p + n, p + schedule.kept_tokens(n, stage)
-    return [(full, full)] + [(kept, kept)] * (shape.depth - 1)
+    return reduced_block_tokens(shape.num_prefix_tokens, shape.num_patches,
+                                schedule.kept_tokens(shape.num_patches, stage), shape.depth)
 
 
 def merge_block_tokens(shape: ViTShape, r: float) -> BlockTokens:
@@ -31,8 +27,8 @@ def merge_block_tokens(shape: ViTShape, r: float) -> BlockTokens:
 
 def dropout_block_tokens(shape: ViTShape, kept_patches: int) -> BlockTokens:
     """PatchDropout: every block sees the kept tokens."""
-    tokens = shape.num_prefix_tokens + kept_patches
-    return [(tokens, tokens)] * shape.depth
+    return reduced_block_tokens(shape.num_prefix_tokens, shape.num_patches, kept_patches, shape.depth,
+                                first_block_reduced=True)
 
 
 def matched_merge_r(shape: ViTShape, target_macs: float, attention: bool = True, whole: bool = False) -> float:
@@ -84,7 +80,7 @@ def match_stages(shape: ViTShape, schedule: ExpansionSchedule, attention: bool =
         rate = matched_kept_rate(shape, target, attention)
         kept = KeptRateSchedule((0,), (rate,)).kept_tokens(shape.num_patches, 1)
         matches.append(StageMatch(
-            stage, tokens[1][0], target, r, shape.train_macs_blocks(merge_block_tokens(shape, r), attention),
+            stage, tokens_after_first_block(tokens), target, r, shape.train_macs_blocks(merge_block_tokens(shape, r), attention),
             rate, shape.train_macs_blocks(dropout_block_tokens(shape, kept), attention)))
     return matches
 

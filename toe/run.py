@@ -25,7 +25,7 @@ from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.flops import ViTShape
-from toe.schema import ConfigError, SchedulePlan, build_expansion_schedule, plan_schedule
+from toe.schema import REDUCTION_NODES, ConfigError, SchedulePlan, build_expansion_schedule, plan_schedule
 from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 
 log = logging.getLogger(__name__)
@@ -242,35 +242,21 @@ def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
 
 def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: SchedulePlan) -> None:
     """Patch the run's token-reduction method into ``model`` (ToE, PatchDropout or Token Merging; at most one, as
-    :func:`toe.schema.validate` checks). PatchDropout's kept rates and Token Merging's ``r`` left null are matched,
-    stage by stage, to the train FLOPs of the ``toe:`` operator's schedule (:func:`toe.plan.match_stages`)."""
-    from toe.patch_dropout import KeptRateSchedule
-    from toe.plan import match_stages
-    from toe.schedule import MergeSchedule
-
-    starts = tuple(plan.stage_starts)
-    method, enabled = cfg.method_name, next((n for n in ("toe", "patch_dropout", "tome") if cfg[n].enabled), None)
-    if enabled is None:
+    :func:`toe.schema.validate` checks) through :func:`toe.patch_method`: PatchDropout's kept rates and Token
+    Merging's ``r`` left null are matched, stage by stage, to the train FLOPs of the ``toe:`` operator's schedule."""
+    node = next((n for n in REDUCTION_NODES if cfg[n].enabled), None)
+    if node is None:
         return
+    settings = {"toe": {}, "patch_dropout": {"keep_rates": cfg.patch_dropout.keep_rates},
+                "tome": {"rs": cfg.tome.r, "prop_attn": cfg.tome.prop_attn}}[node]
     try:
-        if enabled == "toe":
-            toe.patch(model, build_expansion_schedule(cfg, plan.stage_starts), sparse_eval=cfg.toe.sparse_eval)
-            return
-        matches = None
-        if (cfg.patch_dropout.keep_rates if enabled == "patch_dropout" else cfg.tome.r) is None:
-            matches = match_stages(ViTShape.from_model(model), build_expansion_schedule(cfg, plan.stage_starts,
-                                                                                        matching=True))
-        if enabled == "patch_dropout":
-            rates = cfg.patch_dropout.keep_rates or [m.kept_rate for m in matches]
-            toe.patch_dropout(model, KeptRateSchedule(starts, tuple(rates)))
-        else:
-            rs = cfg.tome.r or [m.merge_r for m in matches]
-            toe.patch_merging(model, MergeSchedule(starts, tuple(rs)), prop_attn=cfg.tome.prop_attn,
-                              sparse_eval=cfg.tome.sparse_eval)
+        toe.patch_method(model, node.replace("_", ""), build_expansion_schedule(cfg, plan.stage_starts, matching=True),
+                         sparse_eval=bool(cfg[node].get("sparse_eval", False)), **settings)
     except TypeError as err:  # a host the method cannot run on (fewer than two blocks, another block type)
-        raise ConfigError(f"model.name={cfg.model.name} with method={method}: {err}") from None
-    if matches is not None:
-        log.info("%s matched to the train FLOPs of ToE's stages: %s", method, toe.reduction_op(model).schedule)
+        raise ConfigError(f"model.name={cfg.model.name} with method={cfg.method_name}: {err}") from None
+    if node != "toe" and None in settings.values():
+        log.info("%s matched to the train FLOPs of ToE's stages: %s", cfg.method_name,
+                 toe.reduction_op(model).schedule)
 
 
 def build_run(cfg: DictConfig, info: DistInfo) -> Run:

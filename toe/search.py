@@ -78,10 +78,10 @@ def flop_ratio(cfg: Any) -> float:
     from .flops import ViTShape
     from .plan import toe_flop_ratio
     from .run import create_model
-    from .schema import build_expansion_schedule, plan_schedule
+    from .schema import REDUCTION_NODES, build_expansion_schedule, plan_schedule
 
     plan = plan_schedule(cfg)
-    if not any(cfg[node].enabled for node in ("toe", "patch_dropout", "tome")):
+    if not any(cfg[node].enabled for node in REDUCTION_NODES):
         return 1.0
     shape = ViTShape.from_model(create_model(cfg, int(cfg.data.num_classes or 10)))
     schedule = build_expansion_schedule(cfg, plan.stage_starts, matching=True)
@@ -107,12 +107,11 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.storage = f"sqlite:///{(self.sweep_dir / STUDY_FILE).resolve()}"
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
-                                    direction=self.direction)
+        self.study = optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
+                                         direction=self.direction)
         # a rerun's sampler draws a new stream: the same seed would ask the first run's settings again
-        seed = None if self.seed is None else self.seed + len(study.trials)
-        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
-                                       sampler=optuna.samplers.TPESampler(seed=seed))
+        seed = None if self.seed is None else self.seed + len(self.study.trials)
+        self.study.sampler = optuna.samplers.TPESampler(seed=seed)
         self._retry_cut_short()
 
     def _retry_cut_short(self) -> None:

@@ -92,8 +92,7 @@ class ToeOptunaSweeper(Sweeper):
                 else:
                     search.tell(trial, value)
             returns.append(results)
-        best = search.study.best_trial if search.finished() and any(
-            t.value is not None for t in search.study.trials) else None
-        if best is not None:
+        if any(t.value is not None for t in search.study.trials):
+            best = search.study.best_trial
             log.info("best trial %d: %.4f with %s", best.number, best.value, best.params)
         return returns

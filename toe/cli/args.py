@@ -27,6 +27,7 @@ def _number(kind: Callable[[str], float], name: str, low: float, inclusive: bool
 positive_int = _number(int, "an integer", 1, True)
 non_negative_int = _number(int, "an integer", 0, True)
 kept_rate = _number(float, "a number", 0.0, False, 1.0, True)  # (0, 1]
+positive_float = _number(float, "a number", 0.0, False)
 
 
 def torch_device(text: str) -> str:

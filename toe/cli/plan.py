@@ -16,18 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from toe.cli.args import kept_rate, non_negative_int, positive_int, torch_device
-
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
+from toe.cli.args import kept_rate, non_negative_int, positive_float, positive_int, torch_device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=positive_int, default=224)
     parser.add_argument("--epochs", type=positive_int, default=300, help="the run's length")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--speedup", type=_positive_float, help="the train-FLOP speed-up to reach (full / ToE)")
-    target.add_argument("--budget", type=_positive_float,
+    target.add_argument("--speedup", type=positive_float, help="the train-FLOP speed-up to reach (full / ToE)")
+    target.add_argument("--budget", type=positive_float,
                         help="average train GFLOPs per image over the run (forward + backward) to reach")
     parser.add_argument("--stage-starts", type=non_negative_int, nargs="+",
                         help="epochs at which ToE's stages start (default: 0, 1/3 and 2/3 of --epochs)")
@@ -81,7 +70,8 @@ def _default_starts(epochs: int, stages: int) -> List[int]:
 
 
 def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
-    from toe.plan import match_stages, plan_keep_rates, plan_stage_split, rates_from_first, toe_flop_ratio
+    from toe.plan import (match_stages, plan_keep_rates, plan_stage_split, rates_from_first, stage_epochs,
+                          toe_flop_ratio)
     from toe.schedule import ExpansionSchedule
 
     shape = _shape(parser, args)
@@ -110,8 +100,6 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
     if schedule.expansion_steps[-1] >= args.epochs:
         parser.error(f"--stage-starts {list(schedule.expansion_steps)}: the last stage starts after --epochs "
                      f"{args.epochs}")
-    from toe.plan import stage_epochs
-
     spent = stage_epochs(schedule.expansion_steps, args.epochs)
     matches = match_stages(shape, schedule, attention)
     stages = [{"stage": m.stage, "start": start, "epochs": e, "keep_rate": rate, "tokens_after_first_block":

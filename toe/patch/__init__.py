@@ -11,7 +11,7 @@ package's name on ``toe``: import a host module with ``from toe.patch import tim
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Iterator, List, Optional, Tuple, Type
+from typing import Iterator, List, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
@@ -69,6 +69,31 @@ def patch_dropout(model: nn.Module, schedule: KeptRateSchedule) -> nn.Module:
     host = _host(model, "PatchDropout")
     host.apply_patch_dropout(model, ScheduledPatchDropout(schedule, num_prefix_tokens=_prefix(model)))
     return model
+
+
+METHODS = ("toe", "patchdropout", "tome")
+
+
+def patch_method(model: nn.Module, method: str, schedule: ExpansionSchedule,
+                 keep_rates: Optional[Sequence[float]] = None, rs: Optional[Sequence[float]] = None,
+                 prop_attn: bool = True, sparse_eval: bool = False) -> nn.Module:
+    """Patch one of :data:`METHODS` into ``model`` on the stage starts of the ToE ``schedule``: ToE itself, or
+    PatchDropout with ``keep_rates`` / Token Merging with ``rs`` per stage; left ``None``, those are the ones whose
+    train FLOPs match ``schedule``'s stage by stage (:func:`toe.plan.match_stages`)."""
+    if method == "toe":
+        return patch(model, schedule, sparse_eval=sparse_eval)
+    if method not in METHODS:
+        raise ValueError(f"unknown token-reduction method {method!r}: expected one of {', '.join(METHODS)}")
+    if (keep_rates if method == "patchdropout" else rs) is None:
+        from ..flops import ViTShape
+        from ..plan import match_stages
+
+        matches = match_stages(ViTShape.from_model(model), schedule)
+        keep_rates, rs = [m.kept_rate for m in matches], [m.merge_r for m in matches]
+    starts = schedule.expansion_steps
+    if method == "patchdropout":
+        return patch_dropout(model, KeptRateSchedule(starts, tuple(keep_rates)))
+    return patch_merging(model, MergeSchedule(starts, tuple(rs)), prop_attn=prop_attn, sparse_eval=sparse_eval)
 
 
 def reduction_ops(model: nn.Module) -> Iterator[nn.Module]:
