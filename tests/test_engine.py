@@ -81,3 +81,58 @@ def test_evaluation_counts_top1_and_top5_as_timm_does_over_uneven_batches():
     expected1, expected5 = accuracy(model(inputs), targets, topk=(1, 5))
     assert top1 == pytest.approx(float(expected1) / 100) and top5 == pytest.approx(float(expected5) / 100)
     assert 0.0 < top1 < top5 < 1.0  # a random model: neither trivially right nor wrong
+
+
+def _three_steps(optimizer_fn, recipe_overrides=()):
+    """A small model after three steps of the optimizer that ``optimizer_fn(model, recipe)`` builds."""
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    recipe = OmegaConf.create(dict({"opt": "adamw", "weight_decay": 0.05, "momentum": 0.9, "opt_eps": 1e-8},
+                                   **dict(recipe_overrides)))
+    optimizer = optimizer_fn(model, recipe)
+    inputs, targets = _batches(1)[0][0].repeat(1, 2), torch.tensor([0, 1, 2, 1])
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_adamw_runs_torchs_fused_kernel_on_cpu_with_the_same_update_and_other_optimizers_as_timm_builds_them():
+    from timm.optim import create_optimizer_v2
+
+    from toe.run import create_optimizer
+
+    fused_model, fused = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2))
+    plain_model, plain = _three_steps(lambda m, r: create_optimizer_v2(
+        m, opt=r.opt, lr=1e-2, weight_decay=r.weight_decay, eps=r.opt_eps))
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _, sgd = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2), {"opt": "sgd"})
+    assert isinstance(sgd, torch.optim.SGD) and not sgd.defaults.get("fused")
+
+
+def test_a_checkpoint_of_a_fused_optimizer_resumes_into_one_built_without_the_kernel():
+    """A run checkpointed where torch has a fused kernel (a GPU) and resumed where it has none (an older torch's
+    CPU): torch would take the checkpoint's fused flag and fail at the first step; the resumed optimizer keeps its
+    own, and steps on from the checkpoint's moments."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    from toe.checkpoint import TrainState
+    from toe.run import create_optimizer
+
+    model, fused = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2))
+    scheduler, _ = create_scheduler_v2(fused, sched="cosine", num_epochs=4)
+    checkpoint = TrainState(model, fused, scheduler).state_dict()
+    plain = create_optimizer_v2(model, opt="adamw", lr=1e-2, weight_decay=0.05)
+    TrainState(model, plain, create_scheduler_v2(plain, sched="cosine", num_epochs=4)[0]).load_state_dict(checkpoint)
+    assert [group["fused"] for group in plain.param_groups] == [False] * len(plain.param_groups)
+    moments = [plain.state[p]["exp_avg"].clone() for p in model.parameters()]
+    assert all(m.abs().sum() > 0 for m in moments)  # the checkpoint's, not a fresh optimizer's
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 1])).backward()
+    plain.step()
+    assert all(plain.state[p]["step"].item() == 4 for p in model.parameters())

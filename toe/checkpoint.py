@@ -178,6 +178,12 @@ class TrainState:
         comes from :meth:`Progress.from_checkpoint`, read before the run was built."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if not self.optimizer.defaults.get("fused"):
+            # torch takes the saved groups' flags: a checkpoint from a device with a fused kernel (a GPU) resumed
+            # where this torch has none (an older torch's CPU) would fail at its first step
+            for group in self.optimizer.param_groups:
+                if group.get("fused"):
+                    group["fused"] = False
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         ema_state = checkpoint.get("model_ema") or checkpoint.get("ema")  # "ema": format 1
         if self.ema is not None and ema_state:

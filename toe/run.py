@@ -259,8 +259,27 @@ def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: Schedul
                  toe.reduction_op(model).schedule)
 
 
-def build_run(cfg: DictConfig, info: DistInfo) -> Run:
+# torch's fused (one-kernel) Adam/AdamW: on the embedded default's small model the per-parameter loop of the
+# foreach kernels costs about 1.5 ms a step, the fused kernel 0.5 ms, a share that ToE's smaller step makes larger.
+# The update is the same; torch has it on CUDA, and on CPU from 2.4.
+FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
+def create_optimizer(model: torch.nn.Module, recipe: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer for the recipe, fused where torch has a fused kernel for it on the model's device."""
     from timm.optim import create_optimizer_v2
+
+    kwargs = dict(opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay, momentum=recipe.momentum,
+                  eps=recipe.opt_eps)
+    if recipe.opt.lower() in FUSED_OPTIMIZERS:
+        try:
+            return create_optimizer_v2(model, fused=True, **kwargs)
+        except RuntimeError:  # no fused kernel for this device in this torch
+            pass
+    return create_optimizer_v2(model, **kwargs)
+
+
+def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
@@ -309,8 +328,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
         raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
     local_batch = batch_size // info.world_size
     lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
-    optimizer = create_optimizer_v2(model, opt=cfg.recipe.opt, lr=lr, weight_decay=cfg.recipe.weight_decay,
-                                    momentum=cfg.recipe.momentum, eps=cfg.recipe.opt_eps)
+    optimizer = create_optimizer(model, cfg.recipe, lr)
     ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
     net = torch.compile(model) if cfg.train.compile else model
     if info.enabled:
