@@ -108,7 +108,12 @@ def test_adamw_runs_torchs_fused_kernel_on_cpu_with_the_same_update_and_other_op
     fused_model, fused = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2))
     plain_model, plain = _three_steps(lambda m, r: create_optimizer_v2(
         m, opt=r.opt, lr=1e-2, weight_decay=r.weight_decay, eps=r.opt_eps))
-    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    try:  # torch has a fused AdamW on CPU from 2.4
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+        cpu_kernel = True
+    except RuntimeError:
+        cpu_kernel = False
+    assert bool(fused.defaults.get("fused")) is cpu_kernel and not plain.defaults.get("fused")
     for a, b in zip(fused_model.parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _, sgd = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2), {"opt": "sgd"})

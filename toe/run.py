@@ -329,6 +329,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     local_batch = batch_size // info.world_size
     lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
     optimizer = create_optimizer(model, cfg.recipe, lr)
+    log.info("optimizer: %s%s, lr %.3g", type(optimizer).__name__,
+             " (torch's fused kernel)" if optimizer.defaults.get("fused") else "", lr)
     ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
     net = torch.compile(model) if cfg.train.compile else model
     if info.enabled:
