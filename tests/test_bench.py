@@ -117,3 +117,38 @@ def test_step_bench_has_rows_for_patchdropout_and_tome_at_toes_flops(tmp_path):
     # PatchDropout reduces the first block too, so it keeps more tokens for the same FLOPs; ToMe merges per block
     assert by_method["patchdropout"][1]["tokens"] > toe_rows[1]["tokens"]
     assert by_method["tome"][1]["tokens"] > toe_rows[1]["tokens"]
+
+
+def test_train_bench_alternates_two_whole_runs_each_as_it_trains_alone(tiny_cfg, tmp_path, capsys):
+    """Each run keeps its own RNG between its epochs: ToE and its baseline, trained an epoch of each in turn, end
+    exactly where `toe-train` ends them alone (same loss, same top-1), and the bench says how much faster ToE was."""
+    from conftest import TINY_RUN
+
+    from toe.train import train
+
+    out = tmp_path / "train.json"
+    overrides = [o for o in TINY_RUN if o != "logger=none"] + ["train.eval_every=2"]
+    main(["--json", str(out), "train", *overrides])
+    result = json.loads(out.read_text())["rows"]
+    alone = {}
+    for name, extra in (("run", []), ("against", ["method=baseline"])):
+        run_dir = tmp_path / name
+        train(tiny_cfg("train.eval_every=2", *extra), run_dir)
+        alone[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in result["runs"]:
+        assert row["final_loss"] == alone[row["run"]][-1]["train_loss"]
+        assert row["final_top1"] == alone[row["run"]][-1]["val_top1"]
+        assert row["train_flops"] == alone[row["run"]][-1]["train_flops_total"]
+    assert [(s["stage"], s["tokens"], s["epochs"]) for s in result["stages"]] == [(1, 33, 1), (2, 49, 1)]
+    ratios = result["ratios"]
+    assert ratios["flop_ratio"] == result["runs"][1]["train_flops"] / result["runs"][0]["train_flops"] > 1.1
+    assert ratios["train_speedup"] == result["runs"][1]["train_seconds"] / result["runs"][0]["train_seconds"]
+    printed = capsys.readouterr().out
+    assert "against the same with method=baseline" in printed and f"train speed-up {ratios['train_speedup']:.3f}x" \
+        in printed
+
+
+def test_train_bench_refuses_runs_of_different_lengths_in_one_line(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "schedule.epochs=3", "--against", "method=baseline", "schedule.epochs=4"])
+    assert refused.value.code == 2 and "train 3 and 4 epochs: give both the same" in capsys.readouterr().err

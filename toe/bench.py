@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pandas as pd
 import torch
 import yaml
+from tqdm import tqdm
 
 from .expansion import expand_tokens
 from .flops import BlockTokens, ViTShape, schedule_average_macs, tokens_after_first_block
@@ -262,18 +263,10 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
     the PIL pipeline the loader decodes and augments; on the tensor pipeline it only indexes, and the augmentation
     runs in the step, on the device (``pipeline`` column).
     """
-    from hydra import compose, initialize_config_module
-
-    from .distributed import DistInfo
     from .engine import train_one_epoch
     from .loop import block_tokens
-    from .run import build_run
-    from .schema import validate
 
-    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["logger=none", *overrides])
-    validate(cfg)
-    run = build_run(cfg, DistInfo())
+    _, run = _build_run(overrides)
     op = expansion_op(run.model)
     stages = range(0, op.schedule.num_stages + 1) if op is not None else [0]
     step = run.step_config()
@@ -302,6 +295,81 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
                      "loop_speedup": loop_rate / rows[0]["loop_img_per_s"] if rows else 1.0,
                      "flop_ratio": run.shape.train_macs() / run.shape.train_macs_blocks(tokens)})
     return rows
+
+
+def _build_run(overrides: List[str]) -> Any:
+    """The config and the run ``toe-train <overrides>`` would train (without W&B), built in this process."""
+    from hydra import compose, initialize_config_module
+
+    from .distributed import DistInfo
+    from .run import build_run
+    from .schema import validate
+
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=none", *overrides])
+    validate(cfg)
+    return cfg, build_run(cfg, DistInfo())
+
+
+def bench_train(overrides: List[str], against: List[str], progress: bool = False) -> Dict[str, Any]:
+    """Train ``toe-train <overrides>`` and ``toe-train <overrides> <against>`` (the baseline: ``method=baseline``)
+    whole, in one process, an epoch of one then an epoch of the other, so that a machine whose speed drifts from
+    minute to minute (a shared host's CPU) slows both alike; separate commands run minutes apart cannot be
+    compared closer than that drift.
+
+    Each run keeps its own RNG state between its epochs, so each trains exactly as it would alone (same crops,
+    same shuffles, same final accuracy as ``toe-train``). Returns per run the train and eval seconds, the final
+    top-1 (model and EMA) and the train FLOPs, per ToE stage of the first run the seconds of both over its epochs,
+    and the speed-ups.
+    """
+    from .checkpoint import capture_rng, restore_rng
+    from .engine import train_one_epoch
+    from .loop import EpochInputs, Evaluator
+
+    runs = []
+    for name, extra in (("run", overrides), ("against", [*overrides, *against])):
+        cfg, run = _build_run(extra)
+        runs.append({"name": name, "overrides": extra, "run": run, "rng": capture_rng(), "inputs": EpochInputs(run),
+                     "evaluator": Evaluator(run, cfg.train.eval_every, False), "epochs": [], "num_updates": 0})
+    epochs = runs[0]["run"].plan.epochs
+    if runs[1]["run"].plan.epochs != epochs:
+        raise ValueError(f"the two runs train {epochs} and {runs[1]['run'].plan.epochs} epochs: give both the same")
+    for epoch in tqdm(range(epochs), desc="epochs (both runs)", disable=not progress):
+        for entry in runs:
+            run = entry["run"]
+            restore_rng(entry["rng"])
+            setting = entry["inputs"].start(epoch)
+            result = train_one_epoch(run.net, setting.loader, run.step_config(setting.accumulation,
+                                                                                setting.batch_transform),
+                                     entry["num_updates"])
+            run.scheduler.step(epoch + 1)
+            top1, _, ema_top1, eval_seconds = entry["evaluator"].after(setting)
+            entry["rng"], entry["num_updates"] = capture_rng(), result.num_updates
+            entry["epochs"].append({"stage": setting.stage, "tokens": setting.tokens_after_first_block,
+                                    "train_seconds": result.seconds, "eval_seconds": eval_seconds,
+                                    "train_flops": result.images * setting.macs_per_image,
+                                    "loss": result.loss, "top1": top1, "ema_top1": ema_top1})
+    totals = []
+    for entry in runs:
+        rows = pd.DataFrame(entry["epochs"])
+        totals.append({"run": entry["name"], "overrides": " ".join(entry["overrides"]) or "(toe-train defaults)",
+                       "train_seconds": rows.train_seconds.sum(), "eval_seconds": rows.eval_seconds.sum(),
+                       "final_top1": rows.top1.iloc[-1], "final_ema_top1": rows.ema_top1.iloc[-1],
+                       "final_loss": rows.loss.iloc[-1], "train_flops": rows.train_flops.sum()})
+    first, second = (pd.DataFrame(entry["epochs"]) for entry in runs)
+    stages = []
+    for stage, epochs_of_stage in first.groupby("stage", sort=True):
+        other = second.loc[epochs_of_stage.index]
+        stages.append({"stage": stage, "tokens": int(epochs_of_stage.tokens.iloc[0]), "epochs": len(epochs_of_stage),
+                       "seconds": epochs_of_stage.train_seconds.sum(), "against_seconds": other.train_seconds.sum(),
+                       "speedup": other.train_seconds.sum() / epochs_of_stage.train_seconds.sum(),
+                       "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum()})
+    run_total, against_total = totals
+    ratios = {"train_speedup": against_total["train_seconds"] / run_total["train_seconds"],
+              "train_and_eval_speedup": (against_total["train_seconds"] + against_total["eval_seconds"])
+              / (run_total["train_seconds"] + run_total["eval_seconds"]),
+              "flop_ratio": against_total["train_flops"] / run_total["train_flops"]}
+    return {"runs": totals, "stages": stages, "ratios": ratios}
 
 
 # Training throughput of DeiT-S on one GPU, the default of --gpu-img-per-s: timm's published benchmark

@@ -4,6 +4,7 @@
 - ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
 - ``toe-bench flops`` the analytic per-image FLOPs table of the official schedules (``conf/bench/flops_table.yaml``)
 - ``toe-bench e2e``   a real run's loader alone, train step alone and whole loop, per ToE stage, and which bounds it
+- ``toe-bench train`` a whole run and its baseline trained in one process, an epoch of each in turn: the speed-up
 - ``toe-bench capacity`` JPEG decode + DeiT augmentation img/s on one CPU core, and the cores that feed one GPU
 """
 
@@ -13,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     e2e.add_argument("--batches", type=positive_int, default=20, help="batches timed per measurement")
     e2e.add_argument("--warmup", type=non_negative_int, default=1, help="untimed passes before each measurement")
 
+    train = sub.add_parser("train", help="a whole run and its baseline, epochs alternated: train speed-up and top-1")
+    train.add_argument("overrides", nargs="*", help="toe-train overrides of the run, e.g. seed=1")
+    train.add_argument("--against", nargs="+", default=["method=baseline"], metavar="OVERRIDE",
+                       help="what the other run adds to the overrides (default: method=baseline)")
+
     capacity = sub.add_parser("capacity", help="CPU cores to feed one GPU: decode + DeiT augmentation per core")
     capacity.add_argument("--gpu-img-per-s", type=float, default=None,
                           help="the GPU's full-token DeiT-S training img/s (default: timm's published RTX 3090 "
@@ -78,8 +84,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_reporting_config_errors(parser: argparse.ArgumentParser, work: Callable[[], Any]) -> Any:
+    """``work()`` that builds toe-train runs from overrides: a config that cannot work is said in one line."""
+    from toe.data import DataRootError
+    from toe.schema import ConfigError, compose_error_line, is_compose_error
+
+    try:
+        return work()
+    except (ConfigError, DataRootError, ValueError) as err:
+        parser.error(str(err).splitlines()[0])
+    except Exception as err:  # noqa: BLE001 - a bad override, said as toe-train says it
+        if not is_compose_error(err):
+            raise
+        parser.error(compose_error_line(err))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from toe.bench import bench_e2e, bench_flops, bench_op, bench_step, default_flops_table, flops_markdown, markdown
+    from toe.bench import (bench_e2e, bench_flops, bench_op, bench_step, bench_train, default_flops_table,
+                           flops_markdown, markdown)
     from toe.schedule import ExpansionSchedule
 
     parser = _parser()
@@ -114,21 +136,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(markdown(rows, ["method", "stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G",
                               "speedup", "flop_ratio", "efficiency"]))
     elif args.command == "e2e":
-        from toe.data import DataRootError
-        from toe.schema import ConfigError, compose_error_line, is_compose_error
-
-        try:
-            rows = bench_e2e(args.overrides, args.batches, args.warmup)
-        except (ConfigError, DataRootError) as err:
-            parser.error(str(err).splitlines()[0])
-        except Exception as err:  # noqa: BLE001 - a bad override, said as toe-train says it
-            if not is_compose_error(err):
-                raise
-            parser.error(compose_error_line(err))
+        rows = _run_reporting_config_errors(parser, lambda: bench_e2e(args.overrides, args.batches, args.warmup))
         print(f"toe-train {' '.join(args.overrides) or '(its defaults)'}: {args.batches} batches per figure, img/s; stage 0 = full "
               "tokens; bound_by = the slower of loader and step; loop_vs_bound = how close the loop gets to it")
         print(markdown(rows, ["stage", "tokens", "loader_img_per_s", "step_img_per_s", "loop_img_per_s", "bound_by",
                               "loop_vs_bound", "step_speedup", "loop_speedup", "flop_ratio"]))
+    elif args.command == "train":
+        rows = _run_reporting_config_errors(parser, lambda: bench_train(args.overrides, args.against, progress=True))
+        print(f"toe-train {' '.join(args.overrides) or '(its defaults)'} against the same with "
+              f"{' '.join(args.against)}, trained whole in this process, an epoch of each in turn (seconds: "
+              "summed over epochs)")
+        print(markdown(rows["runs"], ["run", "overrides", "train_seconds", "eval_seconds", "final_top1",
+                                      "final_ema_top1", "train_flops"]))
+        print("\nper stage of the run (the other run's seconds over the same epochs):")
+        print(markdown(rows["stages"], ["stage", "tokens", "epochs", "seconds", "against_seconds", "speedup",
+                                        "flop_ratio"]))
+        ratios = rows["ratios"]
+        print(f"\ntrain speed-up {ratios['train_speedup']:.3f}x, train + eval {ratios['train_and_eval_speedup']:.3f}x,"
+              f" train FLOP ratio {ratios['flop_ratio']:.3f}")
     elif args.command == "capacity":
         from toe.bench import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity, deit_s_stage1_flop_ratio
 
