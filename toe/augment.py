@@ -121,19 +121,21 @@ class BatchAugment(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = images.shape
         top, left, h, w = random_resized_crop_boxes(batch, height, width, self.scale, self.ratio).unbind(1)
-        # The affine map from the output's [-1, 1] square to the box, in grid_sample's align_corners=False units
-        theta = torch.zeros(batch, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 2] = w / width, (2 * left + w) / width - 1
-        theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * top + h) / height - 1
+        # The map from the output's [-1, 1] square to the box, in grid_sample's align_corners=False units: a scale
+        # and a shift per axis, so the sampling grid is the outer combination of one x and one y coordinate vector
+        # per image (what F.affine_grid would give for this diagonal map, without its batched matmul)
+        scale_x, shift_x = w / width, (2 * left + w) / width - 1
+        scale_y, shift_y = h / height, (2 * top + h) / height - 1
         if self.hflip > 0:  # a flip after the crop is the crop's x axis reversed
-            flip = torch.rand(batch) < self.hflip
-            theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])
+            scale_x = torch.where(torch.rand(batch) < self.hflip, -scale_x, scale_x)
         # Crop, then resize: sampling stays within the box's pixel centres, as a resize of the cropped image does
-        low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1)
-        high = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1)
-        theta, low, high = (t.to(images.device, non_blocking=True) for t in (theta, low, high))
-        grid = F.affine_grid(theta, [batch, 3, self.size, self.size], align_corners=False)
-        grid = torch.minimum(torch.maximum(grid, low[:, None, None]), high[:, None, None])
+        low_x, high_x = (2 * left + 1) / width - 1, (2 * (left + w) - 1) / width - 1
+        low_y, high_y = (2 * top + 1) / height - 1, (2 * (top + h) - 1) / height - 1
+        centres = (torch.arange(self.size, dtype=torch.float32) * 2 + 1) / self.size - 1  # output pixel centres
+        x = torch.minimum(torch.maximum(scale_x[:, None] * centres + shift_x[:, None], low_x[:, None]), high_x[:, None])
+        y = torch.minimum(torch.maximum(scale_y[:, None] * centres + shift_y[:, None], low_y[:, None]), high_y[:, None])
+        x, y = (t.to(images.device, non_blocking=True) for t in (x, y))
+        grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1)  # [B, S, S, (x, y)]
         out = F.grid_sample(images.float(), grid, mode=self.mode, padding_mode="border", align_corners=False)
         return (out.round_().clamp_(0, 255) - self.mean) / self.std
 
