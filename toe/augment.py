@@ -8,7 +8,7 @@ a centre crop, vectorised over the batch) and its own flip, then the model's nor
 
 Why not torchvision's v2 transforms or kornia: v2 transforms draw one set of parameters per call, so a batch would
 share one crop; per-sample calls bring back the per-image overhead. kornia does per-sample batches but is one more
-dependency for two operations. The crop and resize is one ``grid_sample`` with a per-sample affine grid (what
+dependency for two operations. The crop and resize is one ``grid_sample`` with a per-sample axis-aligned grid (what
 kornia does too), bicubic or bilinear as the recipe asks; bilinear equals torchvision's crop-then-resize. It differs
 from timm's PIL path in the bicubic kernel (PyTorch's a = -0.75, PIL's -0.5; its outer taps at the box's edge read
 the pixels beyond it) and in not antialiasing a downscale; ``train.pipeline=pil`` keeps timm's exact path.
