@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .expansion import expand_tokens
 from .flops import BlockTokens, ViTShape, schedule_average_macs, tokens_after_first_block
-from .patch import expansion_op, patch, reduction_op
+from .patch import expansion_op, reduction_op
 from .reference import reference_expand_tokens
 from .schedule import ExpansionSchedule
 
@@ -299,14 +299,11 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
 
 def _build_run(overrides: List[str]) -> Any:
     """The config and the run ``toe-train <overrides>`` would train (without W&B), built in this process."""
-    from hydra import compose, initialize_config_module
-
     from .distributed import DistInfo
     from .run import build_run
-    from .schema import validate
+    from .schema import compose_config, validate
 
-    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["logger=none", *overrides])
+    cfg = compose_config(["logger=none", *overrides])
     validate(cfg)
     return cfg, build_run(cfg, DistInfo())
 
@@ -323,46 +320,42 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
     and the speed-ups.
     """
     from .checkpoint import capture_rng, restore_rng
-    from .engine import train_one_epoch
-    from .loop import EpochInputs, Evaluator
+    from .loop import EpochInputs, Evaluator, train_epoch
+    from .schema import ConfigError
 
     runs = []
     for name, extra in (("run", overrides), ("against", [*overrides, *against])):
         cfg, run = _build_run(extra)
         runs.append({"name": name, "overrides": extra, "run": run, "rng": capture_rng(), "inputs": EpochInputs(run),
-                     "evaluator": Evaluator(run, cfg.train.eval_every, False), "epochs": [], "num_updates": 0})
+                     "evaluator": Evaluator(run, cfg.train.eval_every, False), "rows": [], "num_updates": 0})
     epochs = runs[0]["run"].plan.epochs
     if runs[1]["run"].plan.epochs != epochs:
-        raise ValueError(f"the two runs train {epochs} and {runs[1]['run'].plan.epochs} epochs: give both the same")
+        raise ConfigError(f"the two runs train {epochs} and {runs[1]['run'].plan.epochs} epochs: give both the same")
     for epoch in tqdm(range(epochs), desc="epochs (both runs)", disable=not progress):
         for entry in runs:
-            run = entry["run"]
             restore_rng(entry["rng"])
-            setting = entry["inputs"].start(epoch)
-            result = train_one_epoch(run.net, setting.loader, run.step_config(setting.accumulation,
-                                                                                setting.batch_transform),
-                                     entry["num_updates"])
-            run.scheduler.step(epoch + 1)
-            top1, _, ema_top1, eval_seconds = entry["evaluator"].after(setting)
-            entry["rng"], entry["num_updates"] = capture_rng(), result.num_updates
-            entry["epochs"].append({"stage": setting.stage, "tokens": setting.tokens_after_first_block,
-                                    "train_seconds": result.seconds, "eval_seconds": eval_seconds,
-                                    "train_flops": result.images * setting.macs_per_image,
-                                    "loss": result.loss, "top1": top1, "ema_top1": ema_top1})
-    totals = []
+            row, entry["num_updates"] = train_epoch(entry["run"], entry["inputs"], entry["evaluator"], epoch,
+                                                    entry["num_updates"], entry["rows"][-1] if entry["rows"] else None)
+            entry["rng"] = capture_rng()
+            entry["rows"].append(row)
+    totals, frames = [], []
     for entry in runs:
-        rows = pd.DataFrame(entry["epochs"])
+        last = entry["rows"][-1]
         totals.append({"run": entry["name"], "overrides": " ".join(entry["overrides"]) or "(toe-train defaults)",
-                       "train_seconds": rows.train_seconds.sum(), "eval_seconds": rows.eval_seconds.sum(),
-                       "final_top1": rows.top1.iloc[-1], "final_ema_top1": rows.ema_top1.iloc[-1],
-                       "final_loss": rows.loss.iloc[-1], "train_flops": rows.train_flops.sum()})
-    first, second = (pd.DataFrame(entry["epochs"]) for entry in runs)
+                       "train_seconds": last.train_seconds_total,
+                       "eval_seconds": sum(row.eval_seconds for row in entry["rows"]), "final_top1": last.val_top1,
+                       "final_ema_top1": last.ema_top1, "final_loss": last.train_loss,
+                       "train_flops": last.train_flops_total})
+        frame = pd.DataFrame([row.to_dict() for row in entry["rows"]])
+        frames.append(frame.assign(train_flops=frame.train_flops_total.diff().fillna(frame.train_flops_total)))
+    first, second = frames
     stages = []
     for stage, epochs_of_stage in first.groupby("stage", sort=True):
         other = second.loc[epochs_of_stage.index]
-        stages.append({"stage": stage, "tokens": int(epochs_of_stage.tokens.iloc[0]), "epochs": len(epochs_of_stage),
-                       "seconds": epochs_of_stage.train_seconds.sum(), "against_seconds": other.train_seconds.sum(),
-                       "speedup": other.train_seconds.sum() / epochs_of_stage.train_seconds.sum(),
+        stages.append({"stage": stage, "tokens": int(epochs_of_stage.tokens_after_first_block.iloc[0]),
+                       "epochs": len(epochs_of_stage), "seconds": epochs_of_stage.epoch_seconds.sum(),
+                       "against_seconds": other.epoch_seconds.sum(),
+                       "speedup": other.epoch_seconds.sum() / epochs_of_stage.epoch_seconds.sum(),
                        "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum()})
     run_total, against_total = totals
     ratios = {"train_speedup": against_total["train_seconds"] / run_total["train_seconds"],

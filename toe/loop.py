@@ -3,7 +3,8 @@
 - :class:`EpochInputs` (start of an epoch): the ToE stage of the model and its EMA, the EfficientTrain phase (its
   loader, resolution and gradient accumulation), and the tokens and train FLOPs per image that follow from them;
 - :class:`Evaluator` (end of an epoch): val top-1/top-5 of the model and of its EMA on full tokens, when due;
-- :func:`epoch_row`: the epoch's line of the run record from the above and the step's result.
+- :func:`epoch_row`: the epoch's line of the run record from the above and the step's result;
+- :func:`train_epoch`: the three in order around one :func:`toe.engine.train_one_epoch`.
 
 The checkpoint is :class:`toe.checkpoint.TrainState`'s and the record :class:`toe.record.RunRecord`'s.
 """
@@ -20,7 +21,7 @@ import torch
 
 import toe
 from toe.curriculum import Phase, fourier_crop, phase_at
-from toe.engine import EpochResult, evaluate
+from toe.engine import EpochResult, evaluate, train_one_epoch
 from toe.flops import BlockTokens, ViTShape, tokens_after_first_block
 from toe.record import EpochRow
 
@@ -115,3 +116,17 @@ def epoch_row(setting: EpochSetting, result: EpochResult, scores: Tuple, lr: flo
         train_flops_linear_total=last.train_flops_linear_total + result.images * setting.macs_per_image_linear,
         images_seen=last.images_seen + result.images, val_top1=top1, val_top5=top5, ema_top1=ema_top1,
         eval_seconds=eval_seconds, lr=lr)
+
+
+def train_epoch(run: Any, inputs: EpochInputs, evaluator: Evaluator, epoch: int, num_updates: int,
+                last: Optional[EpochRow], progress: bool = False) -> Tuple[EpochRow, int]:
+    """Epoch ``epoch`` of ``run``: its stage and phase set, trained, the LR scheduler stepped, evaluated when due.
+    Returns the record's row (``last``: the previous epoch's, for the running totals) and the optimizer updates
+    made so far."""
+    setting = inputs.start(epoch)
+    step = run.step_config(setting.accumulation, setting.batch_transform)
+    result = train_one_epoch(run.net, setting.loader, step, num_updates, progress,
+                             desc=f"epoch {epoch + 1}/{run.plan.epochs}")
+    run.scheduler.step(epoch + 1)
+    row = epoch_row(setting, result, evaluator.after(setting), run.optimizer.param_groups[0]["lr"], last)
+    return row, result.num_updates

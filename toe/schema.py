@@ -493,7 +493,24 @@ def config_changes(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, L
             and key in old and not key.startswith(off)}
 
 
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The config ``toe-train <overrides>`` trains with, composed outside a Hydra app from the package's configs
+    (``toe.conf``), for tools that build a run in their own process (``toe-bench``, ``toe-vis``)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
 # --- one line for what Hydra refuses while composing ---------------------------------------------------------------
+def config_error_message(err: BaseException) -> Optional[str]:
+    """What to say of a config that cannot work: a :class:`ConfigError`'s text, or Hydra's or OmegaConf's
+    composition error in one line (:func:`compose_error_line`); ``None`` for any other error, to be raised."""
+    if isinstance(err, ConfigError):
+        return str(err)
+    return compose_error_line(err) if is_compose_error(err) else None
+
+
 def is_compose_error(err: BaseException) -> bool:
     """Whether ``err`` comes from composing a config (a bad override, option, key, type or value)."""
     from hydra.errors import HydraException

@@ -59,7 +59,7 @@ def check_jobs(config: DictConfig) -> int:
     :class:`ExperimentError` naming the first job that cannot run."""
     from hydra import compose
 
-    from .schema import ConfigError, compose_error_line, is_compose_error, validate
+    from .schema import config_error_message, validate
 
     experiment = config.hydra.runtime.choices.get("experiments")
     search = config.hydra.runtime.choices.get("hparams_search")
@@ -75,12 +75,11 @@ def check_jobs(config: DictConfig) -> int:
         where = f"{source}: job {number} ({' '.join(job)})"
         try:
             validate(compose(config_name="train", overrides=job), devices=launcher in LOCAL_LAUNCHERS)
-        except ConfigError as err:
-            raise ExperimentError(f"{where}: {err}") from None
         except Exception as err:  # noqa: BLE001 - Hydra and OmegaConf raise several types for a bad job
-            if not is_compose_error(err):
+            message = config_error_message(err)
+            if message is None:
                 raise
-            raise ExperimentError(f"{where}: {compose_error_line(err)}") from None
+            raise ExperimentError(f"{where}: {message}") from None
     return len(jobs)
 
 

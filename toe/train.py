@@ -21,9 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from toe.checkpoint import Progress, TrainState, load_checkpoint
 from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
-from toe.engine import train_one_epoch
 from toe.lock import locked
-from toe.loop import EpochInputs, Evaluator, epoch_row
+from toe.loop import EpochInputs, Evaluator, train_epoch
 from toe.record import CHECKPOINT_FILE, SUMMARY_FILE, EpochRow, RunRecord, StartRefused, Summary, read_run_dir
 from toe.record import write_json_atomic
 from toe.run import Run, build_run, resolve_device
@@ -129,14 +128,9 @@ def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunR
     wall_before = progress.wall_seconds
     progress.startup_seconds += time.time() - started_at
     for epoch in range(progress.epoch, epochs):
-        setting = inputs.start(epoch)
-        step = run.step_config(setting.accumulation, setting.batch_transform)
-        result = train_one_epoch(run.net, setting.loader, step, progress.num_updates, bar,
-                                 desc=f"epoch {epoch + 1}/{epochs}")
-        run.scheduler.step(epoch + 1)
-        row = epoch_row(setting, result, evaluator.after(setting), run.optimizer.param_groups[0]["lr"], progress.last)
+        row, num_updates = train_epoch(run, inputs, evaluator, epoch, progress.num_updates, progress.last, bar)
         progress.history.append(row)
-        progress.epoch, progress.num_updates = epoch + 1, result.num_updates
+        progress.epoch, progress.num_updates = epoch + 1, num_updates
         progress.wall_seconds = wall_before + time.time() - started_at
         row.checkpoint_seconds = state.save(run_dir / CHECKPOINT_FILE)
         progress.wall_seconds = wall_before + time.time() - started_at  # the record's, with the write counted

@@ -247,19 +247,18 @@ def draw_grid(pictures: Sequence[np.ndarray], layouts: Sequence[Sequence[Layout]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema: bool = False) -> Tuple[Any, Any]:
-    """The run's model with its op and trained weights (or an untrained one from ``overrides``) and its config."""
+def load_model(run_dir: Optional[Path], overrides: Optional[List[str]],
+               use_ema: bool = False) -> Tuple[Any, Any, Any]:
+    """The run's model with its op and trained weights (or an untrained one from ``overrides``), its config and its
+    validation set (built once: the class count sizes the model, the images are drawn)."""
     from omegaconf import OmegaConf
 
     from .checkpoint import load_checkpoint
     from .data import build_datasets
     from .run import apply_token_reduction, create_model
-    from .schema import validate
+    from .schema import compose_config, validate
 
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides or []))
+    cfg = compose_config(overrides or [])
     if run_dir is not None:
         config = run_dir / "config.yaml"
         if not config.is_file():
@@ -267,8 +266,8 @@ def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema:
         # the run's resolved config over today's defaults: a run written before a key existed gets its default
         cfg = OmegaConf.merge(cfg, OmegaConf.load(config))
     plan = validate(cfg, devices=False)
-    train_set, _ = build_datasets(cfg)
-    model = create_model(cfg, len(train_set.classes))
+    train_set, val_set = build_datasets(cfg)
+    model = create_model(cfg, cfg.data.num_classes or len(train_set.classes))
     apply_token_reduction(model, cfg, plan)
     if run_dir is not None:
         state = load_checkpoint(run_dir / "checkpoint.pth")
@@ -276,17 +275,17 @@ def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema:
             raise FileNotFoundError(f"{run_dir}: no checkpoint.pth to draw the trained model from")
         weights = state["model_ema"] if use_ema and state.get("model_ema") else state["model"]
         model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
-    return model.eval(), cfg
+    return model.eval(), cfg, val_set
 
 
-def load_images(cfg: Any, model: Any, folder: Optional[Path], count: int):
+def load_images(cfg: Any, model: Any, folder: Optional[Path], count: int, val_set: Any):
     """``count`` images as the model's normalised eval inputs ``[B, 3, H, W]`` and as pictures ``[H, W, 3]`` in 0..1
-    (the same crop, so the patch grid lines up): from ``folder``, else the run's validation set."""
+    (the same crop, so the patch grid lines up): from ``folder``, else from ``val_set`` (the run's)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from .data import build_datasets, build_transforms
+    from .data import build_transforms
     from .run import model_data_config
 
     data_config = model_data_config(model, cfg)
@@ -297,7 +296,6 @@ def load_images(cfg: Any, model: Any, folder: Optional[Path], count: int):
             raise FileNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         images = [Image.open(p).convert("RGB") for p in files]
     else:
-        _, val_set = build_datasets(cfg)
         val_set.transform = None
         images = [val_set[i][0] for i in range(min(count, len(val_set)))]
     inputs = torch.stack([transform(image) for image in images])
@@ -313,8 +311,8 @@ def draw_run(out: Path, run_dir: Optional[Path] = None, overrides: Optional[List
     returns (images, stages)."""
     from .patch import reduction_op
 
-    model, cfg = load_model(run_dir, overrides, use_ema)
-    inputs, pictures = load_images(cfg, model, images, count)
+    model, cfg, val_set = load_model(run_dir, overrides, use_ema)
+    inputs, pictures = load_images(cfg, model, images, count, val_set)
     grid = tuple(model.patch_embed.grid_size)
     layouts = capture_layouts(model, inputs, grid)
     title = (f"{cfg.method_name} on {cfg.model.name} ({grid[0]}x{grid[1]} patches): "

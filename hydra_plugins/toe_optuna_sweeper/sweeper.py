@@ -19,7 +19,8 @@ log = logging.getLogger("toe.search")
 class ToeOptunaSweeper(Sweeper):
     def __init__(self, study_name: str, direction: str, n_trials: int, smoke_trials: int, n_jobs: int,
                  budget: Optional[float], seed: Optional[int], params: Dict[str, Any]) -> None:
-        self.study_name, self.direction, self.n_trials, self.smoke_trials = study_name, direction, n_trials, smoke_trials
+        self.study_name, self.direction = study_name, direction
+        self.n_trials, self.smoke_trials = n_trials, smoke_trials
         self.n_jobs, self.budget, self.seed = max(1, n_jobs), budget, seed
         self.params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else params
         self.config: Optional[DictConfig] = None
@@ -35,7 +36,7 @@ class ToeOptunaSweeper(Sweeper):
         return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
 
     def sweep(self, arguments: List[str]) -> Any:
-        from toe.schema import ConfigError, compose_error_line, is_compose_error, validate
+        from toe.schema import config_error_message, validate
         from toe.search import Search, flop_ratio, parse_params, trial_overrides
 
         fixed, space = parse_params(self.params)
@@ -63,13 +64,11 @@ class ToeOptunaSweeper(Sweeper):
                     validate(cfg, devices=self.config.hydra.runtime.choices.get("hydra/launcher") in
                              ("basic", "submitit_local"))
                     ratio = flop_ratio(cfg)
-                except ConfigError as err:
-                    search.prune(trial, f"config cannot work: {err}")
-                    continue
                 except Exception as err:  # noqa: BLE001 - a bad override, said as toe-train says it
-                    if not is_compose_error(err):
+                    message = config_error_message(err)
+                    if message is None:
                         raise
-                    search.prune(trial, f"config cannot work: {compose_error_line(err)}")
+                    search.prune(trial, f"config cannot work: {message}")
                     continue
                 trial.set_user_attr("flop_ratio", ratio)
                 trial.set_user_attr("overrides", overrides)

@@ -87,16 +87,17 @@ def _parser() -> argparse.ArgumentParser:
 def _run_reporting_config_errors(parser: argparse.ArgumentParser, work: Callable[[], Any]) -> Any:
     """``work()`` that builds toe-train runs from overrides: a config that cannot work is said in one line."""
     from toe.data import DataRootError
-    from toe.schema import ConfigError, compose_error_line, is_compose_error
+    from toe.schema import config_error_message
 
     try:
         return work()
-    except (ConfigError, DataRootError, ValueError) as err:
+    except DataRootError as err:
         parser.error(str(err).splitlines()[0])
     except Exception as err:  # noqa: BLE001 - a bad override, said as toe-train says it
-        if not is_compose_error(err):
+        message = config_error_message(err)
+        if message is None:
             raise
-        parser.error(compose_error_line(err))
+        parser.error(message.splitlines()[0])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
