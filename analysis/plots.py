@@ -96,9 +96,9 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -141,8 +141,5 @@ def plot_search(trials: pd.DataFrame, out: Path, budget: float = None) -> Path:
     ax.set_ylabel("final val top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=120)

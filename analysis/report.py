@@ -100,12 +100,13 @@ def search_section(root: Path, out_dir: Path) -> Tuple[List[str], List[str]]:
     shown = shown.fillna("")
     shown.to_csv(out_dir / "search" / "trials.csv", index=False)
     complete = trials[trials["state"] == "COMPLETE"].dropna(subset=["top1"])
-    best = ("none trained yet" if not len(complete) else
-            "trial {trial}: top-1 {top1:.2f} % at a {flop_ratio:.3f}x train-FLOP speed-up, {params}".format(
-                trial=int(complete.loc[complete["top1"].idxmax(), "trial"]),
-                top1=100 * complete["top1"].max(), flop_ratio=complete.loc[complete["top1"].idxmax(), "flop_ratio"],
-                params=", ".join(f"{c[6:]}={complete.loc[complete['top1'].idxmax(), c]}" for c in complete.columns
-                                 if c.startswith("param "))))
+    if len(complete):
+        top = complete.loc[complete["top1"].idxmax()]
+        params = ", ".join(f"{c.removeprefix('param ')}={top[c]}" for c in complete.columns if c.startswith("param "))
+        best = (f"trial {int(top['trial'])}: top-1 {100 * top['top1']:.2f} % at a {top['flop_ratio']:.3f}x "
+                f"train-FLOP speed-up, {params}")
+    else:
+        best = "none trained yet"
     counts = trials["state"].value_counts().to_dict()
     parts = ["\n## Search: trials\n",
              f"Study `{trials['study'].iloc[0]}` in `{root}`: {len(trials)} trials "

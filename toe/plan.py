@@ -14,6 +14,7 @@ from .merging import merging_block_tokens
 from .patch_dropout import KeptRateSchedule
 from .schedule import ExpansionSchedule
 
+
 def toe_block_tokens(shape: ViTShape, schedule: ExpansionSchedule, stage: int) -> BlockTokens:
     """ToE: the first block sees every token, the others the stage's kept tokens (prefix included)."""
     return reduced_block_tokens(shape.num_prefix_tokens, shape.num_patches,
@@ -80,7 +81,8 @@ def match_stages(shape: ViTShape, schedule: ExpansionSchedule, attention: bool =
         rate = matched_kept_rate(shape, target, attention)
         kept = KeptRateSchedule((0,), (rate,)).kept_tokens(shape.num_patches, 1)
         matches.append(StageMatch(
-            stage, tokens_after_first_block(tokens), target, r, shape.train_macs_blocks(merge_block_tokens(shape, r), attention),
+            stage, tokens_after_first_block(tokens), target, r,
+            shape.train_macs_blocks(merge_block_tokens(shape, r), attention),
             rate, shape.train_macs_blocks(dropout_block_tokens(shape, kept), attention)))
     return matches
 
