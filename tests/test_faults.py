@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def _files(run_dir: Path):
 
 def _summary(run_dir: Path):
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _rows(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _epochs(run_dir: Path):
@@ -286,3 +291,46 @@ def test_a_run_of_an_earlier_toe_resumes_despite_keys_added_since(tiny_cfg, tmp_
     # a switched-on method still counts
     assert "patch_dropout.enabled" in config_changes(config, dict(config, patch_dropout={"enabled": True,
                                                                                          "keep_rates": None}))
+
+
+def test_a_model_keyword_the_checkpoint_lacks_is_a_change(tiny_cfg, tmp_path):
+    train(tiny_cfg("schedule.epochs=1"), tmp_path)
+    with pytest.raises(StartRefused, match=r"model.kwargs.proj_drop_rate: None -> 0.5"):
+        train(tiny_cfg("schedule.epochs=1", "+model.kwargs.proj_drop_rate=0.5"), tmp_path)
+
+
+def _interrupt_after_first_checkpoint(run_dir: Path) -> threading.Thread:
+    """SIGTERM to this process once the run's first checkpoint is written: the run ends interrupted, as a
+    scheduler's preemption ends it."""
+    def watch():
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "checkpoint.pth").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("pipeline, resumed_with", [
+    ("tensor", ["train.eval_every=3", "train.workers=1", "train.progress=true"]),
+    ("pil", ["train.eval_every=2", "train.workers=2"]),
+])
+def test_a_resume_with_other_resumable_keys_trains_exactly_as_the_uninterrupted_run(tiny_cfg, tmp_path, pipeline,
+                                                                                    resumed_with):
+    from toe.train import Terminated
+
+    run = ("schedule.epochs=4", "schedule.length=4", f"train.pipeline={pipeline}", "data.val_fraction=0.5")
+    straight = train(tiny_cfg(*run), tmp_path / "straight")
+    resumed_dir = tmp_path / "resumed"
+    watcher = _interrupt_after_first_checkpoint(resumed_dir)
+    with pytest.raises(Terminated):
+        train(tiny_cfg(*run), resumed_dir)
+    watcher.join()
+    assert _summary(resumed_dir)["status"] == "interrupted" and _summary(resumed_dir)["epochs"] < 4
+    resumed = train(tiny_cfg(*run, *resumed_with), resumed_dir)
+    assert resumed.status == "completed" and resumed.config_changes == [] and len(resumed.resumed_at) == 1
+    a, b = _rows(tmp_path / "straight"), _rows(resumed_dir)
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert straight.final_top1 == resumed.final_top1 and straight.final_ema_top1 == resumed.final_ema_top1

@@ -7,11 +7,11 @@ once the model's data config is known: ``create_model -> resolve_model_data_conf
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 class DataRootError(ValueError):
@@ -129,3 +129,61 @@ def build_transforms(data_config: dict, recipe: Any) -> Tuple[Callable, Callable
     )
     eval_config = dict(data_config, crop_pct=recipe.eval_crop_pct or data_config["crop_pct"])
     return train, create_transform(**eval_config, is_training=False)
+
+
+# --- the random draws of per-image transforms, a function of the run's seed and the sample's place --------------
+class SeededSamples(Sampler):
+    """A training sampler that yields ``(index, seed)``: the seed of each sample's transform is a function of the
+    run's seed, the epoch, the process's rank and the sample's place in the epoch (repeated augmentation's copies
+    of one image get their own seeds).
+
+    Why: timm's per-image transforms draw from the RNGs of the process that runs them: a DataLoader worker's,
+    seeded from the loader when its iterator starts, or the main process's, which the training step shares. So the
+    crops of an epoch depended on the number of workers, on how many loader iterators came before (evaluation
+    starts one each time it runs) and, on a resume, on workers that start afresh: a resumed run did not draw what an
+    uninterrupted one drew. Seeded per sample, the draws are the same whatever ``train.workers`` and
+    ``train.eval_every`` are, and a resume is exact."""
+
+    def __init__(self, sampler: Sampler, seed: int, rank: int = 0):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, int(seed), int(rank), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        base = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, self.rank]).generate_state(1)[0]
+        for place, index in enumerate(self.sampler):
+            yield int(index), (int(base) << 32) + place
+
+
+class SeededTransforms(Dataset):
+    """``dataset[(index, seed)]``: ``dataset[index]`` with Python's, NumPy's and torch's RNGs seeded by ``seed``
+    while its transform runs (timm's transforms draw from all three), and restored after, so that in the main
+    process the training step's own draws are untouched. Served by :class:`SeededSamples`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        import random
+
+        import torch
+
+        index, seed = key
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: a GPU's stays the training's
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])

@@ -134,6 +134,19 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+HYDRA_DIR = ".hydra"
+
+
+def write_hydra_files(run_dir: Path, hydra_files: Optional[Dict[str, str]]) -> None:
+    """Write ``{file name: text}`` into the run dir's ``.hydra/``, each file atomically."""
+    if not hydra_files:
+        return
+    folder = Path(run_dir) / HYDRA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in hydra_files.items():
+        write_text_atomic(folder / name, text)
+
+
 class RunRecord:
     """Local files of one run, plus an optional W&B run that mirrors them."""
 
@@ -146,9 +159,12 @@ class RunRecord:
         self.wandb_cfg = wandb_cfg or {}
         self._wandb = None
 
-    def write_config(self, yaml_text: str) -> None:
+    def write_config(self, yaml_text: str, hydra_files: Optional[Dict[str, str]] = None) -> None:
+        """``config.yaml``, and Hydra's own record of the job (``.hydra/{config,hydra,overrides}.yaml``, which
+        toe-train writes itself once a start is accepted: see ``output_subdir`` in ``conf/train.yaml``)."""
         if not self.enabled:
             return
+        write_hydra_files(self.run_dir, hydra_files)
         write_text_atomic(self.run_dir / CONFIG_FILE, yaml_text)
 
     def rewrite_metrics(self, history: List[EpochRow]) -> None:
@@ -218,7 +234,7 @@ class RunRecord:
 
 # --- reading run dirs: the one reader that toe-sweep and analysis share ---------------------------------------------
 RUN_STATES = ("completed", "running", "interrupted", "failed", "not started", "unreadable", "died")
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
 
 
 @dataclass

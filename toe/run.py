@@ -20,7 +20,7 @@ import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
 from toe.augment import (BatchAugment, InMemoryImages, TensorImages, as_batch, cached_images, tensor_pipeline_blockers,
                           uint8_images)
-from toe.data import build_datasets, build_transforms
+from toe.data import SeededSamples, SeededTransforms, build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
 from toe.finetune import CheckpointMismatchError, load_pretrained
@@ -150,9 +150,11 @@ class TrainLoaders:
                 dataset = copy.copy(self.dataset)
                 dataset.transform = build_transforms(self.data_config, OmegaConf.merge(
                     self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}))[0]
+            if isinstance(self.sampler, SeededSamples):
+                dataset = SeededTransforms(dataset)
             self._loaders[key] = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, drop_last=True,
                                                              sampler=self.sampler, **_collate(dataset),
-                                                             **self.loader_kwargs)
+                                                             generator=own_generator(), **self.loader_kwargs)
         return self._loaders[key]
 
 
@@ -166,6 +168,13 @@ class _EpochSampler(torch.utils.data.RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+def own_generator() -> torch.Generator:
+    """A DataLoader's own generator: its iterators draw their workers' base seed from it, not from the global RNG
+    that the training step (the tensor pipeline's crops, dropout, Mixup) draws from, so that how often a loader
+    starts (evaluation every N epochs) does not move the training's draws."""
+    return torch.Generator().manual_seed(0)
 
 
 def _collate(dataset) -> Dict[str, Any]:
@@ -337,6 +346,8 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     sampler = _train_sampler(train_set, cfg, info)
+    if pipeline == "pil":  # timm's per-image transforms: their draws seeded per sample (toe.data.SeededSamples)
+        sampler = SeededSamples(sampler, cfg.seed, info.rank)
     loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, _processes_per_node(info))
     log.info("data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)", loader_kwargs["num_workers"],
              ", persistent, prefetch %d" % loader_kwargs["prefetch_factor"] if loader_kwargs["num_workers"] else "",
@@ -351,7 +362,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
     val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **_collate(val_shard),
-                                             **loader_kwargs)
+                                             generator=own_generator(), **loader_kwargs)
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
     min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr

@@ -24,7 +24,7 @@ from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
 from toe.lock import locked
 from toe.loop import EpochInputs, Evaluator, train_epoch
 from toe.record import CHECKPOINT_FILE, SUMMARY_FILE, EpochRow, RunRecord, StartRefused, Summary, read_run_dir
-from toe.record import write_json_atomic
+from toe.record import write_hydra_files, write_json_atomic
 from toe.run import Run, build_run, resolve_device
 from toe.schema import ConfigError, config_changes, plan_schedule, validate
 
@@ -62,7 +62,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
-          started_at: Optional[float] = None) -> Summary:
+          started_at: Optional[float] = None, hydra_files: Optional[Dict[str, str]] = None) -> Summary:
     """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
 
     A run's life as the record sees it: the config is checked (:func:`toe.schema.validate`), the run dir is locked
@@ -72,14 +72,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
     written: ``completed``, ``failed`` with the error, ``interrupted`` (Ctrl-C, SIGTERM, submitit's preemption and
     requeue), after which a rerun resumes. A full disk ends the run with one line and leaves the previous
     checkpoint and summary intact. ``overrides`` (Hydra's task overrides) go to W&B with the config;
-    ``started_at`` (``time.time()`` when the command started; now if not given) counts start-up in the record.
+    ``started_at`` (``time.time()`` when the command started; now if not given) counts start-up in the record;
+    ``hydra_files`` (``{name: text}``, Hydra's ``.hydra/`` files of the job) are written when the start is accepted.
     """
     started_at = time.time() if started_at is None else started_at
     run_dir = Path(run_dir)
     try:
         plan = validate(cfg)
     except ConfigError as err:
-        _note_refused_start(cfg, run_dir, err)
+        _note_refused_start(cfg, run_dir, err, hydra_files)
         raise
     if plan.unreached_stages:
         log.warning("ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
@@ -99,7 +100,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
                     summary = read_run_dir(run_dir).summary
                     return summary if summary.status else summarize(cfg, progress, status="completed")
             record = RunRecord(run_dir, plain_cfg["logger"]["wandb"], enabled=info.is_main)
-            record.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+            record.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_files)
             try:
                 with _sigterm_interrupts():
                     summary = _fit(cfg, plain_cfg, run_dir, record, progress, checkpoint, overrides or [], info,
@@ -168,11 +169,15 @@ def _check_resume(cfg: DictConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[s
     progress.config_changes.append({"epoch": progress.epoch, "changes": changes})
 
 
-def _note_refused_start(cfg: DictConfig, run_dir: Path, err: BaseException) -> None:
-    """A config refused in a run dir that has no record yet still leaves a ``failed`` summary (a sweep's status
-    then shows the job as failed); an existing record is never touched."""
+def _note_refused_start(cfg: DictConfig, run_dir: Path, err: BaseException,
+                        hydra_files: Optional[Dict[str, str]] = None) -> None:
+    """A config refused in a run dir that has no record yet still leaves a ``failed`` summary and the job's
+    overrides (a sweep's status then shows the job as failed, ``toe-sweep retry`` can rerun it); an existing
+    record is never touched."""
     if not run_dir.is_dir() or (run_dir / SUMMARY_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
         return
+    with contextlib.suppress(OSError):
+        write_hydra_files(run_dir, hydra_files)
     summary = Summary(status="failed")
     with contextlib.suppress(Exception):  # a config too broken to summarise still gets its error written
         summary = summarize(cfg, Progress(), status="failed")

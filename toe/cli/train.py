@@ -8,13 +8,15 @@ the value, before anything is written: Hydra refuses unknown keys and wrong type
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
@@ -33,6 +35,43 @@ def _process_started_at() -> float:
         return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.time()
+
+
+def _hydra_files(cfg: DictConfig) -> Dict[str, str]:
+    """What Hydra writes into a job's ``.hydra/`` (its ``run_job`` with an ``output_subdir``), as text: toe-train
+    writes it itself once the start is accepted, so that a refused start leaves the run dir as it was."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.instance().cfg
+    return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+
+
+def _job_logs(run_dir: Path) -> Dict[Path, int]:
+    """The job log files (Hydra's ``<job>.log``, opened at their first line) in ``run_dir`` and their sizes now."""
+    sizes = {}
+    for handler in logging.getLogger().handlers:
+        name = getattr(handler, "baseFilename", None)
+        if name is not None and Path(name).parent == run_dir.resolve():
+            sizes[Path(name)] = Path(name).stat().st_size if Path(name).exists() else -1
+    return sizes
+
+
+def _restore_job_logs(sizes: Dict[Path, int]) -> None:
+    """Close the job log files and cut them back to their sizes at the start (remove the new ones): a refused
+    start says why on the console only, and the dir of an existing run stays byte-identical."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "baseFilename", None) is not None and Path(handler.baseFilename) in sizes:
+            root.removeHandler(handler)
+            handler.close()
+    for path, size in sizes.items():
+        with contextlib.suppress(OSError):
+            if size < 0:
+                path.unlink(missing_ok=True)
+            else:
+                os.truncate(path, size)
 
 
 def _task(cfg: DictConfig) -> Optional[float]:
@@ -54,12 +93,20 @@ def _task(cfg: DictConfig) -> Optional[float]:
         # of a multirun leave it as it is, so that each job's own garbage stays collectable.
         gc.freeze()
     _first_job = False
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    fresh = run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra made it for this start and wrote nothing yet
+    logs = _job_logs(run_dir)
     try:
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), started_at)
+        summary = train(cfg, run_dir, list(hydra_cfg.overrides.task), started_at, _hydra_files(cfg))
     except (ConfigError, DataRootError, StartRefused, DiskFull) as err:
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if not isinstance(err, DiskFull) and not (multirun and fresh):
+            _restore_job_logs(logs)  # an existing run's dir stays as it was; a refused single run leaves none
         log.error("%s", str(err).splitlines()[0])
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # this job fails and the sweep goes on with the others
+        if multirun:
+            raise  # this job fails (its new dir says so) and the sweep goes on with the others
+        if fresh and not isinstance(err, DiskFull):
+            shutil.rmtree(run_dir, ignore_errors=True)
         sys.exit(1 if isinstance(err, DiskFull) else 2)  # a single run: one clear line, no traceback
     return summary.final_top1
 
@@ -78,6 +125,10 @@ def main() -> Optional[float]:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         return hydra.main(version_base="1.3", config_path="pkg://toe.conf", config_name="train")(_task)()
+    except KeyboardInterrupt:  # the record already says interrupted: no traceback for Ctrl-C
+        print("toe-train: interrupted (Ctrl-C); the run's summary says so, and the same command resumes it",
+              file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, DataRootError, StartRefused, DiskFull) as err:  # a multirun's job, re-raised at the end
         print(f"toe-train: a job failed: {str(err).splitlines()[0]} (toe-sweep status <sweep dir> lists every job)",
               file=sys.stderr)
