@@ -74,12 +74,29 @@ def test_a_cut_checkpoint_falls_back_to_the_previous_one_and_the_run_finishes(ti
     assert summary.status == "completed" and _epochs(tmp_path) == [0, 1, 2] and summary.resumed_at == [1]
 
 
+def test_a_stop_between_the_checkpoints_two_renames_resumes_from_the_previous_one(tiny_cfg, tmp_path, caplog):
+    train(tiny_cfg(), tmp_path)
+    os.replace(tmp_path / "checkpoint.pth", tmp_path / "checkpoint.prev.pth")  # save_checkpoint's first rename
+    summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=3", "resume.allow_changes=true"), tmp_path)
+    assert "checkpoint.pth is missing" in caplog.text and "resuming from checkpoint.prev.pth (epoch 2)" in caplog.text
+    assert summary.status == "completed" and _epochs(tmp_path) == [0, 1, 2] and summary.resumed_at == [2]
+
+
+def test_a_checkpoint_without_the_runs_progress_is_refused_in_one_line(tiny_cfg, tmp_path):
+    train(tiny_cfg("schedule.epochs=1"), tmp_path)
+    torch.save({"epoch": 1}, tmp_path / "checkpoint.pth")
+    before = _files(tmp_path)
+    with pytest.raises(CheckpointUnreadable, match=r"not a toe-train checkpoint \(no history, model, optimizer"):
+        train(tiny_cfg("schedule.epochs=1"), tmp_path)
+    assert _files(tmp_path) == before
+
+
 def test_two_cut_checkpoints_are_named_in_one_line_and_the_record_is_untouched(tiny_cfg, tmp_path):
     train(tiny_cfg(), tmp_path)
     for name in ("checkpoint.pth", "checkpoint.prev.pth"):
         (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:1000])
     before = _files(tmp_path)
-    with pytest.raises(CheckpointUnreadable, match="checkpoint.pth is unreadable .*move it aside to start over"):
+    with pytest.raises(CheckpointUnreadable, match="checkpoint.pth cannot be resumed from .*move it aside to start over"):
         train(tiny_cfg(), tmp_path)
     assert _files(tmp_path) == before
 
@@ -109,25 +126,39 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_said(tiny_cfg, tmp_path
     assert not (tmp_path / LOCK_FILE).exists()  # released at the end
 
 
-def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint_and_summary(tiny_cfg, tmp_path,
-                                                                                     monkeypatch):
-    train(tiny_cfg("schedule.epochs=1"), tmp_path)
-    before = _files(tmp_path)
-    real_save = torch.save
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 5 MiB file system (tmpfs): room for two checkpoints of the tiny run, not for a third beside them."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); CI runs as root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"this machine does not allow mounting a tmpfs: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
-    def save_until_full(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        Path(path).write_bytes(Path(path).read_bytes()[:100])  # what a full disk leaves of a write
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(torch, "save", save_until_full)
-    with pytest.raises(DiskFull, match="out of disk space .*checkpoint of epoch 1 .* intact"):
-        train(tiny_cfg("resume.allow_changes=true"), tmp_path)
-    assert (tmp_path / "checkpoint.pth").read_bytes() == before["checkpoint.pth"]
-    assert (tmp_path / "summary.json").read_bytes() == before["summary.json"]
-    assert not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes and finishes
-    assert train(tiny_cfg("resume.allow_changes=true"), tmp_path).epochs == 2 and _epochs(tmp_path) == [0, 1]
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_in_one_line_with_true_records_and_a_rerun_resumes(small_disk):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_dir = small_disk / "run"
+    proc = subprocess.run(_cli(run_dir), capture_output=True, text=True, env=env, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert "out of disk space" in output and "the checkpoint of epoch 2 and the record up to it are intact" in output
+    summary = _summary(run_dir)
+    assert summary["status"] == "interrupted" and summary["epochs"] == 2 and "DiskFull" in summary["error"]
+    assert summary["resumed_at"] == [] and _epochs(run_dir) == [0, 1]
+    assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert not list(run_dir.glob("*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
+    proc = subprocess.run(_cli(run_dir), capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert _summary(run_dir)["status"] == "completed" and _epochs(run_dir) == [0, 1, 2]
+    assert _summary(run_dir)["resumed_at"] == [2]
 
 
 def _cli(run_dir: Path, *extra):

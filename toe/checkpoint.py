@@ -9,6 +9,7 @@ torch still reads it. It is written atomically next to the one before it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -69,15 +70,50 @@ def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     SIGKILL or full disk at any point leaves at least one complete checkpoint and no ``.tmp`` file."""
     path = Path(path)
     with replaced_atomically(path) as tmp:
-        torch.save(state, tmp)
+        disk_full = None
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:
+            disk_full = _as_disk_full(err, tmp)
+            if disk_full is err:
+                raise
+        if disk_full is not None:
+            # torch's writer leaves its file open when its last write fails, held by the frames of its error: with
+            # the error dropped, collect it, so that the partial file's space is freed when it is removed
+            gc.collect()
+            raise disk_full
         if path.exists():
             os.replace(path, previous_path(path))
 
 
+LOW_SPACE_BYTES = 2**20
+REQUIRED_KEYS = ("epoch", "history", "model", "optimizer", "scheduler", "rng")  # what a resume reads
+
+
+def _as_disk_full(err: RuntimeError, path: Path) -> BaseException:
+    """torch.save reports a full disk as a ``RuntimeError`` of its stream writer ("file write failed", "iostream
+    error"), not as an ``OSError``: where the file system has (almost) no space left, or the message says so, it
+    becomes the ``OSError(ENOSPC)`` that the run's ending handles; any other error stays as it is."""
+    import errno
+    import shutil
+
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    try:
+        low = shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES
+    except OSError:
+        low = False
+    if low or "no space" in str(err).lower() or "quota" in str(err).lower():
+        return OSError(errno.ENOSPC, f"no space left on device while torch.save wrote it ({text})", str(path))
+    return err
+
+
 def _load(path: Path, map_location: Optional[str]) -> Dict[str, Any]:
     state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise ValueError("not a toe-train checkpoint (no epoch)")
+    if not isinstance(state, dict):
+        raise ValueError(f"not a toe-train checkpoint (a {type(state).__name__}, not a dict)")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"not a toe-train checkpoint (no {', '.join(missing)})")
     return state
 
 
@@ -90,19 +126,24 @@ def load_checkpoint(path: Path, map_location: Optional[str] = "cpu") -> Optional
         return None
     errors = []
     for candidate in (path, previous):
-        if not candidate.exists():
+        if not candidate.exists():  # a kill between save_checkpoint's two renames leaves only the previous one
+            errors.append(f"{candidate.name}: missing")
             continue
         try:
             state = _load(candidate, map_location)
         except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
             errors.append(f"{candidate.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             continue
-        if candidate == previous:
-            log.warning("%s is unreadable (%s); resuming from %s (epoch %d) instead", path, errors[0],
-                        previous.name, state["epoch"])
+        if candidate == previous and not path.exists():
+            log.warning("%s is missing (the run stopped between the checkpoint's two renames); resuming from %s "
+                        "(epoch %d)", path, previous.name, state["epoch"])
+        elif candidate == previous:
+            log.warning("%s is unreadable (%s); resuming from %s (epoch %d) instead", path,
+                        errors[0].split(": ", 1)[1], previous.name, state["epoch"])
         return state
     raise CheckpointUnreadable(
-        f"{path} is unreadable ({'; '.join(errors)}): move it aside to start over, or restore a previous copy")
+        f"{path} cannot be resumed from ({'; '.join(errors)}): move it aside to start over, or restore a "
+        "previous copy")
 
 
 @dataclass

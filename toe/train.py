@@ -190,9 +190,19 @@ def _record_ending(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: 
                    err: BaseException) -> None:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         record.finish(1)
-        raise DiskFull(f"out of disk space in {run_dir} ({err.filename or err}): the checkpoint of epoch "
-                       f"{_checkpoint_epoch(run_dir)} and the record up to it are intact; free space and rerun "
-                       "the same command to resume") from None
+        epoch = _checkpoint_epoch(run_dir)
+        disk_full = DiskFull(f"out of disk space in {run_dir} ({err.filename or err}): the checkpoint of epoch "
+                             f"{epoch} and the record up to it are intact; free space and rerun the same command to "
+                             "resume")
+        # the failed write's partial file is gone, so the small summary usually fits: it says how the run ended,
+        # at the epoch of the checkpoint that a rerun resumes from (else it stays as the last epoch left it)
+        with contextlib.suppress(Exception):
+            saved = Progress.from_checkpoint(load_checkpoint(run_dir / CHECKPOINT_FILE))
+            summary = summarize(cfg, saved, status="interrupted")
+            summary.error = f"DiskFull: {disk_full}"
+            summary.resumed_at = saved.resumed_at[:-1]  # from_checkpoint counts a resume that this is not
+            record.write_summary(summary)
+        raise disk_full from None
     interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
     summary = summarize(cfg, progress, status="interrupted" if interrupted else "failed")
     summary.error = f"{type(err).__name__}: {err}"
