@@ -184,3 +184,48 @@ def test_an_unreadable_record_is_flagged_and_every_good_run_still_reported(sweep
     assert sweep_main(["status", str(copy / "sweep")]) == 1
     out = capsys.readouterr().out
     assert "UNREADABLE" in out and "3 completed, 1 unreadable" in out
+
+
+@pytest.mark.parametrize("file, content, says", [
+    ("summary.json", lambda text: text.replace('"resumed_at": []', '"resumed_at": 5'),
+     "summary.json: resumed_at=5 is not a list"),
+    ("summary.json", lambda text: text.replace('"final_top1": ', '"final_top1": "high", "x": '),
+     "summary.json: final_top1='high' is not a number"),
+    ("summary.json", lambda text: text.replace('"final_top1": ', '"final_top1": NaN, "x": '),
+     "summary.json: final_top1=nan is not a finite number"),
+    ("summary.json", lambda text: text.replace('"total_train_seconds": ', '"total_train_seconds": 1e308, "x": '),
+     "summary.json: total_train_seconds=1e+308 is not a finite number"),
+    ("config.yaml", lambda text: "- a\n- list\n", "config.yaml: not a mapping of settings"),
+    (".hydra/overrides.yaml", lambda text: "- 'seed=[1,'\n", ".hydra/overrides.yaml: not Hydra overrides"),
+    ("metrics.jsonl", lambda text: text.replace('"val_top1": ', '"val_top1": "0.9", "x": ', 1),
+     "metrics.jsonl line 1: val_top1='0.9' is not a number"),
+    (".toe.lock", lambda text: '{"pid": "abc", "host": "h"}', None),
+])
+def test_one_bad_file_flags_its_run_and_the_readers_report_the_rest(sweep, tmp_path, capsys, file, content, says):
+    import shutil
+
+    from toe.cli.sweep import main as sweep_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep / "sweep", copy)
+    bad = sorted(p for p in copy.iterdir() if (p / "summary.json").is_file())[0]
+    path = bad / file
+    path.write_text(content(path.read_text() if path.exists() else ""))
+    if file == ".toe.lock":  # a lock that names no process, on a run that says it is running
+        summary = bad / "summary.json"
+        summary.write_text(summary.read_text().replace('"status": "completed"', '"status": "running"'))
+    assert report_main([str(copy), "-o", str(tmp_path / "report")]) == 0
+    runs = collect(copy).runs.set_index("run")
+    others = runs.drop(index=bad.name)
+    assert len(runs) == 4 and others["flag"].isna().all() and (others["status"] == "completed").all()
+    if says is not None:
+        assert says in runs.loc[bad.name, "flag"]
+        assert says in (tmp_path / "report" / "report.md").read_text()
+    table = build_table(runs.reset_index(), spec_for("train", runs.reset_index()))
+    assert table["top1_mean"].map(lambda v: pd.isna(v) or 0 <= v <= 100).all()
+    assert table["time_mean"].map(lambda v: pd.isna(v) or v < 1e6).all() if "time_mean" in table else True
+    code = sweep_main(["status", str(copy)])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "3 completed" in out
+    if file == ".toe.lock":
+        assert "1 died" in out

@@ -47,7 +47,9 @@ def _read(path: Path) -> Optional[Dict[str, Any]]:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return holder if isinstance(holder, dict) else None
+    if not isinstance(holder, dict) or isinstance(holder.get("pid"), bool) or not isinstance(holder.get("pid"), int):
+        return None  # not a lock this module wrote: read as an unreadable one
+    return holder
 
 
 def _gone_here(holder: Dict[str, Any]) -> bool:

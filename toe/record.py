@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -54,9 +56,14 @@ class EpochRow:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: Dict[str, Any]) -> "EpochRow":
-        """Tolerant of records written by other versions: unknown keys are dropped, missing ones take defaults."""
-        return cls(**{key: value for key, value in row.items() if key in _field_names(cls)})
+    def from_dict(cls, row: Dict[str, Any], problems: Optional[List[str]] = None, where: str = "") -> "EpochRow":
+        """Tolerant of records written by other versions: unknown keys are dropped, missing ones take defaults. A
+        value of the wrong type or out of its range (a string top-1, NaN) is dropped too and named in
+        ``problems`` (``where``: the file and line); without ``epoch`` the row is refused (``ValueError``)."""
+        values = checked_fields(cls, row, problems, where or METRICS_FILE)
+        if "epoch" not in values:
+            raise ValueError("no epoch")
+        return cls(**values)
 
 
 @dataclass
@@ -95,16 +102,65 @@ class Summary:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, summary: Dict[str, Any]) -> "Summary":
-        known = {key: value for key, value in summary.items() if key in _field_names(cls)}
+    def from_dict(cls, summary: Dict[str, Any], problems: Optional[List[str]] = None) -> "Summary":
+        """As :meth:`EpochRow.from_dict`: unknown keys and values that are not what the field holds are dropped,
+        the latter named in ``problems``."""
+        known = checked_fields(cls, summary, problems, SUMMARY_FILE)
         return cls(**{key: value for key, value in known.items() if value is not None or key not in _LISTS})
 
 
 _LISTS = ("resumed_at", "config_changes", "unreached_stages")
+# Beyond this a figure of the record (seconds, FLOPs, images) is not one a run can have written: a sum of two
+# would overflow to inf in the tables.
+IMPLAUSIBLE = 1e30
 
 
-def _field_names(cls: type) -> frozenset:
-    return frozenset(f.name for f in fields(cls))
+def _wrong(hint: Any, value: Any, key: str) -> Optional[str]:
+    """Why ``value`` is not a value of the field ``key`` of type ``hint``, or None if it is."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return None
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        return _wrong(next(a for a in args if a is not type(None)), value, key)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            return "is not a list"
+        return next((f"holds {item!r}, which {why}" for item in value for why in [_wrong(args[0], item, key)]
+                     if why), None)
+    if origin in (dict, Dict):
+        return None if isinstance(value, dict) else "is not a mapping"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "is not a number"
+        if not math.isfinite(value) or abs(value) > IMPLAUSIBLE:
+            return "is not a finite number a run can have written"
+        if ("top1" in key or "top5" in key) and not 0.0 <= value <= 1.0:
+            return "is not an accuracy (0 to 1)"
+        return None
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "is not an integer"
+    if hint is str:
+        return None if isinstance(value, str) else "is not a string"
+    return None
+
+
+def checked_fields(cls: type, values: Dict[str, Any], problems: Optional[List[str]], where: str) -> Dict[str, Any]:
+    """The entries of ``values`` that are fields of the dataclass ``cls`` and hold a value of the field's type;
+    each entry dropped for its value is named in ``problems``."""
+    hints = typing.get_type_hints(cls)
+    kept = {}
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        why = _wrong(hints[key], value, key)
+        if why is None:
+            kept[key] = value
+        elif problems is not None:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            problems.append(f"{where}: {key}={shown} {why} (ignored)")
+    return kept
 
 
 METRIC_FIELDS = tuple(f.name for f in fields(EpochRow))
@@ -296,13 +352,24 @@ def read_run_dir(run_dir: Path) -> RunDir:
         return default if value is None else value
 
     run.config = read(CONFIG_FILE, yaml.safe_load, {})
-    run.overrides = [str(o) for o in read(HYDRA_OVERRIDES, yaml.safe_load, [])]
+    if not isinstance(run.config, dict):
+        run.problems.append(f"{CONFIG_FILE}: not a mapping of settings (a {type(run.config).__name__})")
+        run.config = {}
+    overrides = read(HYDRA_OVERRIDES, yaml.safe_load, [])
+    try:
+        if not isinstance(overrides, list):
+            raise ValueError(f"not a list (a {type(overrides).__name__})")
+        run.overrides = [str(o) for o in overrides]
+        parse_overrides(run.overrides)
+    except Exception as err:  # noqa: BLE001 - Hydra's parser raises its own error types
+        run.problems.append(f"{HYDRA_OVERRIDES}: not Hydra overrides ({str(err).splitlines()[0]}; ignored)")
+        run.overrides = []
     run.history = read(METRICS_FILE, lambda text: _read_metric_lines(text, run.problems), [])
     summary = read(SUMMARY_FILE, json.loads, {})
     if not isinstance(summary, dict):
         run.problems.append(f"{SUMMARY_FILE}: not a JSON object")
         summary = {}
-    run.summary = Summary.from_dict(summary)
+    run.summary = Summary.from_dict(summary, run.problems)
     status = run.summary.status
     run.error = run.summary.error or _last_error_line(run.path)
     if status in RUN_STATES:
@@ -320,7 +387,7 @@ def _read_metric_lines(text: str, problems: List[str]) -> List[EpochRow]:
         if not line.strip():
             continue
         try:
-            rows.append(EpochRow.from_dict(json.loads(line)))
+            rows.append(EpochRow.from_dict(json.loads(line), problems, f"{METRICS_FILE} line {number}"))
         except (ValueError, TypeError, AttributeError):  # not JSON, not an object, no epoch
             last = number == len(lines)
             problems.append(f"{METRICS_FILE}: line {number} is {'half-written (ignored)' if last else 'unreadable'}")

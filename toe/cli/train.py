@@ -48,6 +48,14 @@ def _hydra_files(cfg: DictConfig) -> Dict[str, str]:
             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
 
 
+def _stamp(path: Path) -> Optional[tuple]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def _job_logs(run_dir: Path) -> Dict[Path, int]:
     """The job log files (Hydra's ``<job>.log``, opened at their first line) in ``run_dir`` and their sizes now."""
     sizes = {}
@@ -95,17 +103,20 @@ def _task(cfg: DictConfig) -> Optional[float]:
     _first_job = False
     run_dir = Path(hydra_cfg.runtime.output_dir)
     fresh = run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra made it for this start and wrote nothing yet
-    logs = _job_logs(run_dir)
+    logs, config_before = _job_logs(run_dir), _stamp(run_dir / "config.yaml")
     try:
         summary = train(cfg, run_dir, list(hydra_cfg.overrides.task), started_at, _hydra_files(cfg))
     except (ConfigError, DataRootError, StartRefused, DiskFull) as err:
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        if not isinstance(err, DiskFull) and not (multirun and fresh):
-            _restore_job_logs(logs)  # an existing run's dir stays as it was; a refused single run leaves none
+        # the start was accepted when the run wrote its config.yaml (atomically: a new file); a refused one leaves
+        # an existing run's dir as it was, and a single run's new dir not at all
+        refused = _stamp(run_dir / "config.yaml") == config_before
+        if refused and not (multirun and fresh):
+            _restore_job_logs(logs)
         log.error("%s", str(err).splitlines()[0])
         if multirun:
             raise  # this job fails (its new dir says so) and the sweep goes on with the others
-        if fresh and not isinstance(err, DiskFull):
+        if refused and fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         sys.exit(1 if isinstance(err, DiskFull) else 2)  # a single run: one clear line, no traceback
     return summary.final_top1
