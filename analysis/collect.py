@@ -34,7 +34,9 @@ def record_to_row(run_id: str, config: Dict[str, Any], summary: Summary, overrid
         "run": run_id,
         "experiment": config.get("task_name"),
         "method": config.get("method_name") or summary.method,
-        "model": (config.get("model") or {}).get("name") or summary.model,
+        # the model= option (vit_cpu) where the record has it: timm's name of the default CPU model
+        # (vit_tiny_patch16_224) is the base class of another, much smaller model
+        "model": (config.get("model") or {}).get("label") or (config.get("model") or {}).get("name") or summary.model,
         "data": (config.get("data") or {}).get("name") or summary.data,
         "seed": config.get("seed"),
         "toe_enabled": toe_cfg.get("enabled"),

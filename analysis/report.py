@@ -202,6 +202,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--reference", type=Path, help="CSV of reference numbers keyed by the table's row columns")
     parser.add_argument("--html", action="store_true", help="also write one self-contained report.html")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"-o {args.out}: a file, not a directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"-o {args.out}: cannot make the directory ({err.strerror})")
     try:
         if args.source.startswith("wandb:"):
             collected = collect_wandb(args.source[len("wandb:"):])
@@ -209,6 +215,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             collected = collect(Path(args.source))
     except FileNotFoundError as err:
         print(f"toe-report: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - wandb raises its own types for a missing login or network
+        if not type(err).__module__.startswith("wandb"):
+            raise
+        print(f"toe-report: {args.source}: W&B cannot be read ({str(err).splitlines()[0]}; `wandb login`, or "
+              "report the run dirs instead)", file=sys.stderr)
         return 2
     reference = None
     if args.reference:

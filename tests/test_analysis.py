@@ -85,7 +85,7 @@ def test_time_split_holds_the_mean_seconds_of_each_part_of_the_command(sweep):
 
 def test_tables_are_written_as_markdown_csv_and_latex_with_reference_columns(sweep, tmp_path):
     runs = collect(sweep).runs
-    reference = pd.DataFrame({"model": ["vit_tiny_patch16_224"], "method": ["toe"], "top1": [72.5]})
+    reference = pd.DataFrame({"model": ["vit_cpu"], "method": ["toe"], "top1": [72.5]})
     table = build_table(runs, spec_for("train", runs), reference)
     paths = write_table(table, tmp_path, "table1")
     markdown = paths["md"].read_text()
@@ -108,9 +108,9 @@ def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, c
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"train/{name}.png" in report
     # toe-vis's grid of one ToE run with a checkpoint (the baseline has nothing to draw)
-    tokens = tmp_path / "report" / "train" / "tokens_vit_tiny_patch16_224_toe.png"
-    assert tokens.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "train/tokens_vit_tiny_patch16_224_toe.png" in report
-    assert "tokens_vit_tiny_patch16_224_baseline" not in report
+    tokens = tmp_path / "report" / "train" / "tokens_vit_cpu_toe.png"
+    assert tokens.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "train/tokens_vit_cpu_toe.png" in report
+    assert "tokens_vit_cpu_baseline" not in report
     page = (tmp_path / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
     assert "1 flagged" in capsys.readouterr().out
@@ -153,12 +153,12 @@ def test_known_experiments_get_the_paper_layout_and_others_their_varied_keys(swe
 
 def test_report_reads_reference_numbers_from_a_csv_file_and_refuses_a_bad_one(sweep, tmp_path, capsys):
     paper = tmp_path / "paper.csv"
-    paper.write_text("model,method,top1\nvit_tiny_patch16_224,toe,72.5\nvit_tiny_patch16_224,baseline,72.2\n")
+    paper.write_text("model,method,top1\nvit_cpu,toe,72.5\nvit_cpu,baseline,72.2\n")
     assert report_main([str(sweep), "-o", str(tmp_path / "report"), "--reference", str(paper)]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "reference: top1" in report and "72.5" in report and "72.2" in report
     bad = tmp_path / "bad.csv"
-    bad.write_text("model,method,top1\nvit_tiny_patch16_224,toe,about 72\n")
+    bad.write_text("model,method,top1\nvit_cpu,toe,about 72\n")
     with pytest.raises(SystemExit) as refused:
         report_main([str(sweep), "-o", str(tmp_path / "bad_report"), "--reference", str(bad)])
     assert refused.value.code == 2 and "column top1" in capsys.readouterr().err

@@ -13,6 +13,27 @@ from toe.schema import ConfigError, compose_error_line, is_compose_error, valida
 # (overrides, what the one-line refusal must contain). Each is composed as toe-train composes it and checked by
 # validate(), the function train() and the sweep check call before anything is written.
 BAD_CONFIGS = [
+    # what timm cannot build, named by its key (the model is built on the meta device by validate)
+    (["model.kwargs.num_heads=3"], "model.kwargs.num_heads=3: timm cannot build the model"),
+    (["method=baseline", "model.kwargs.depth=0"], "model.kwargs.depth=0: 0 block(s)"),
+    (["model.kwargs.depth=1"], "model.kwargs.depth=1: 1 block(s); method=toe reduces the tokens after the first"),
+    (["model.patch_size=32"], "model.patch_size=32 with model.img_size=32: 1 patch token(s)"),
+    (["model.img_size=4"], "model.patch_size=4 with model.img_size=4: 1 patch token(s)"),
+    (["model.name=resnet18"], "model.name=resnet18: not a vision transformer toe can train"),
+    (["model.name=nope_model"], "model.name=nope_model: not one of timm's models"),
+    (["model.kwargs.embed_dim=-8"], "model.kwargs.embed_dim=-8: timm cannot build the model"),
+    (["model.kwargs.depth=nope"], "model.kwargs.depth=nope: timm cannot build the model"),
+    (["method=efficienttrain", "schedule.epochs=10", "+model.kwargs.dynamic_img_size=true"],
+     "model.kwargs.dynamic_img_size=True: method=efficienttrain sets it itself"),
+    (["recipe.sched=plateau"], "recipe.sched=plateau: expected one of"),
+    (["recipe.mixup=0.8", "recipe.batch_size=63"], "recipe.batch_size=63 with recipe.mixup=0.8"),
+    (["recipe.scale=[1.0,0.5]"], "recipe.scale=[1.0,0.5]: the crop's area share as [low, high]"),
+    (["recipe.scale=[0.5]"], "recipe.scale=[0.5]: the crop's area share"),
+    (["recipe.auto_augment=rand-m9-foo"], "recipe.auto_augment=rand-m9-foo: timm would ignore 'foo'"),
+    (["data.val_fraction=0.999"], "data.val_fraction=0.999: 1796 of the 1797 digits"),
+    (["data.val_fraction=0.001"], "data.val_fraction=0.001: 2 of the 1797 digits"),
+    (["data.split_seed=-1"], "data.split_seed=-1: must be >= 0"),
+    (["seed=99999999999"], "seed=99999999999: must be >= 0"),
     (["schedule.epochs=abc"], "schedule.epochs=abc"),
     (["schedule.epochs=0"], "schedule.epochs=0: must be >= 1"),
     (["schedule.stage_starts=[0,100]"], "schedule.stage_starts=[0,100]"),
@@ -80,6 +101,9 @@ def test_a_bad_config_is_refused_in_one_line_naming_the_key(overrides, message):
 @pytest.mark.parametrize("overrides", [
     [], ["method=baseline"], ["toe=r0.3"], ["model=lvvit_cpu"], ["recipe=deit"], ["train.progress=true"],
     ["schedule=hyper", "schedule.epochs=30"], ["+model.kwargs.qkv_bias=false"], ["experiments=table1_deit", "data=digits"],
+    # a run without stages has no stage split to fit into its epochs
+    ["method=baseline", "schedule.epochs=2"], ["method=baseline", "schedule.epochs=1"],
+    ["model.patch_size=16"],
 ])
 def test_good_configs_are_accepted(overrides):
     assert refusal(overrides) is None
@@ -134,3 +158,8 @@ def test_a_multirun_with_one_bad_job_starts_no_job_and_names_it(tmp_path):
     assert proc.returncode == 2, output
     assert "the command line: job 1 (logger=none recipe.lr=-1): recipe.lr=-1.0: must be > 0" in output
     assert not (tmp_path / "0").exists() and not (tmp_path / "1").exists()
+
+
+def test_an_unbalanced_override_says_what_to_fix():
+    line = refusal(["toe.keep_rates=[0.5,0.75,1.0"])
+    assert "cannot read the override 'toe.keep_rates=[0.5,0.75,1.0'" in line and "close every bracket" in line

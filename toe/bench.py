@@ -199,7 +199,12 @@ def default_flops_table() -> Path:
 
 
 def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
-    table = yaml.safe_load(Path(args.table).read_text())
+    try:
+        table = yaml.safe_load(Path(args.table).read_text(errors="replace"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"not YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        raise ValueError("no `rows:` list")
     rows = []
     for spec in table["rows"]:
         if spec.get("model"):  # the real host, read from its timm model (LV-ViT: conv stem and dense head too)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +25,28 @@ class CheckpointMismatchError(ValueError):
     """The pretrained weights do not fit the model; the message lists the keys and shapes."""
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else "empty"
+
+
+def looks_like_weights(path: Path) -> Optional[str]:
+    """Why the file at ``path`` cannot be a weights file (empty; neither torch's zip format, its legacy pickle, nor
+    safetensors), read from its first bytes only; None if it may be one. Cheap, so the config check can run it."""
+    import zipfile
+
+    path = Path(path).expanduser()
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file"
+    if path.suffix == ".safetensors":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save's zip archive; the legacy pickle format
+        return None
+    return "not a file torch.save wrote (no zip archive, cut short or another format)"
+
+
 def read_state_dict(path: Path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The model weights in ``path``: toe-train's checkpoint (``model``, or ``model_ema`` with ``use_ema``), DeiT and
     timm checkpoints (``model``/``model_ema``, ``state_dict``/``state_dict_ema``), or a plain state dict (``.pth``
@@ -38,11 +60,17 @@ def read_state_dict(path: Path, use_ema: bool = False) -> Dict[str, torch.Tensor
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"finetune.path={path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch and safetensors raise RuntimeError, EOFError, UnpicklingError...
+        raise CheckpointMismatchError(f"finetune.path={path}: not a weights file torch can read "
+                                      f"({type(err).__name__}: {_first_line(err)})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointMismatchError(f"finetune.path={path}: holds a {type(payload).__name__}, not weights")
     keys = EMA_KEYS if use_ema else MODEL_KEYS
     for key in keys:
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):

@@ -299,6 +299,9 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     random_seed(cfg.seed, info.rank)
     train_set, val_set = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
+    if num_classes < len(train_set.classes):
+        raise ConfigError(f"data.num_classes={num_classes}: data={cfg.data.name} has {len(train_set.classes)} "
+                          "classes, and a head of fewer cannot score them (leave it null to count them)")
     plan = plan_schedule(cfg)
     # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
     # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).

@@ -32,7 +32,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 WANDB_MODES = ("online", "offline", "disabled")
 RANDOM_ERASE_MODES = ("pixel", "rand", "const")
 INTERPOLATIONS = ("random", "bilinear", "bicubic", "nearest")
-SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant")
+# timm's schedulers that toe's epoch loop can drive (plateau needs the eval metric at every step, which it is not given)
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 REDUCTION_NODES = ("toe", "patch_dropout", "tome")  # the token-reduction methods whose stages follow `schedule`
 
 
@@ -95,6 +96,7 @@ class ScheduleConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    label: Optional[str] = None  # the model= option that set it (vit_cpu): what reports call the model
     img_size: int = _spec(ge=1)
     patch_size: int = _spec(ge=1)
     drop_path: float = _spec(ge=0.0, lt=1.0)
@@ -107,7 +109,7 @@ class DataConfig:
     root: Optional[str] = MISSING  # null for digits; the option files of the other data sets ask for it (???)
     num_classes: Optional[int] = _spec(None, ge=2)
     val_fraction: Optional[float] = _spec(None, gt=0.0, lt=1.0)
-    split_seed: Optional[int] = None
+    split_seed: Optional[int] = _spec(None, ge=0, le=2**32 - 1)  # scikit-learn's random_state
     train_split: Optional[str] = None
     val_split: Optional[str] = None
     download: bool = False
@@ -216,7 +218,7 @@ class RunConfig:
     """The whole config of one ``toe-train`` run (the ``hydra`` node is Hydra's own)."""
 
     task_name: str = MISSING
-    seed: int = _spec(ge=0)
+    seed: int = _spec(ge=0, le=2**32 - 1)  # what numpy and timm's random_seed take
     budget: Optional[float] = _spec(None, gt=0.0)  # hparams_search: the least train-FLOP speed-up of a trial
     method_name: str = MISSING
     smoke_model: str = MISSING
@@ -337,8 +339,13 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
     if cfg.finetune.path is not None:
         from pathlib import Path
 
+        from .finetune import looks_like_weights
+
         if not Path(str(cfg.finetune.path)).expanduser().is_file():
             raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
+        why = looks_like_weights(Path(str(cfg.finetune.path)))
+        if why:
+            raise ConfigError(f"finetune.path={cfg.finetune.path}: {why}")
     enabled = [f"{node}.enabled=true" for node in REDUCTION_NODES if cfg[node].enabled]
     if len(enabled) > 1:
         raise ConfigError(f"{' and '.join(enabled)}: one token-reduction method per run (method=toe, "
@@ -348,14 +355,97 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
             raise ConfigError(f"{key}={_show(list(values))}: one value per stage of "
                               f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))} (or null: matched to "
                               "the ToE operator's train FLOPs)")
+    scale = list(cfg.recipe.scale)
+    if len(scale) != 2 or scale[0] > scale[1]:
+        raise ConfigError(f"recipe.scale={_show(scale)}: the crop's area share as [low, high], low <= high "
+                          "(the DeiT recipe: [0.08,1.0])")
+    if (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0) and cfg.recipe.batch_size % 2:
+        raise ConfigError(f"recipe.batch_size={cfg.recipe.batch_size} with recipe.mixup={cfg.recipe.mixup} / "
+                          f"recipe.cutmix={cfg.recipe.cutmix}: timm's Mixup mixes a batch with its reverse and needs "
+                          "an even batch")
+    _check_digits_split(cfg)
     workers = cfg.train.workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"train.workers={_show(workers)}: expected auto or a number of processes >= 0")
     _check_timm_names(cfg)
     plan = plan_schedule(cfg)
+    check_model(cfg, plan)
     if devices:
         check_device(cfg.train.device)
     return plan
+
+
+DIGITS_IMAGES, DIGITS_CLASSES = 1797, 10  # scikit-learn's load_digits
+
+
+def _check_digits_split(cfg: DictConfig) -> None:
+    """The embedded digits set is split with stratification: each side needs an image of every class."""
+    if cfg.data.name != "digits" or cfg.data.val_fraction is None:
+        return
+    val = math.ceil(cfg.data.val_fraction * DIGITS_IMAGES)
+    if min(val, DIGITS_IMAGES - val) < DIGITS_CLASSES:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: {val} of the {DIGITS_IMAGES} digits for "
+                          f"validation leaves a side with fewer images than the {DIGITS_CLASSES} classes")
+
+
+MIN_PATCH_TOKENS = 4  # a 2 x 2 grid: ToE keeps a share of the patches, ToMe merges pairs of them
+
+
+def check_model(cfg: DictConfig, plan: "SchedulePlan") -> None:
+    """Build the run's model on the ``meta`` device (no memory, no weights: well under a second for a ViT-B), so
+    that a model timm cannot build with these settings is refused naming its key before any data is read."""
+    import timm
+    import torch
+
+    import toe.models  # noqa: F401 - registers LV-ViT with timm
+
+    name, kwargs = cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    if plan.phases and "dynamic_img_size" in kwargs:
+        raise ConfigError(f"model.kwargs.dynamic_img_size={kwargs['dynamic_img_size']}: method={cfg.method_name} "
+                          "sets it itself (the curriculum's changing resolution); leave it out")
+    extra = {"dynamic_img_size": True} if plan.phases else {}
+    settings = dict(num_classes=cfg.data.num_classes or 2, img_size=cfg.model.img_size,
+                    patch_size=cfg.model.patch_size, drop_path_rate=cfg.model.drop_path, **kwargs, **extra)
+    try:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, **settings)
+        except (RuntimeError, NotImplementedError) as err:
+            if "meta" not in str(err):
+                raise
+            model = timm.create_model(name, **settings)  # an init that copies real data (LV-ViT): build it here
+    except Exception as err:  # noqa: BLE001 - timm and the model classes raise any type for a bad argument
+        raise ConfigError(_model_error(cfg, kwargs, err)) from None
+    blocks, grid = getattr(model, "blocks", None), getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if blocks is None or grid is None:
+        raise ConfigError(f"model.name={name}: not a vision transformer toe can train (no blocks or patch_embed)")
+    if len(blocks) < (2 if plan.toe_enabled else 1):
+        depth = f"model.kwargs.depth={kwargs['depth']}" if "depth" in kwargs else f"model.name={name}"
+        raise ConfigError(f"{depth}: {len(blocks)} block(s); " + (
+            f"method={cfg.method_name} reduces the tokens after the first block and needs at least two"
+            if plan.toe_enabled else "a model needs at least one"))
+    if grid < MIN_PATCH_TOKENS:
+        raise ConfigError(f"model.patch_size={cfg.model.patch_size} with model.img_size={cfg.model.img_size}: "
+                          f"{grid} patch token(s); toe needs at least {MIN_PATCH_TOKENS} (a 2 x 2 grid)")
+
+
+def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) -> str:
+    """One line for a model timm cannot build, naming the key that most likely caused it."""
+    name, text = cfg.model.name, str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Unknown model" in text:
+        return f"model.name={name}: not one of timm's models ({text})"
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if unexpected and unexpected.group(1) in kwargs:
+        key = unexpected.group(1)
+        return f"model.kwargs.{key}={_show(kwargs[key])}: model.name={name} takes no such argument"
+    if unexpected:
+        return (f"model.name={name}: not a vision transformer toe can train (it takes no "
+                f"{unexpected.group(1)}; toe sets img_size, patch_size and drop_path_rate)")
+    named = [key for key in kwargs if key in text] or [
+        key for key, value in kwargs.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+        and value <= 0] or [key for key, value in kwargs.items() if isinstance(err, TypeError) and isinstance(value, str)]
+    subject = ", ".join(f"model.kwargs.{key}={_show(kwargs[key])}" for key in named) or f"model.name={name}"
+    return f"{subject}: timm cannot build the model ({text})"
 
 
 def _check_timm_names(cfg: DictConfig) -> None:
@@ -379,6 +469,12 @@ def _check_timm_names(cfg: DictConfig) -> None:
             build(policy, {})
         except (AssertionError, ValueError, KeyError, IndexError) as err:
             raise ConfigError(f"{key}={policy}: timm cannot parse this augmentation policy ({err})") from None
+        # timm skips a part without a number (rand-m9-foo trains as rand-m9): refuse it rather than ignore it
+        ignored = [part for part in policy.split("-")[1:]
+                   if not re.search(r"\d", part) and not (policy.startswith("rand") and part.startswith("t"))]
+        if ignored:
+            raise ConfigError(f"{key}={policy}: timm would ignore {ignored[0]!r} (each part after the policy's name "
+                              "is a setting and its number, e.g. m9, mstd0.5, inc1)")
 
 
 def _resolved(cfg: DictConfig) -> Dict[str, Any]:
@@ -413,12 +509,13 @@ class SchedulePlan:
         return [stage for stage, start in enumerate(self.stage_starts, 1) if start >= self.epochs]
 
 
-def stage_start_epochs(cfg: DictConfig) -> List[int]:
+def stage_start_epochs(cfg: DictConfig, check: bool = True) -> List[int]:
     """``schedule.stage_starts`` are epochs of a ``schedule.length``-epoch run, scaled to ``schedule.epochs`` and
-    rounded half up (the official 0/100/200 of 300 gives 0/10/20 over 30 epochs)."""
+    rounded half up (the official 0/100/200 of 300 gives 0/10/20 over 30 epochs); ``check``: refuse starts that
+    are not strictly increasing after the scaling."""
     epochs, length = int(cfg.schedule.epochs), float(cfg.schedule.length)
     starts = [scale_epoch(s, epochs, length) for s in cfg.schedule.stage_starts]
-    if any(b <= a for a, b in zip(starts, starts[1:])):
+    if check and any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(
             f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}: a {length:g}-epoch split gives start "
             f"epochs {starts} over schedule.epochs={epochs}, which are not strictly increasing: run more epochs")
@@ -429,7 +526,9 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
     """The schedule of a run, with the ToE schedule and curriculum checked; raises :class:`ConfigError`."""
     from .curriculum import build_phases
 
-    starts = stage_start_epochs(cfg)
+    staged = any(cfg[node].enabled for node in REDUCTION_NODES)
+    # a run without stages (baseline, EfficientTrain alone) has no stage split that could fail to fit its epochs
+    starts = stage_start_epochs(cfg, check=staged)
     if cfg.toe.enabled:
         build_expansion_schedule(cfg, starts)
     phases: List[Any] = []
@@ -441,7 +540,6 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
             raise ConfigError(f"curriculum.phases: {err}") from None
     if (cfg.patch_dropout.enabled and cfg.patch_dropout.keep_rates is None) or (cfg.tome.enabled and cfg.tome.r is None):
         build_expansion_schedule(cfg, starts, matching=True)  # the settings they are matched to must work
-    staged = any(cfg[node].enabled for node in REDUCTION_NODES)
     return SchedulePlan(int(cfg.schedule.epochs), starts, phases, staged)
 
 
@@ -528,7 +626,7 @@ def is_compose_error(err: BaseException) -> bool:
 def compose_error_line(err: BaseException) -> str:
     """One line for a composition error: the override or key, its value and what is wrong, without Hydra's advice
     on stack traces."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     chain, current = [], err
@@ -537,6 +635,11 @@ def compose_error_line(err: BaseException) -> str:
         current = current.__cause__ or current.__context__
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     head = lines[0] if lines else type(err).__name__
+    if isinstance(err, OverrideParseException):
+        override = getattr(err, "override", None) or (head.split("'")[1] if "'" in head else "")
+        return (f"cannot read the override {override!r}: {head.split(' See https')[0]} (close every bracket and "
+                "quote; quote the whole override for the shell: 'toe.keep_rates=[0.5,0.75,1.0]', and a value with "
+                "spaces or other special characters inside it: 'data.root=\"/data/my images\"')")
     if isinstance(err, MissingConfigException) and "Available options" in str(err):
         options = [line.strip() for line in str(err).splitlines() if line.startswith("\t") and "=" not in line]
         return f"{head} (available: {', '.join(options)})"

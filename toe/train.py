@@ -241,3 +241,9 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         resumed_at=progress.resumed_at, config_changes=progress.config_changes,
         unreached_stages=(run.plan if run else plan_schedule(cfg)).unreached_stages,
     )
+
+
+if __name__ == "__main__":  # `python -m toe.train` is toe-train too (its module form is `python -m toe.cli.train`)
+    from toe.cli.train import main as _main
+
+    _main()

@@ -315,7 +315,7 @@ def draw_run(out: Path, run_dir: Optional[Path] = None, overrides: Optional[List
     inputs, pictures = load_images(cfg, model, images, count, val_set)
     grid = tuple(model.patch_embed.grid_size)
     layouts = capture_layouts(model, inputs, grid)
-    title = (f"{cfg.method_name} on {cfg.model.name} ({grid[0]}x{grid[1]} patches): "
+    title = (f"{cfg.method_name} on {cfg.model.get('label') or cfg.model.name} ({grid[0]}x{grid[1]} patches): "
              f"{type(reduction_op(model)).__name__}")
     figure = draw_grid(pictures, layouts, title)
     out.parent.mkdir(parents=True, exist_ok=True)

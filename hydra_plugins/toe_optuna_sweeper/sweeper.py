@@ -94,4 +94,10 @@ class ToeOptunaSweeper(Sweeper):
         if any(t.value is not None for t in search.study.trials):
             best = search.study.best_trial
             log.info("best trial %d: %.4f with %s", best.number, best.value, best.params)
+        elif not returns and search.finished() == 0:
+            # every trial asked was pruned: a search that trained nothing has no result to report
+            reasons = sorted({str(t.user_attrs.get("pruned", "")) for t in search.study.trials} - {""})
+            log.error("search %s trained no trial: every one was pruned (%s)", self.study_name,
+                      "; ".join(reasons[:3]) or "no reason recorded")
+            raise SystemExit(2)
         return returns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable
 
 
@@ -13,6 +14,8 @@ def _number(kind: Callable[[str], float], name: str, low: float, inclusive: bool
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         above = value >= low if inclusive else value > low
         below = value <= high if high_inclusive else value < high
         if not (above and below):

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from toe.cli.args import kept_rate, non_negative_int, positive_int, torch_device
+from toe.cli.args import kept_rate, non_negative_int, positive_float, positive_int, torch_device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,10 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="what the other run adds to the overrides (default: method=baseline)")
 
     capacity = sub.add_parser("capacity", help="CPU cores to feed one GPU: decode + DeiT augmentation per core")
-    capacity.add_argument("--gpu-img-per-s", type=float, default=None,
+    capacity.add_argument("--gpu-img-per-s", type=positive_float, default=None,
                           help="the GPU's full-token DeiT-S training img/s (default: timm's published RTX 3090 "
                                "figure, 1054)")
-    capacity.add_argument("--stage1-speedup", type=float, default=None,
+    capacity.add_argument("--stage1-speedup", type=positive_float, default=None,
                           help="ToE stage 1's train speed-up (default: its analytic FLOP ratio for DeiT-S, 1.88)")
     capacity.add_argument("--images", type=positive_int, default=64, help="224 px JPEG files written and timed")
     capacity.add_argument("--repeats", type=positive_int, default=3)
@@ -118,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.table = args.table or default_flops_table()
         if not args.table.is_file():
             parser.error(f"--table {args.table}: no such file")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {args.json.parent} does not exist")
     device = torch.device(args.device)
     print(f"# toe-bench {args.command} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f" (torch {torch.__version__}, {torch.get_num_threads()} threads)")
@@ -176,7 +178,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             ["training", "gpu_img_per_s", "cores_to_feed_it"]))
         print(f"\nGPU img/s: {source}.")
     else:
-        rows = bench_flops(args)
+        try:
+            rows = bench_flops(args)
+        except (ValueError, TypeError, KeyError) as err:  # a table that is not rows of shapes and schedules
+            parser.error(f"--table {args.table}: not a FLOP table like conf/bench/flops_table.yaml ({err})")
         print(flops_markdown(rows))
     if args.json:
         args.json.write_text(json.dumps({"command": args.command, "device": str(device), "rows": rows}, indent=2))

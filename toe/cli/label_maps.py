@@ -32,10 +32,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from toe.run import create_model, model_data_config
     from toe.label_maps import write_label_maps
 
+    if not args.run.exists():
+        parser.error(f"{args.run} does not exist (a toe-train run dir, or its checkpoint.pth)")
     run_dir = args.run if args.run.is_dir() else args.run.parent
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pth").is_file():
         parser.error(f"{args.run} is not a toe-train run directory (config.yaml and checkpoint.pth)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"{args.out}: a file, not a directory for the label maps")
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg.model.name, cfg.data.name  # noqa: B018 - a config without them is no run's
+    except Exception as err:  # noqa: BLE001 - OmegaConf and YAML raise several types
+        parser.error(f"{run_dir / 'config.yaml'}: not a toe-train run config ({str(err).splitlines()[0]})")
     train_set, _ = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
     if args.topk > num_classes:
@@ -43,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = create_model(cfg, num_classes)
     try:
         load_pretrained(model, run_dir / "checkpoint.pth", use_ema=args.ema)
-    except (CheckpointMismatchError, RuntimeError, OSError, EOFError) as err:
+    except (CheckpointMismatchError, RuntimeError, OSError, EOFError, ValueError) as err:
         parser.error(f"{run_dir / 'checkpoint.pth'} is unreadable or does not fit the run's model: "
                      f"{str(err).splitlines()[0]}")
     data_config = model_data_config(model, cfg)

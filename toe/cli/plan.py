@@ -58,11 +58,18 @@ def _shape(parser: argparse.ArgumentParser, args: argparse.Namespace):
         model = timm.create_model(args.model, img_size=args.img_size)
     except (RuntimeError, TypeError, AssertionError) as err:  # an unknown model, or a size its patch does not divide
         parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if isinstance(patch, int) and args.img_size % patch:
+        parser.error(f"--img-size {args.img_size}: the patch size {patch} of {args.model} does not divide it")
     try:
         return ViTShape.from_model(model)
     except AttributeError:
         parser.error(f"--model {args.model}: not a vision transformer with blocks (toe.flops reads blocks, "
                      "patch_embed and embed_dim)")
+
+
+TARGET_TOLERANCE = 0.03  # a planned speed-up further than this share from its target is not the target
 
 
 def _default_starts(epochs: int, stages: int) -> List[int]:
@@ -78,6 +85,10 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
     attention = not args.linear_only
     full = shape.train_macs_blocks(shape.full_block_tokens(), attention)
     target = args.speedup if args.speedup is not None else (full / (args.budget * 1e9) if args.budget else None)
+    if target is not None and not 1.0 < target < float("inf"):
+        given = f"--speedup {args.speedup:g}" if args.speedup is not None else f"--budget {args.budget:g}"
+        parser.error(f"{given}: a train-FLOP speed-up of {target:g}x cannot be planned (ToE removes work, so it is "
+                     f"above 1 and finite; full tokens cost {full / 1e9:.3g} GFLOPs per image)")
     if target is not None and args.keep_rates and args.stage_starts:
         parser.error("--keep-rates and --stage-starts are both given: with a target, toe-plan plans one of them")
     try:
@@ -96,7 +107,14 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
             schedule = ExpansionSchedule(tuple(starts), tuple(rates), r0, repeats=args.k)
             mode = "the given settings"
     except ValueError as err:
-        parser.error(str(err))
+        hint = (f" (the stage split of {args.epochs} epoch(s): give more --epochs or --stage-starts)"
+                if "expansion_steps" in str(err) else "")
+        parser.error(f"{err}{hint}")
+    if target is not None:
+        reached = toe_flop_ratio(shape, schedule, args.epochs, attention)
+        if abs(reached - target) > TARGET_TOLERANCE * target:
+            parser.error(f"a train-FLOP speed-up of {target:.3g}x cannot be reached with {mode}: the nearest plan "
+                         f"gives {reached:.3g}x (change the split, the kept rates or the epochs)")
     if schedule.expansion_steps[-1] >= args.epochs:
         parser.error(f"--stage-starts {list(schedule.expansion_steps)}: the last stage starts after --epochs "
                      f"{args.epochs}")
@@ -168,6 +186,8 @@ def measure(args: argparse.Namespace, result: Dict[str, Any]) -> List[Dict[str, 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {args.json.parent} does not exist")
     result = plan(parser, args)
     print(report(result))
     if args.measure:

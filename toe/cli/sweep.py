@@ -50,7 +50,12 @@ def retry(sweep_dir: Path, launcher: Optional[str], dry_run: bool) -> int:
 
     from toe.sweep import RETRY_STATES, retry_command, sweep_runs
 
-    todo = [run for run in sweep_runs(sweep_dir) if run.state in RETRY_STATES]
+    runs = sweep_runs(sweep_dir)
+    if not runs:
+        print(f"toe-sweep: no runs under {sweep_dir} (no run record, .hydra/overrides.yaml or multirun.yaml found)",
+              file=sys.stderr)
+        return 2
+    todo = [run for run in runs if run.state in RETRY_STATES]
     if not todo:
         print(f"toe-sweep: nothing to retry in {sweep_dir}: every job completed or is running")
         return 0

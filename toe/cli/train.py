@@ -9,6 +9,7 @@ the value, before anything is written: Hydra refuses unknown keys and wrong type
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -21,6 +22,10 @@ from typing import Dict, Optional
 from omegaconf import DictConfig
 
 log = logging.getLogger("toe.train")
+# what making or writing a run dir can run into: no such parent, a name too long, a read-only file system, a file
+# where the dir should be, no permission
+RUN_DIR_ERRNOS = (errno.ENOENT, errno.ENAMETOOLONG, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EACCES,
+                  errno.EPERM)
 _first_job = True
 
 
@@ -82,14 +87,24 @@ def _restore_job_logs(sizes: Dict[Path, int]) -> None:
                 os.truncate(path, size)
 
 
+def _one_line_errors() -> tuple:
+    """What ends a run with one line and its record, not a traceback: a refused start (a config or data that cannot
+    work, a busy or unresumable run dir) and the failures the record names (a full disk, a non-finite loss, label
+    maps that do not fit)."""
+    from toe.data import DataRootError
+    from toe.record import StartRefused
+    from toe.schema import ConfigError
+    from toe.token_label import LabelMapError
+    from toe.train import DiskFull
+
+    return ConfigError, DataRootError, StartRefused, DiskFull, FloatingPointError, LabelMapError
+
+
 def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from toe.data import DataRootError
-    from toe.record import StartRefused
-    from toe.schema import ConfigError
-    from toe.train import DiskFull, train
+    from toe.train import train
 
     global _first_job
     hydra_cfg = HydraConfig.get()
@@ -101,12 +116,18 @@ def _task(cfg: DictConfig) -> Optional[float]:
         # of a multirun leave it as it is, so that each job's own garbage stays collectable.
         gc.freeze()
     _first_job = False
+    key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    if not str(hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.run.dir).strip():
+        # Hydra would take the working directory itself as the run dir
+        _restore_job_logs(_job_logs(Path(hydra_cfg.runtime.output_dir)))
+        log.error("%s is empty: name a directory for the run (or leave it out: runs/<task_name>/<time>)", key)
+        sys.exit(2)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     fresh = run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra made it for this start and wrote nothing yet
     logs, config_before = _job_logs(run_dir), _stamp(run_dir / "config.yaml")
     try:
         summary = train(cfg, run_dir, list(hydra_cfg.overrides.task), started_at, _hydra_files(cfg))
-    except (ConfigError, DataRootError, StartRefused, DiskFull) as err:
+    except _one_line_errors() as err:
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         # the start was accepted when the run wrote its config.yaml (atomically: a new file); a refused one leaves
         # an existing run's dir as it was, and a single run's new dir not at all
@@ -118,17 +139,14 @@ def _task(cfg: DictConfig) -> Optional[float]:
             raise  # this job fails (its new dir says so) and the sweep goes on with the others
         if refused and fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
-        sys.exit(1 if isinstance(err, DiskFull) else 2)  # a single run: one clear line, no traceback
+        sys.exit(2 if refused else 1)  # a single run: one clear line, no traceback (2: refused, 1: failed)
     return summary.final_top1
 
 
 def main() -> Optional[float]:
     import hydra
 
-    from toe.data import DataRootError
-    from toe.record import StartRefused
-    from toe.schema import ConfigError, compose_error_line, is_compose_error
-    from toe.train import DiskFull
+    from toe.schema import compose_error_line, is_compose_error
 
     wants_hydra_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints composition errors over several lines and exits; with HYDRA_FULL_ERROR it raises them instead,
@@ -140,11 +158,17 @@ def main() -> Optional[float]:
         print("toe-train: interrupted (Ctrl-C); the run's summary says so, and the same command resumes it",
               file=sys.stderr)
         sys.exit(130)
-    except (ConfigError, DataRootError, StartRefused, DiskFull) as err:  # a multirun's job, re-raised at the end
+    except _one_line_errors() as err:  # a multirun's job, re-raised at the end
         print(f"toe-train: a job failed: {str(err).splitlines()[0]} (toe-sweep status <sweep dir> lists every job)",
               file=sys.stderr)
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - sorted below: config errors get one line, others their traceback
+        if (not wants_hydra_report and isinstance(err, OSError) and not is_compose_error(err)
+                and err.errno in RUN_DIR_ERRNOS and err.filename):
+            # Hydra makes the run dir before toe-train runs: a path that cannot be a directory here
+            print(f"toe-train: {err.filename}: {err.strerror} (the run dir, hydra.run.dir or hydra.sweep.dir, must "
+                  "be a directory this process can write)", file=sys.stderr)
+            sys.exit(2)
         if wants_hydra_report or not is_compose_error(err):
             raise
         print(f"toe-train: {compose_error_line(err)}", file=sys.stderr)

@@ -40,10 +40,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     from toe.vis import draw_run
 
     out = args.out or ((args.run_dir / "token_vis.png") if args.run_dir is not None else Path("token_vis.png"))
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")  # what matplotlib writes: say the file it is
     try:
         images, stages = draw_run(out, args.run_dir, args.config, args.images, args.count, args.ema)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        parser.error(f"{args.run_dir or 'the config'}: {str(err).splitlines()[0]}")
+    except Exception as err:  # noqa: BLE001 - sorted here: what a bad input raises gets one line
+        import yaml
+
+        from toe.schema import config_error_message
+
+        message = config_error_message(err)
+        if message is None and isinstance(err, (OSError, ValueError, KeyError, RuntimeError, yaml.YAMLError)):
+            where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+            message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}{where}"
+        if message is None:
+            raise
+        parser.error(f"{args.run_dir or 'the config'}: {message}")
     print(f"toe-vis: wrote {out} ({images} images x {stages} stages)")
     return 0
 
