@@ -20,9 +20,11 @@ def sweep(tmp_path_factory):
     common = ["logger=none", "schedule.epochs=3", "model.kwargs.depth=2"]
     subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", "method=baseline,toe", "seed=0,1", *common,
                     f"hydra.sweep.dir={root / 'sweep'}"], check=True, capture_output=True, timeout=600)
-    failed = subprocess.run([sys.executable, "-m", "toe.cli.train", *common, "recipe.batch_size=4096",
-                             f"hydra.run.dir={root / 'failed'}"], capture_output=True, timeout=300)
-    assert failed.returncode == 2
+    # a job of a multirun whose batch is larger than the training set: refused once its data is read (the sweep's
+    # pre-check cannot know the data), its new dir left with a failed summary
+    failed = subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", *common, "recipe.batch_size=4096",
+                             f"hydra.sweep.dir={root / 'failed'}"], capture_output=True, timeout=300)
+    assert failed.returncode != 0
     return root
 
 
@@ -39,9 +41,9 @@ def test_collect_keeps_every_run_and_flags_the_failed_one(sweep, tmp_path):
     runs = collected.runs
     assert len(runs) == 5
     assert sorted(runs["method"]) == ["baseline", "baseline", "toe", "toe", "toe"]
-    failed = runs[runs["run"] == "failed"].iloc[0]
+    failed = runs[runs["run"] == "failed/0"].iloc[0]
     assert failed["status"] == "failed" and "larger than the training set" in failed["flag"]
-    assert runs[runs["run"] != "failed"]["flag"].isna().all()
+    assert runs[runs["run"] != "failed/0"]["flag"].isna().all()
     assert len(collected.epochs) == 4 * 3
     toe_epochs = collected.epochs.merge(runs[["run", "method"]], on="run").query("method == 'toe'")
     assert sorted(set(toe_epochs["tokens_after_first_block"])) == [33, 49, 65]
@@ -99,7 +101,7 @@ def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, c
     assert report_main([str(sweep), "-o", str(tmp_path / "report"), "--html"]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Runs of train" in report and "## Flagged runs" in report
-    assert "`failed`: failed: ConfigError" in report
+    assert "`failed/0`: failed: ConfigError" in report
     assert "toe: faster by" in report or "toe: slower by" in report
     assert "seed spread" in report
     assert "**Where the time went**" in report and "whole command (s)" in report

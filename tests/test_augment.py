@@ -123,3 +123,30 @@ def test_an_image_folder_trains_on_the_pil_path_with_persistent_workers(tiny_cfg
     assert summary.status == "completed" and summary.epochs == 2
     assert "training images: pil pipeline" in caplog.text
     assert "data loading: 1 worker(s), persistent, prefetch 2" in caplog.text
+
+
+def test_the_tensor_pipeline_gives_the_default_run_the_images_of_timms_pil_path(monkeypatch):
+    """The default run's images (digits, bicubic, the model's normalisation), cropped by the same boxes: the tensor
+    pipeline and timm's PIL train transform agree to within a level or two of 8 bits (the bicubic kernels differ)."""
+    import toe.augment as augment
+    from conftest import compose_cfg
+    from toe.data import build_datasets, build_transforms
+    from toe.run import create_model, model_data_config
+
+    cfg = compose_cfg([])
+    train_set, _ = build_datasets(cfg)
+    data_config = model_data_config(create_model(cfg, 10), cfg)
+    pil_transform = build_transforms(data_config, cfg.recipe)[0]
+    crop, to_tensor, normalise = pil_transform.transforms
+    assert (crop.scale, crop.ratio) == (tuple(cfg.recipe.scale), (3 / 4, 4 / 3))
+    images = augment.uint8_images(train_set)[:128]
+    torch.manual_seed(0)
+    boxes = random_resized_crop_boxes(128, 32, 32, crop.scale, crop.ratio)
+    monkeypatch.setattr(augment, "random_resized_crop_boxes", lambda *args, **kwargs: boxes)
+    tensor = BatchAugment(32, crop.scale, crop.ratio, 0.0, data_config["interpolation"], data_config["mean"],
+                          data_config["std"])(images)
+    pil = torch.stack([normalise(to_tensor(TF.resized_crop(train_set.images[i], *[int(v) for v in boxes[i]],
+                                                              [32, 32], interpolation=crop.interpolation)))
+                       for i in range(128)])
+    levels = (tensor - pil).abs() * 255 * data_config["std"][0]
+    assert levels.mean() < 1.0 and levels.max() <= 8.0

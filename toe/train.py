@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from toe.checkpoint import Progress, TrainState, load_checkpoint
+from toe.data import DataRootError
 from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
 from toe.lock import locked
 from toe.loop import EpochInputs, Evaluator, train_epoch
@@ -99,11 +100,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
                     log.info("%s has completed all %d epochs; nothing to do", run_dir, progress.epoch)
                     summary = read_run_dir(run_dir).summary
                     return summary if summary.status else summarize(cfg, progress, status="completed")
+            try:  # reads the data and builds the model: what cannot work with them is refused here, unwritten
+                run = build_run(cfg, info)
+            except (ConfigError, DataRootError) as err:
+                _note_refused_start(cfg, run_dir, err, hydra_files)
+                raise
             record = RunRecord(run_dir, plain_cfg["logger"]["wandb"], enabled=info.is_main)
             record.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_files)
             try:
                 with _sigterm_interrupts():
-                    summary = _fit(cfg, plain_cfg, run_dir, record, progress, checkpoint, overrides or [], info,
+                    summary = _fit(cfg, plain_cfg, run, run_dir, record, progress, checkpoint, overrides or [],
                                    started_at)
             except BaseException as err:
                 _record_ending(cfg, run_dir, record, progress, err)
@@ -114,9 +120,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
         cleanup(info)
 
 
-def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run_dir: Path, record: RunRecord, progress: Progress,
-         checkpoint: Optional[Dict[str, Any]], overrides: List[str], info: DistInfo, started_at: float) -> Summary:
-    run = build_run(cfg, info)
+def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run: Run, run_dir: Path, record: RunRecord,
+         progress: Progress, checkpoint: Optional[Dict[str, Any]], overrides: List[str], started_at: float) -> Summary:
+    info = run.dist
     state = TrainState(run.model, run.optimizer, run.scheduler, run.ema, run.scaler, progress, plain_cfg, info)
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
