@@ -23,9 +23,15 @@ class Runs:
     epochs: pd.DataFrame  # one row per run and epoch: the metrics.jsonl lines, with the run id
 
 
-def record_to_row(run_id: str, config: Dict[str, Any], summary: Summary, overrides: Iterable[str],
-                  history: List[EpochRow], problems: Iterable[str] = (), state: Optional[str] = None
-                  ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def record_to_row(
+    run_id: str,
+    config: Dict[str, Any],
+    summary: Summary,
+    overrides: Iterable[str],
+    history: List[EpochRow],
+    problems: Iterable[str] = (),
+    state: Optional[str] = None,
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """One run's row and epoch rows from its record; the same mapping serves run dirs and W&B runs. ``state`` is
     the reader's (:data:`toe.record.RUN_STATES`); W&B runs give none and their summary's status is used."""
     config = config or {}
@@ -108,8 +114,9 @@ def collect_wandb(project: str, api: Optional[Any] = None) -> Runs:
     for run in api.runs(project):
         config = {k: v for k, v in run.config.items() if not k.startswith("_")}
         history = [EpochRow.from_dict(r) for r in run.scan_history() if "epoch" in r]
-        row, epochs = record_to_row(run.id, config, Summary.from_dict(dict(run.summary)),
-                                    config.get("overrides") or [], history)
+        row, epochs = record_to_row(
+            run.id, config, Summary.from_dict(dict(run.summary)), config.get("overrides") or [], history
+        )
         rows.append(row)
         epoch_rows += epochs
     if not rows:

@@ -10,8 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from toe.schedule import scale_epoch  # noqa: E402
 
@@ -55,8 +55,11 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
         # float first: a column with nulls (epochs without evaluation) is object-typed on older pandas
         curve = group.astype({"val_top1": float}).groupby("epoch")["val_top1"].agg(["mean", "std"]) * 100
         # numpy arrays, not Series: matplotlib 3.7.0's fill_between cannot take pandas 2 Series
-        x, mean, std = (curve.index.to_numpy(dtype=float) + 1, curve["mean"].to_numpy(dtype=float),
-                        curve["std"].fillna(0).to_numpy(dtype=float))
+        x, mean, std = (
+            curve.index.to_numpy(dtype=float) + 1,
+            curve["mean"].to_numpy(dtype=float),
+            curve["std"].fillna(0).to_numpy(dtype=float),
+        )
         ax.plot(x, mean, marker="o", markersize=3, label=label)
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     plotted = runs[runs["run"].isin(per_epoch["run"])]
@@ -74,12 +77,27 @@ def plot_runs(runs: pd.DataFrame, epochs: pd.DataFrame, rows: List[str], title: 
     done["time"], time_label = _time_axis(done["device_hours"], device_kind(done))
     for i, (label, group) in enumerate(done.groupby("label")):
         color = f"C{i}"
-        ax.scatter(group["time"].to_numpy(dtype=float), group["final_top1"].to_numpy(dtype=float) * 100,
-                   color=color, alpha=0.45, s=25)
-        ax.scatter(group["time"].mean(), group["final_top1"].mean() * 100, color=color, marker="*",
-                   s=180, edgecolor="black", label=f"{label} (mean of {len(group)})")
-    ax.set(xlabel=time_label, ylabel="final val top-1 (%)",
-           title=f"{title}\ntop-1 vs train time (dots: runs, stars: means)")
+        ax.scatter(
+            group["time"].to_numpy(dtype=float),
+            group["final_top1"].to_numpy(dtype=float) * 100,
+            color=color,
+            alpha=0.45,
+            s=25,
+        )
+        ax.scatter(
+            group["time"].mean(),
+            group["final_top1"].mean() * 100,
+            color=color,
+            marker="*",
+            s=180,
+            edgecolor="black",
+            label=f"{label} (mean of {len(group)})",
+        )
+    ax.set(
+        xlabel=time_label,
+        ylabel="final val top-1 (%)",
+        title=f"{title}\ntop-1 vs train time (dots: runs, stars: means)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     paths["top1_vs_time"] = _save(fig, out_dir / "top1_vs_time.png")
@@ -122,19 +140,45 @@ def plot_search(trials: pd.DataFrame, out: Path, budget: float = None) -> Path:
     ax.scatter(trained["flop_ratio"], 100 * trained["top1"], color="#1f77b4", label="trained trial", zorder=3)
     if len(trained):
         front = pareto_front(trained, "flop_ratio", "top1")
-        ax.plot(front["flop_ratio"].to_numpy(), 100 * front["top1"].to_numpy(), color="#d62728", marker="o",
-                label="Pareto front", zorder=4)
+        ax.plot(
+            front["flop_ratio"].to_numpy(),
+            100 * front["top1"].to_numpy(),
+            color="#d62728",
+            marker="o",
+            label="Pareto front",
+            zorder=4,
+        )
         best = trained.loc[trained["top1"].idxmax()]
-        ax.scatter([best["flop_ratio"]], [100 * best["top1"]], s=180, facecolor="none", edgecolor="black",
-                   linewidth=1.5, label=f"best: trial {int(best['trial'])}", zorder=5)
+        ax.scatter(
+            [best["flop_ratio"]],
+            [100 * best["top1"]],
+            s=180,
+            facecolor="none",
+            edgecolor="black",
+            linewidth=1.5,
+            label=f"best: trial {int(best['trial'])}",
+            zorder=5,
+        )
         for _, row in trained.iterrows():
-            ax.annotate(str(int(row["trial"])), (row["flop_ratio"], 100 * row["top1"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(int(row["trial"])),
+                (row["flop_ratio"], 100 * row["top1"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     pruned = trials[(trials["state"] == "PRUNED")].dropna(subset=["flop_ratio"])
     if len(pruned):
         low = ax.get_ylim()[0]
-        ax.scatter(pruned["flop_ratio"], [low] * len(pruned), marker="x", color="grey", label="pruned (budget)",
-                   clip_on=False, zorder=2)
+        ax.scatter(
+            pruned["flop_ratio"],
+            [low] * len(pruned),
+            marker="x",
+            color="grey",
+            label="pruned (budget)",
+            clip_on=False,
+            zorder=2,
+        )
     if budget:
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1, label=f"budget {budget:g}x")
     ax.set_xlabel("train-FLOP speed-up over full tokens")

@@ -103,19 +103,30 @@ def search_section(root: Path, out_dir: Path) -> Tuple[List[str], List[str]]:
     if len(complete):
         top = complete.loc[complete["top1"].idxmax()]
         params = ", ".join(f"{c.removeprefix('param ')}={top[c]}" for c in complete.columns if c.startswith("param "))
-        best = (f"trial {int(top['trial'])}: top-1 {100 * top['top1']:.2f} % at a {top['flop_ratio']:.3f}x "
-                f"train-FLOP speed-up, {params}")
+        best = (
+            f"trial {int(top['trial'])}: top-1 {100 * top['top1']:.2f} % at a {top['flop_ratio']:.3f}x "
+            f"train-FLOP speed-up, {params}"
+        )
     else:
         best = "none trained yet"
     counts = trials["state"].value_counts().to_dict()
-    parts = ["\n## Search: trials\n",
-             f"Study `{trials['study'].iloc[0]}` in `{root}`: {len(trials)} trials "
-             f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))})"
-             + (f"; budget {budget:g}x train-FLOP speed-up (trials below it pruned before training)" if budget else "")
-             + ".\n", f"**Best**: {best}\n", shown.to_markdown(index=False), "",
-             f"![top-1 vs FLOP ratio](search/{plot.name})"]
-    html = ["<h2>Search: trials</h2>", f"<p>Best: {best}</p>", shown.to_html(index=False),
-            f'<img alt="search" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">']
+    parts = [
+        "\n## Search: trials\n",
+        f"Study `{trials['study'].iloc[0]}` in `{root}`: {len(trials)} trials "
+        f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))})"
+        + (f"; budget {budget:g}x train-FLOP speed-up (trials below it pruned before training)" if budget else "")
+        + ".\n",
+        f"**Best**: {best}\n",
+        shown.to_markdown(index=False),
+        "",
+        f"![top-1 vs FLOP ratio](search/{plot.name})",
+    ]
+    html = [
+        "<h2>Search: trials</h2>",
+        f"<p>Best: {best}</p>",
+        shown.to_html(index=False),
+        f'<img alt="search" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">',
+    ]
     return parts, html
 
 
@@ -132,11 +143,20 @@ def _search_budget(root: Path) -> Optional[float]:
     return float(budget) if isinstance(budget, (int, float)) else None
 
 
-def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Optional[pd.DataFrame] = None,
-                 html: bool = False, root: Optional[Path] = None) -> Path:
+def build_report(
+    collected: Runs,
+    out_dir: Path,
+    source: str,
+    reference_csv: Optional[pd.DataFrame] = None,
+    html: bool = False,
+    root: Optional[Path] = None,
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = collected.runs
-    parts = [f"# toe report: {source}\n", f"{len(runs)} runs, {int((runs['status'] == 'completed').sum())} completed.\n"]
+    parts = [
+        f"# toe report: {source}\n",
+        f"{len(runs)} runs, {int((runs['status'] == 'completed').sum())} completed.\n",
+    ]
     html_parts = [f"<h1>toe report: {source}</h1>"]
     experiments = runs["experiment"].fillna("runs")
     for experiment in sorted(experiments.unique()):
@@ -147,29 +167,48 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
         section = out_dir / name
         write_table(table, section, "table")
         run_ids = set(subset["run"])
-        plots = plot_runs(subset, collected.epochs[collected.epochs["run"].isin(run_ids)] if len(collected.epochs)
-                          else collected.epochs, table.attrs["rows"], spec.title, section)
+        plots = plot_runs(
+            subset,
+            collected.epochs[collected.epochs["run"].isin(run_ids)] if len(collected.epochs) else collected.epochs,
+            table.attrs["rows"],
+            spec.title,
+            section,
+        )
         lines = verdicts(table)
         data = ", ".join(sorted(str(d) for d in subset["data"].dropna().unique())) or "unknown"
-        parts += [f"\n## {spec.title}\n", f"Experiment `{name}`, data: {data}; rows pool seeds; speed-up and Δ top-1 against the "
-                  f"reference row ({', '.join(f'{k}={v}' for k, v in spec.reference.items())}) of the same model.\n",
-                  format_table(table).to_markdown(index=False), "\n\n**Verdicts**\n"]
+        parts += [
+            f"\n## {spec.title}\n",
+            f"Experiment `{name}`, data: {data}; rows pool seeds; speed-up and Δ top-1 against the "
+            f"reference row ({', '.join(f'{k}={v}' for k, v in spec.reference.items())}) of the same model.\n",
+            format_table(table).to_markdown(index=False),
+            "\n\n**Verdicts**\n",
+        ]
         parts += [f"- {line}" for line in lines] or ["- (no row to compare)"]
         split = time_split(subset, spec)
-        parts += ["\n**Where the time went** (seconds, mean over seeds; start-up counts from the process start)\n",
-                  split.to_markdown(index=False, floatfmt=".1f")]
+        parts += [
+            "\n**Where the time went** (seconds, mean over seeds; start-up counts from the process start)\n",
+            split.to_markdown(index=False, floatfmt=".1f"),
+        ]
         parts += [""] + [f"![{key}]({name}/{path.name})" for key, path in plots.items()]
         pictures = token_pictures(subset, root, table.attrs["rows"], section) if root is not None else []
         if pictures:
-            parts.append("\n**What the token reduction keeps** (`toe-vis`: one run per setting; thick border: a "
-                         "kept token, its colour how it was chosen; fill: the kept token a patch was merged into)\n")
+            parts.append(
+                "\n**What the token reduction keeps** (`toe-vis`: one run per setting; thick border: a "
+                "kept token, its colour how it was chosen; fill: the kept token a patch was merged into)\n"
+            )
             parts += [f"![tokens {key}]({name}/{path.name})" if path else f"- {key}" for key, path in pictures]
-        html_parts += [f"<h2>{spec.title}</h2>", format_table(table).to_html(index=False),
-                       "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>",
-                       "<h3>Where the time went (seconds)</h3>", split.to_html(index=False, float_format="%.1f")]
+        html_parts += [
+            f"<h2>{spec.title}</h2>",
+            format_table(table).to_html(index=False),
+            "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>",
+            "<h3>Where the time went (seconds)</h3>",
+            split.to_html(index=False, float_format="%.1f"),
+        ]
         images = list(plots.items()) + [(f"tokens {key}", p) for key, p in pictures if p is not None]
-        html_parts += [f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                       for key, p in images]
+        html_parts += [
+            f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+            for key, p in images
+        ]
     if root is not None:
         search_parts, search_html = search_section(root, out_dir)
         parts += search_parts
@@ -178,8 +217,11 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
     parts.append("\n## Flagged runs\n")
     if len(flagged):
         parts += [f"- `{r['run']}`: {r['flag']}" for _, r in flagged.iterrows()]
-        html_parts += ["<h2>Flagged runs</h2><ul>"] + [f"<li>{r['run']}: {r['flag']}</li>" for _, r in
-                                                        flagged.iterrows()] + ["</ul>"]
+        html_parts += (
+            ["<h2>Flagged runs</h2><ul>"]
+            + [f"<li>{r['run']}: {r['flag']}</li>" for _, r in flagged.iterrows()]
+            + ["</ul>"]
+        )
     else:
         parts.append("None: every run completed.")
     (out_dir / "runs.csv").write_text(runs.to_csv(index=False))
@@ -187,10 +229,11 @@ def build_report(collected: Runs, out_dir: Path, source: str, reference_csv: Opt
     markdown.write_text("\n".join(parts) + "\n")
     if html:
         page = out_dir / "report.html"
-        page.write_text("<!doctype html><meta charset='utf-8'><title>toe report</title>"
-                        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
-                        "collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style>"
-                        + "\n".join(html_parts))
+        page.write_text(
+            "<!doctype html><meta charset='utf-8'><title>toe report</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:"
+            "collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style>" + "\n".join(html_parts)
+        )
         return page
     return markdown
 
@@ -210,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"-o {args.out}: cannot make the directory ({err.strerror})")
     try:
         if args.source.startswith("wandb:"):
-            collected = collect_wandb(args.source[len("wandb:"):])
+            collected = collect_wandb(args.source[len("wandb:") :])
         else:
             collected = collect(Path(args.source))
     except FileNotFoundError as err:
@@ -219,8 +262,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - wandb raises its own types for a missing login or network
         if not type(err).__module__.startswith("wandb"):
             raise
-        print(f"toe-report: {args.source}: W&B cannot be read ({str(err).splitlines()[0]}; `wandb login`, or "
-              "report the run dirs instead)", file=sys.stderr)
+        print(
+            f"toe-report: {args.source}: W&B cannot be read ({str(err).splitlines()[0]}; `wandb login`, or "
+            "report the run dirs instead)",
+            file=sys.stderr,
+        )
         return 2
     reference = None
     if args.reference:

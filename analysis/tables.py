@@ -29,11 +29,14 @@ TABLES: Dict[str, TableSpec] = {
     "table1_deit": TableSpec("Table 1: DeiT on ImageNet-1K, full tokens vs ToE", ["model", "method"]),
     "table2_consistency": TableSpec("Table 2: training consistency (ToE_r1 and ToE^Hyper_r1)", ["model", "variant"]),
     "table3_lvvit": TableSpec("Table 3: LV-ViT with token labeling", ["model", "method"]),
-    "table4_efficienttrain": TableSpec("Table 4: EfficientTrain and EfficientTrain + ToE", ["model", "method"],
-                                       {"method": "efficienttrain"}),
-    "finetune_cifar": TableSpec("Fine-tuning on CIFAR: pre-trained with full tokens or ToE, fine-tuned with ToE off "
-                                "or on", ["data", "model", "pretrained_from", "method"],
-                                {"pretrained_from": "baseline", "method": "baseline"}),
+    "table4_efficienttrain": TableSpec(
+        "Table 4: EfficientTrain and EfficientTrain + ToE", ["model", "method"], {"method": "efficienttrain"}
+    ),
+    "finetune_cifar": TableSpec(
+        "Fine-tuning on CIFAR: pre-trained with full tokens or ToE, fine-tuned with ToE off or on",
+        ["data", "model", "pretrained_from", "method"],
+        {"pretrained_from": "baseline", "method": "baseline"},
+    ),
     "ablation_init": TableSpec("Ablation: seed initialisation", ["model", "toe.init"], {"toe.init": "spatial"}),
     "ablation_expand": TableSpec("Ablation: expansion", ["model", "toe.expand"], {"toe.expand": "widest"}),
     "ablation_merge": TableSpec("Ablation: merging", ["model", "toe.merge"], {"toe.merge": "mean"}),
@@ -41,8 +44,9 @@ TABLES: Dict[str, TableSpec] = {
     "ablation_repeats": TableSpec("Ablation: repetition step k", ["model", "toe.repeats"], {"toe.repeats": "2"}),
     "ablation_keep_rates": TableSpec("Ablation: kept-rate sets", ["model", "toe"], {"toe": "r0.5"}),
     "ablation_stage_split": TableSpec("Ablation: stage split", ["model", "schedule"], {"schedule": "official"}),
-    "compare_token_reduction": TableSpec("Token reduction at matched train FLOPs: full tokens, ToE, PatchDropout, "
-                                         "Token Merging", ["model", "method"]),
+    "compare_token_reduction": TableSpec(
+        "Token reduction at matched train FLOPs: full tokens, ToE, PatchDropout, Token Merging", ["model", "method"]
+    ),
 }
 NOT_ROW_KEYS = {"seed", "experiments", "smoke", "logger", "data.root", "hydra.sweep.dir", "hydra.run.dir"}
 
@@ -51,8 +55,13 @@ def spec_for(experiment: Optional[str], runs: pd.DataFrame) -> TableSpec:
     """The layout of a known experiment, else model x method x whatever else the sweep varied."""
     if experiment in TABLES:
         return TABLES[experiment]
-    varied = [c for c in runs.columns if ("." in c or c in ("variant", "toe", "schedule"))
-              and c not in NOT_ROW_KEYS and runs[c].nunique(dropna=True) > 1]
+    varied = [
+        c
+        for c in runs.columns
+        if ("." in c or c in ("variant", "toe", "schedule"))
+        and c not in NOT_ROW_KEYS
+        and runs[c].nunique(dropna=True) > 1
+    ]
     return TableSpec(f"Runs of {experiment or 'an ad-hoc sweep'}", ["model", "method"] + sorted(varied))
 
 
@@ -79,12 +88,16 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
     ).reset_index()
     table[["top1_mean", "top1_std"]] *= 100.0
     table[["gflops_linear", "gflops_attn"]] /= TRAIN_TO_FORWARD * 1e9
-    is_reference = np.logical_and.reduce([table[k] == v for k, v in spec.reference.items() if k in table] or
-                                         [np.zeros(len(table), dtype=bool)])
+    is_reference = np.logical_and.reduce(
+        [table[k] == v for k, v in spec.reference.items() if k in table] or [np.zeros(len(table), dtype=bool)]
+    )
     table["is_reference"] = is_reference
     per_model = [c for c in rows if c in ("model", "data", "pretrained")]
-    reference = table.loc[table["is_reference"], per_model + ["hours", "top1_mean"]].rename(
-        columns={"hours": "ref_hours", "top1_mean": "ref_top1"}).drop_duplicates(subset=per_model)
+    reference = (
+        table.loc[table["is_reference"], per_model + ["hours", "top1_mean"]]
+        .rename(columns={"hours": "ref_hours", "top1_mean": "ref_top1"})
+        .drop_duplicates(subset=per_model)
+    )
     if per_model:
         table = table.merge(reference, on=per_model, how="left")
     else:
@@ -101,15 +114,22 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
 
 
 # Where a command's time went (toe.record.Summary), in the order it passes
-TIME_PARTS = {"startup_seconds": "start-up", "total_train_seconds": "train", "total_eval_seconds": "eval",
-              "total_checkpoint_seconds": "checkpoint", "other_seconds": "other", "wall_seconds": "whole command"}
+TIME_PARTS = {
+    "startup_seconds": "start-up",
+    "total_train_seconds": "train",
+    "total_eval_seconds": "eval",
+    "total_checkpoint_seconds": "checkpoint",
+    "other_seconds": "other",
+    "wall_seconds": "whole command",
+}
 
 
 def time_split(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     """Per row of ``spec``: the seconds of start-up, training, evaluation, checkpoints, the rest and the whole
     command, mean over its completed runs (blank for records written before the split was kept)."""
-    done = runs[runs["status"] == "completed"].reindex(columns=list(runs.columns) + [
-        part for part in TIME_PARTS if part not in runs.columns])
+    done = runs[runs["status"] == "completed"].reindex(
+        columns=list(runs.columns) + [part for part in TIME_PARTS if part not in runs.columns]
+    )
     rows = [c for c in spec.rows if c in done.columns]
     for column in rows:
         done[column] = done[column].astype(str)
@@ -127,18 +147,21 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
 
     out = table[table.attrs["rows"]].copy()
     out["Top-1 (%)"] = table.apply(pm, axis=1)
-    out["GFLOPs/img fwd (linear / +attn)"] = [f"{a:.4g} / {b:.4g}" for a, b in zip(table["gflops_linear"],
-                                                                                  table["gflops_attn"])]
+    out["GFLOPs/img fwd (linear / +attn)"] = [
+        f"{a:.4g} / {b:.4g}" for a, b in zip(table["gflops_linear"], table["gflops_attn"])
+    ]
     out[f"Train time ({unit})"] = [f"{h:.4g}" for h in table["hours"]]
-    out["Speed-up"] = ["ref." if r else ("n/a" if pd.isna(s) else f"{s:.2f}x")
-                       for s, r in zip(table["speedup"], table["is_reference"])]
-    out["Δ top-1"] = ["ref." if r else ("n/a" if pd.isna(d) else f"{d:+.2f}")
-                      for d, r in zip(table["top1_delta"], table["is_reference"])]
+    out["Speed-up"] = [
+        "ref." if r else ("n/a" if pd.isna(s) else f"{s:.2f}x") for s, r in zip(table["speedup"], table["is_reference"])
+    ]
+    out["Δ top-1"] = [
+        "ref." if r else ("n/a" if pd.isna(d) else f"{d:+.2f}")
+        for d, r in zip(table["top1_delta"], table["is_reference"])
+    ]
     ref_columns = [c for c in table.columns if c.startswith("ref_")]
     if ref_columns:
         for column in ref_columns:
-            out[column.replace("ref_", "reference: ")] = table[column].map(
-                lambda v: "not given" if pd.isna(v) else v)
+            out[column.replace("ref_", "reference: ")] = table[column].map(lambda v: "not given" if pd.isna(v) else v)
     else:
         out["Reference"] = "not given"
     return out

@@ -18,12 +18,36 @@ def sweep(tmp_path_factory):
     """A real small sweep: baseline and ToE, two seeds each, plus one run that fails."""
     root = tmp_path_factory.mktemp("runs")
     common = ["logger=none", "schedule.epochs=3", "model.kwargs.depth=2"]
-    subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", "method=baseline,toe", "seed=0,1", *common,
-                    f"hydra.sweep.dir={root / 'sweep'}"], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toe.cli.train",
+            "-m",
+            "method=baseline,toe",
+            "seed=0,1",
+            *common,
+            f"hydra.sweep.dir={root / 'sweep'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     # a job of a multirun whose batch is larger than the training set: refused once its data is read (the sweep's
     # pre-check cannot know the data), its new dir left with a failed summary
-    failed = subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", *common, "recipe.batch_size=4096",
-                             f"hydra.sweep.dir={root / 'failed'}"], capture_output=True, timeout=300)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toe.cli.train",
+            "-m",
+            *common,
+            "recipe.batch_size=4096",
+            f"hydra.sweep.dir={root / 'failed'}",
+        ],
+        capture_output=True,
+        timeout=300,
+    )
     assert failed.returncode != 0
     return root
 
@@ -67,7 +91,8 @@ def test_table_holds_exactly_the_numbers_of_the_run_records(sweep):
         assert row["hours"] == pytest.approx(statistics.mean(hours))
     assert table.loc["toe", "speedup"] == pytest.approx(table.loc["baseline", "hours"] / table.loc["toe", "hours"])
     assert table.loc["toe", "top1_delta"] == pytest.approx(
-        table.loc["toe", "top1_mean"] - table.loc["baseline", "top1_mean"])
+        table.loc["toe", "top1_mean"] - table.loc["baseline", "top1_mean"]
+    )
     assert table.loc["toe", "gflops_linear"] < table.loc["baseline", "gflops_linear"]
     assert table.loc["baseline", "is_reference"] and not table.loc["toe", "is_reference"]
 
@@ -102,7 +127,10 @@ def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, c
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Runs of train" in report and "## Flagged runs" in report
     assert "`failed/0`: failed: ConfigError" in report
-    assert "toe: faster by" in report or "toe: slower by" in report
+    table = build_table(collect(sweep).runs, spec_for("train", collect(sweep).runs)).set_index("method")
+    speedup = table.loc["toe", "speedup"]
+    said = f"faster by {speedup:.2f}x" if speedup >= 1 else f"slower by {1 / speedup:.2f}x"
+    assert f"toe: {said}, top-1 {table.loc['toe', 'top1_delta']:+.2f} points" in report
     assert "seed spread" in report
     assert "**Where the time went**" in report and "whole command (s)" in report
     for name in ("top1_vs_epoch", "top1_vs_time", "tokens_vs_epoch"):
@@ -123,11 +151,15 @@ def test_wandb_and_disk_records_map_to_the_same_row(sweep):
     run_dir = next((sweep / "sweep").glob("*/summary.json")).parent
     row, epochs = load_run_dir(run_dir, sweep)
     # What W&B returns for the same run: the logged config (with the overrides), its summary and its history.
-    config = dict(yaml.safe_load((run_dir / "config.yaml").read_text()),
-                  overrides=yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))
+    config = dict(
+        yaml.safe_load((run_dir / "config.yaml").read_text()),
+        overrides=yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()),
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
-    history = [dict(json.loads(line), _step=i, _runtime=1.0)  # W&B adds its own keys to every logged row
-               for i, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines())]
+    history = [
+        dict(json.loads(line), _step=i, _runtime=1.0)  # W&B adds its own keys to every logged row
+        for i, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines())
+    ]
 
     class WandbRun:  # the things collect_wandb reads of a wandb.apis.public.Run, offline
         def __init__(self):
@@ -188,21 +220,39 @@ def test_an_unreadable_record_is_flagged_and_every_good_run_still_reported(sweep
     assert "UNREADABLE" in out and "3 completed, 1 unreadable" in out
 
 
-@pytest.mark.parametrize("file, content, says", [
-    ("summary.json", lambda text: text.replace('"resumed_at": []', '"resumed_at": 5'),
-     "summary.json: resumed_at=5 is not a list"),
-    ("summary.json", lambda text: text.replace('"final_top1": ', '"final_top1": "high", "x": '),
-     "summary.json: final_top1='high' is not a number"),
-    ("summary.json", lambda text: text.replace('"final_top1": ', '"final_top1": NaN, "x": '),
-     "summary.json: final_top1=nan is not a finite number"),
-    ("summary.json", lambda text: text.replace('"total_train_seconds": ', '"total_train_seconds": 1e308, "x": '),
-     "summary.json: total_train_seconds=1e+308 is not a finite number"),
-    ("config.yaml", lambda text: "- a\n- list\n", "config.yaml: not a mapping of settings"),
-    (".hydra/overrides.yaml", lambda text: "- 'seed=[1,'\n", ".hydra/overrides.yaml: not Hydra overrides"),
-    ("metrics.jsonl", lambda text: text.replace('"val_top1": ', '"val_top1": "0.9", "x": ', 1),
-     "metrics.jsonl line 1: val_top1='0.9' is not a number"),
-    (".toe.lock", lambda text: '{"pid": "abc", "host": "h"}', None),
-])
+@pytest.mark.parametrize(
+    "file, content, says",
+    [
+        (
+            "summary.json",
+            lambda text: text.replace('"resumed_at": []', '"resumed_at": 5'),
+            "summary.json: resumed_at=5 is not a list",
+        ),
+        (
+            "summary.json",
+            lambda text: text.replace('"final_top1": ', '"final_top1": "high", "x": '),
+            "summary.json: final_top1='high' is not a number",
+        ),
+        (
+            "summary.json",
+            lambda text: text.replace('"final_top1": ', '"final_top1": NaN, "x": '),
+            "summary.json: final_top1=nan is not a finite number",
+        ),
+        (
+            "summary.json",
+            lambda text: text.replace('"total_train_seconds": ', '"total_train_seconds": 1e308, "x": '),
+            "summary.json: total_train_seconds=1e+308 is not a finite number",
+        ),
+        ("config.yaml", lambda text: "- a\n- list\n", "config.yaml: not a mapping of settings"),
+        (".hydra/overrides.yaml", lambda text: "- 'seed=[1,'\n", ".hydra/overrides.yaml: not Hydra overrides"),
+        (
+            "metrics.jsonl",
+            lambda text: text.replace('"val_top1": ', '"val_top1": "0.9", "x": ', 1),
+            "metrics.jsonl line 1: val_top1='0.9' is not a number",
+        ),
+        (".toe.lock", lambda text: '{"pid": "abc", "host": "h"}', None),
+    ],
+)
 def test_one_bad_file_flags_its_run_and_the_readers_report_the_rest(sweep, tmp_path, capsys, file, content, says):
     import shutil
 
@@ -231,3 +281,23 @@ def test_one_bad_file_flags_its_run_and_the_readers_report_the_rest(sweep, tmp_p
     assert code in (0, 1) and "3 completed" in out
     if file == ".toe.lock":
         assert "1 died" in out
+
+
+def test_verdicts_say_faster_or_slower_and_judge_the_top1_change_by_the_seed_spread():
+    from analysis.report import verdicts
+
+    table = pd.DataFrame(
+        {
+            "method": ["baseline", "toe", "slow"],
+            "model": ["m"] * 3,
+            "is_reference": [True, False, False],
+            "speedup": [1.0, 1.27, 0.8],
+            "top1_std": [0.15, 0.1, None],
+            "top1_delta": [0.0, -0.1, -2.0],
+        }
+    )
+    table.attrs["rows"] = ["model", "method"]
+    assert verdicts(table) == [
+        "m, toe: faster by 1.27x, top-1 -0.10 points (within the seed spread of 0.15)",
+        "m, slow: slower by 1.25x, top-1 -2.00 points (outside the seed spread of 0.15)",
+    ]

@@ -55,8 +55,9 @@ def test_a_crop_equals_torchvision_resized_crop_of_its_box():
     torch.manual_seed(7)
     boxes = random_resized_crop_boxes(5, 24, 24, (0.3, 0.8), (3 / 4, 4 / 3)).int().tolist()
     for image, result, (top, left, h, w) in zip(images, out, boxes):
-        expected = TF.resized_crop(image.float(), top, left, h, w, [32, 32],
-                                   interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+        expected = TF.resized_crop(
+            image.float(), top, left, h, w, [32, 32], interpolation=TF.InterpolationMode.BILINEAR, antialias=False
+        )
         torch.testing.assert_close(result, _normalised(expected.round().clamp(0, 255)[None])[0], atol=0.02, rtol=0)
         assert not math.isclose(float(result.std()), 0.0)
 
@@ -72,6 +73,7 @@ def test_tensor_images_serve_a_batch_by_indices():
 
 def test_the_pipeline_is_chosen_from_the_recipe_and_a_forced_tensor_pipeline_says_why_not(tiny_cfg, tmp_path):
     from conftest import write_image_folder
+
     from toe.distributed import DistInfo
     from toe.run import build_run
 
@@ -82,14 +84,25 @@ def test_the_pipeline_is_chosen_from_the_recipe_and_a_forced_tensor_pipeline_say
         build_run(tiny_cfg("train.pipeline=tensor", "recipe.auto_augment=rand-m9-mstd0.5-inc1"), DistInfo())
     root = write_image_folder(tmp_path / "imgs")
     with pytest.raises(ConfigError, match="is read from files"):
-        build_run(tiny_cfg("train.pipeline=tensor", "data=imagefolder", f"data.root={root}",
-                           "recipe.batch_size=4"), DistInfo())
+        build_run(
+            tiny_cfg("train.pipeline=tensor", "data=imagefolder", f"data.root={root}", "recipe.batch_size=4"),
+            DistInfo(),
+        )
 
 
 def test_both_pipelines_train_the_default_model(tiny_cfg, tmp_path):
-    results = {pipeline: train(tiny_cfg(f"train.pipeline={pipeline}", "model.kwargs.depth=4",
-                                        "schedule.epochs=5", "schedule.stage_starts=[0,1,2]"), tmp_path / pipeline)
-               for pipeline in ("tensor", "pil")}
+    results = {
+        pipeline: train(
+            tiny_cfg(
+                f"train.pipeline={pipeline}",
+                "model.kwargs.depth=4",
+                "schedule.epochs=5",
+                "schedule.stage_starts=[0,1,2]",
+            ),
+            tmp_path / pipeline,
+        )
+        for pipeline in ("tensor", "pil")
+    }
     # 10 classes: a broken model or pipeline stays near 0.10; five epochs gave 0.29-0.40 over seeds 0-2, both pipelines
     for summary in results.values():
         assert summary.status == "completed" and summary.final_top1 > 0.2
@@ -102,13 +115,21 @@ def test_loader_settings_follow_the_pipeline_the_device_and_the_cores(monkeypatc
     assert run.loader_settings("auto", "tensor", cuda, 1) == {"num_workers": 0, "pin_memory": True}
     assert run.loader_settings("auto", "pil", cpu, 1) == {"num_workers": 0, "pin_memory": False}
     monkeypatch.setattr(run, "available_cores", lambda: 32)
-    assert run.loader_settings("auto", "pil", cuda, 4) == {"num_workers": 7, "pin_memory": True,
-                                                          "persistent_workers": True, "prefetch_factor": 4}
+    assert run.loader_settings("auto", "pil", cuda, 4) == {
+        "num_workers": 7,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+    }
     assert run.loader_settings("auto", "pil", cuda, 1)["num_workers"] == 16  # capped
     monkeypatch.setattr(run, "available_cores", lambda: 2)
     assert run.loader_settings("auto", "pil", cuda, 8)["num_workers"] == 1  # never none on a GPU
-    assert run.loader_settings(3, "tensor", cpu, 1) == {"num_workers": 3, "pin_memory": False,
-                                                         "persistent_workers": True, "prefetch_factor": 2}
+    assert run.loader_settings(3, "tensor", cpu, 1) == {
+        "num_workers": 3,
+        "pin_memory": False,
+        "persistent_workers": True,
+        "prefetch_factor": 2,
+    }
 
 
 def test_an_image_folder_trains_on_the_pil_path_with_persistent_workers(tiny_cfg, tmp_path, caplog):
@@ -118,8 +139,10 @@ def test_an_image_folder_trains_on_the_pil_path_with_persistent_workers(tiny_cfg
 
     root = write_image_folder(tmp_path / "imgs")
     with caplog.at_level(logging.INFO):
-        summary = train(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.batch_size=4", "train.workers=1"),
-                        tmp_path / "run")
+        summary = train(
+            tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.batch_size=4", "train.workers=1"),
+            tmp_path / "run",
+        )
     assert summary.status == "completed" and summary.epochs == 2
     assert "training images: pil pipeline" in caplog.text
     assert "data loading: 1 worker(s), persistent, prefetch 2" in caplog.text
@@ -128,8 +151,9 @@ def test_an_image_folder_trains_on_the_pil_path_with_persistent_workers(tiny_cfg
 def test_the_tensor_pipeline_gives_the_default_run_the_images_of_timms_pil_path(monkeypatch):
     """The default run's images (digits, bicubic, the model's normalisation), cropped by the same boxes: the tensor
     pipeline and timm's PIL train transform agree to within a level or two of 8 bits (the bicubic kernels differ)."""
-    import toe.augment as augment
     from conftest import compose_cfg
+
+    import toe.augment as augment
     from toe.data import build_datasets, build_transforms
     from toe.run import create_model, model_data_config
 
@@ -143,10 +167,20 @@ def test_the_tensor_pipeline_gives_the_default_run_the_images_of_timms_pil_path(
     torch.manual_seed(0)
     boxes = random_resized_crop_boxes(128, 32, 32, crop.scale, crop.ratio)
     monkeypatch.setattr(augment, "random_resized_crop_boxes", lambda *args, **kwargs: boxes)
-    tensor = BatchAugment(32, crop.scale, crop.ratio, 0.0, data_config["interpolation"], data_config["mean"],
-                          data_config["std"])(images)
-    pil = torch.stack([normalise(to_tensor(TF.resized_crop(train_set.images[i], *[int(v) for v in boxes[i]],
-                                                              [32, 32], interpolation=crop.interpolation)))
-                       for i in range(128)])
+    tensor = BatchAugment(
+        32, crop.scale, crop.ratio, 0.0, data_config["interpolation"], data_config["mean"], data_config["std"]
+    )(images)
+    pil = torch.stack(
+        [
+            normalise(
+                to_tensor(
+                    TF.resized_crop(
+                        train_set.images[i], *[int(v) for v in boxes[i]], [32, 32], interpolation=crop.interpolation
+                    )
+                )
+            )
+            for i in range(128)
+        ]
+    )
     levels = (tensor - pil).abs() * 255 * data_config["std"][0]
     assert levels.mean() < 1.0 and levels.max() <= 8.0

@@ -4,7 +4,8 @@ import pytest
 
 from toe.cli.bench import main
 
-# FLOPs derived from the official token schedules: (full, stage 1, stage 2, epoch-avg) as "linear-only / incl. attn", forward GMACs.
+# FLOPs derived from the official token schedules: (full, stage 1, stage 2, epoch-avg) as
+# "linear-only / incl. attn", forward GMACs.
 REFERENCE_TABLE = [
     ((1.075, 1.254), (0.598, 0.654), (0.836, 0.944), (0.836, 0.951)),
     ((4.241, 4.599), (2.334, 2.446), (3.287, 3.502), (3.287, 3.516)),
@@ -16,8 +17,17 @@ REFERENCE_TABLE = [
     ((4.241, 4.599), None, None, (2.375, 2.511)),
     ((4.706, 5.183), (2.096, 2.198), (3.379, 3.625), (3.394, 3.669)),
 ]
-REFERENCE_RATIOS = [(1.29, 1.32), (1.29, 1.31), (1.29, 1.30), (1.41, 1.44), (1.53, 1.59), (1.78, 1.87), (1.53, 1.56),
-                    (1.79, 1.83), (1.39, 1.41)]
+REFERENCE_RATIOS = [
+    (1.29, 1.32),
+    (1.29, 1.31),
+    (1.29, 1.30),
+    (1.41, 1.44),
+    (1.53, 1.59),
+    (1.78, 1.87),
+    (1.53, 1.56),
+    (1.79, 1.83),
+    (1.39, 1.41),
+]
 
 
 def test_flops_table_reproduces_the_reference_to_three_digits(tmp_path, capsys):
@@ -38,11 +48,41 @@ def test_flops_table_reproduces_the_reference_to_three_digits(tmp_path, capsys):
 
 def test_op_bench_checks_selections_against_the_reference(tmp_path, capsys):
     out = tmp_path / "op.json"
-    main(["--json", str(out), "op", "--dims", "192", "--batch", "4", "--repeats-k", "1", "4", "--share-dims", "192",
-          "--step-batch", "2", "--warmup", "0", "--repeats", "2", "--ref-repeats", "1", "--step-repeats", "1"])
+    main(
+        [
+            "--json",
+            str(out),
+            "op",
+            "--dims",
+            "192",
+            "--batch",
+            "4",
+            "--repeats-k",
+            "1",
+            "4",
+            "--share-dims",
+            "192",
+            "--step-batch",
+            "2",
+            "--warmup",
+            "0",
+            "--repeats",
+            "2",
+            "--ref-repeats",
+            "1",
+            "--step-repeats",
+            "1",
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["k"], r["stage"], r["tokens"]) for r in rows] == [(1, 1, 99), (1, 2, 148), (1, 3, 197),
-                                                                (4, 1, 99), (4, 2, 148), (4, 3, 197)]
+    assert [(r["k"], r["stage"], r["tokens"]) for r in rows] == [
+        (1, 1, 99),
+        (1, 2, 148),
+        (1, 3, 197),
+        (4, 1, 99),
+        (4, 2, 148),
+        (4, 3, 197),
+    ]
     assert all(r["same_selection"] for r in rows)
     assert all(r["op_ms"] > 0 and r["ref_ms"] > 0 for r in rows)
     assert all(0 < r["op_share_of_step"] < 1 for r in rows if r["stage"] < 3)
@@ -51,8 +91,23 @@ def test_op_bench_checks_selections_against_the_reference(tmp_path, capsys):
 
 def test_step_bench_reports_flop_ratios_and_the_schedule_projection(tmp_path):
     out = tmp_path / "step.json"
-    main(["--json", str(out), "step", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch", "2",
-          "--warmup", "0", "--repeats", "1"])
+    main(
+        [
+            "--json",
+            str(out),
+            "step",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--img-size",
+            "64",
+            "--batch",
+            "2",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["stage"] for r in rows] == [0, 1, 2, 3, "schedule"]
     assert [r["tokens"] for r in rows[:4]] == [17, 9, 13, 17]
@@ -71,7 +126,8 @@ def test_e2e_bench_times_loader_step_and_loop_of_a_real_run_per_stage(tmp_path, 
     assert [(r["stage"], r["tokens"]) for r in rows] == [(0, 65), (1, 33), (2, 49), (3, 65)]
     for row in rows:
         assert row["loader_img_per_s"] > 0 and row["step_img_per_s"] > 0 and row["loop_img_per_s"] > 0
-        assert row["bound_by"] == ("loader" if row["loader_img_per_s"] < row["step_img_per_s"] else "step")
+        # the tensor pipeline's loader only indexes memory: many times faster than the step, which bounds the loop
+        assert row["loader_img_per_s"] > 3 * row["step_img_per_s"] and row["bound_by"] == "step"
     assert rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > rows[3]["flop_ratio"] == 1.0
     assert "bound_by" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
@@ -104,11 +160,28 @@ def test_capacity_bench_times_real_jpeg_decoding_and_augmentation_and_counts_cor
 def test_step_bench_has_rows_for_patchdropout_and_tome_at_toes_flops(tmp_path):
     out = tmp_path / "step.json"
     methods = ("toe", "patchdropout", "tome", "tome-noprop")
-    main(["--json", str(out), "step", "--model", "deit_tiny_patch16_224", "--img-size", "128", "--batch", "2",
-          "--warmup", "0", "--repeats", "1", "--methods", *methods])
+    main(
+        [
+            "--json",
+            str(out),
+            "step",
+            "--model",
+            "deit_tiny_patch16_224",
+            "--img-size",
+            "128",
+            "--batch",
+            "2",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--methods",
+            *methods,
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["stage"]) for r in rows] == [(m, s) for m in methods for s in (0, 1, 2, 3, "schedule")]
-    by_method = {m: rows[5 * i:5 * i + 5] for i, m in enumerate(methods)}
+    by_method = {m: rows[5 * i : 5 * i + 5] for i, m in enumerate(methods)}
     toe_rows = by_method["toe"]
     assert [r["tokens"] for r in toe_rows[:4]] == [65, 33, 49, 65]  # ToE: 32 and 48 of 64 patches after block 1
     for method in methods[1:]:
@@ -144,8 +217,10 @@ def test_train_bench_alternates_two_whole_runs_each_as_it_trains_alone(tiny_cfg,
     assert ratios["flop_ratio"] == result["runs"][1]["train_flops"] / result["runs"][0]["train_flops"] > 1.1
     assert ratios["train_speedup"] == result["runs"][1]["train_seconds"] / result["runs"][0]["train_seconds"]
     printed = capsys.readouterr().out
-    assert "against the same with method=baseline" in printed and f"train speed-up {ratios['train_speedup']:.3f}x" \
-        in printed
+    assert (
+        "against the same with method=baseline" in printed
+        and f"train speed-up {ratios['train_speedup']:.3f}x" in printed
+    )
 
 
 def test_train_bench_refuses_runs_of_different_lengths_in_one_line(capsys):

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_RUN
 from hydra import compose, initialize_config_module
 
-from conftest import TINY_RUN
 from toe.schema import ConfigError, compose_error_line, is_compose_error, validate
 
 # (overrides, what the one-line refusal must contain). Each is composed as toe-train composes it and checked by
@@ -23,8 +23,10 @@ BAD_CONFIGS = [
     (["model.name=nope_model"], "model.name=nope_model: not one of timm's models"),
     (["model.kwargs.embed_dim=-8"], "model.kwargs.embed_dim=-8: timm cannot build the model"),
     (["model.kwargs.depth=nope"], "model.kwargs.depth=nope: timm cannot build the model"),
-    (["method=efficienttrain", "schedule.epochs=10", "+model.kwargs.dynamic_img_size=true"],
-     "model.kwargs.dynamic_img_size=True: method=efficienttrain sets it itself"),
+    (
+        ["method=efficienttrain", "schedule.epochs=10", "+model.kwargs.dynamic_img_size=true"],
+        "model.kwargs.dynamic_img_size=True: method=efficienttrain sets it itself",
+    ),
     (["recipe.sched=plateau"], "recipe.sched=plateau: expected one of"),
     (["recipe.mixup=0.8", "recipe.batch_size=63"], "recipe.batch_size=63 with recipe.mixup=0.8"),
     (["recipe.scale=[1.0,0.5]"], "recipe.scale=[1.0,0.5]: the crop's area share as [low, high]"),
@@ -98,13 +100,24 @@ def test_a_bad_config_is_refused_in_one_line_naming_the_key(overrides, message):
     assert message in line and "\n" not in line, line
 
 
-@pytest.mark.parametrize("overrides", [
-    [], ["method=baseline"], ["toe=r0.3"], ["model=lvvit_cpu"], ["recipe=deit"], ["train.progress=true"],
-    ["schedule=hyper", "schedule.epochs=30"], ["+model.kwargs.qkv_bias=false"], ["experiments=table1_deit", "data=digits"],
-    # a run without stages has no stage split to fit into its epochs
-    ["method=baseline", "schedule.epochs=2"], ["method=baseline", "schedule.epochs=1"],
-    ["model.patch_size=16"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["method=baseline"],
+        ["toe=r0.3"],
+        ["model=lvvit_cpu"],
+        ["recipe=deit"],
+        ["train.progress=true"],
+        ["schedule=hyper", "schedule.epochs=30"],
+        ["+model.kwargs.qkv_bias=false"],
+        ["experiments=table1_deit", "data=digits"],
+        # a run without stages has no stage split to fit into its epochs
+        ["method=baseline", "schedule.epochs=2"],
+        ["method=baseline", "schedule.epochs=1"],
+        ["model.patch_size=16"],
+    ],
+)
 def test_good_configs_are_accepted(overrides):
     assert refusal(overrides) is None
 
@@ -123,8 +136,10 @@ def test_the_operator_settings_are_their_own_group():
 
 def test_recipes_share_the_deit_base_and_keep_their_own_values():
     with initialize_config_module(config_module="toe.conf", version_base="1.3"):
-        recipes = {name: compose(config_name="train", overrides=[f"recipe={name}"]).recipe
-                   for name in ("deit", "cpu", "lvvit", "efficienttrain", "finetune_cifar")}
+        recipes = {
+            name: compose(config_name="train", overrides=[f"recipe={name}"]).recipe
+            for name in ("deit", "cpu", "lvvit", "efficienttrain", "finetune_cifar")
+        }
     assert recipes["deit"].lr == 5e-4 and recipes["deit"].mixup == 0.8 and recipes["deit"].ema_decay == 0.99996
     assert recipes["lvvit"].lr == 1.6e-3 and recipes["lvvit"].mixup == 0.0 and recipes["lvvit"].opt == "adamw"
     assert recipes["efficienttrain"].batch_size == 4096 and recipes["efficienttrain"].ema is False
@@ -132,15 +147,22 @@ def test_recipes_share_the_deit_base_and_keep_their_own_values():
     assert recipes["cpu"].batch_size == 64 and recipes["cpu"].hflip == 0.0 and recipes["cpu"].weight_decay == 0.05
 
 
-@pytest.mark.parametrize("override, message", [
-    ("schedule.epochs=abc", "schedule.epochs=abc"),  # refused by Hydra while composing
-    ("recipe.batch_size=0", "recipe.batch_size=0"),  # refused by validate()
-    ("model=nope", "model/nope"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.epochs=abc", "schedule.epochs=abc"),  # refused by Hydra while composing
+        ("recipe.batch_size=0", "recipe.batch_size=0"),  # refused by validate()
+        ("model=nope", "model/nope"),
+    ],
+)
 def test_the_command_line_refuses_in_one_line_without_a_traceback_before_training(tmp_path, override, message):
-    proc = subprocess.run([sys.executable, "-m", "toe.cli.train", "logger=none", override,
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "toe.cli.train", "logger=none", override, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert message in output and "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
@@ -152,8 +174,21 @@ def test_the_command_line_refuses_in_one_line_without_a_traceback_before_trainin
 
 
 def test_a_multirun_with_one_bad_job_starts_no_job_and_names_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "toe.cli.train", "-m", "logger=none", "recipe.lr=1e-3,-1",
-                           f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toe.cli.train",
+            "-m",
+            "logger=none",
+            "recipe.lr=1e-3,-1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "the command line: job 1 (logger=none recipe.lr=-1): recipe.lr=-1.0: must be > 0" in output

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose_cfg
+
 from toe.curriculum import build_phases, fourier_crop, phase_at
 from toe.flops import ViTShape, schedule_average_macs
 from toe.schema import build_expansion_schedule as build_schedule
@@ -33,18 +33,25 @@ def test_official_phases_give_resolution_magnitude_and_accumulation_per_epoch():
     cfg = compose_cfg(["method=efficienttrain_toe", "schedule=official", "model=deit_small"])
     phases = build_phases(cfg.curriculum, 300, 224, 16)
     assert [(p.start, p.img_size, p.magnitude, p.accumulation) for p in phases] == [
-        (0, 160, 1, 1), (60, 160, 3, 1), (120, 160, 5, 1), (180, 192, 7, 1), (240, 224, 9, 2)]
+        (0, 160, 1, 1),
+        (60, 160, 3, 1),
+        (120, 160, 5, 1),
+        (180, 192, 7, 1),
+        (240, 224, 9, 2),
+    ]
     sizes = [phase_at(phases, e).img_size for e in range(300)]
     assert sizes == [160] * 180 + [192] * 60 + [224] * 60
 
 
 def test_et_toe_token_counts_per_epoch_follow_resolution_and_global_stage():
-    """ET_training.py's global-epoch stages: 0-99 60/100, 100-179 80/100, 180-199 114/144, 200-239 all 144, 240-299 all 196."""
+    """ET_training.py's global-epoch stages: 0-99 60/100, 100-179 80/100, 180-199 114/144, 200-239 all 144,
+    240-299 all 196."""
     cfg = compose_cfg(["method=efficienttrain_toe", "schedule=official", "model=deit_small"])
     sched, phases = build_schedule(cfg), build_phases(cfg.curriculum, 300, 224, 16)
     kept = [sched.kept_tokens((phase_at(phases, e).img_size // 16) ** 2, sched.stage_at(e)) for e in range(300)]
     assert kept == [60] * 100 + [80] * 80 + [114] * 20 + [144] * 40 + [196] * 60
-    # and the schedule-averaged FLOPs of the official schedule (DeiT-S, ET + ToE: 2.375 linear-only, 2.511 with attention)
+    # and the schedule-averaged FLOPs of the official schedule (DeiT-S, ET + ToE: 2.375 linear-only, 2.511 with
+    # attention)
     phases_epochs = [(p2.start - p1.start, p1.img_size) for p1, p2 in zip(phases, phases[1:])]
     phases_epochs.append((300 - phases[-1].start, phases[-1].img_size))
     shape = ViTShape.deit(384)
@@ -54,8 +61,9 @@ def test_et_toe_token_counts_per_epoch_follow_resolution_and_global_stage():
 
 # 5 epochs: phases start at 0, 1, 2, 3, 4 (24, 24, 24, 28, 32 px = 36, 36, 36, 49, 64 patches); ToE stages at
 # 0, 2, 3 (0/100/200 of 300), the last one full.
-@pytest.mark.parametrize("method, tokens", [("efficienttrain_toe", [21, 21, 28, 50, 65]),
-                                            ("efficienttrain", [37, 37, 37, 50, 65])])
+@pytest.mark.parametrize(
+    "method, tokens", [("efficienttrain_toe", [21, 21, 28, 50, 65]), ("efficienttrain", [37, 37, 37, 50, 65])]
+)
 def test_efficienttrain_runs_through_every_phase(tmp_path, method, tokens):
     cfg = compose_cfg(["logger=none", f"method={method}", "schedule.epochs=5", "model.kwargs.depth=2"])
     summary = train(cfg, tmp_path)

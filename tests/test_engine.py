@@ -12,14 +12,20 @@ from toe.engine import StepConfig, train_one_epoch
 
 def _batches(count: int):
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(4, 3, generator=generator), torch.randint(0, 2, (4,), generator=generator))
-            for _ in range(count)]
+    return [
+        (torch.randn(4, 3, generator=generator), torch.randint(0, 2, (4,), generator=generator)) for _ in range(count)
+    ]
 
 
 def _step(model: torch.nn.Module, accumulation: int) -> StepConfig:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return StepConfig(torch.nn.CrossEntropyLoss(), optimizer, StepLRScheduler(optimizer, decay_t=1000),
-                      torch.device("cpu"), accumulation=accumulation)
+    return StepConfig(
+        torch.nn.CrossEntropyLoss(),
+        optimizer,
+        StepLRScheduler(optimizer, decay_t=1000),
+        torch.device("cpu"),
+        accumulation=accumulation,
+    )
 
 
 def test_an_odd_batch_count_steps_its_trailing_window_with_the_loss_of_its_own_size():
@@ -76,7 +82,7 @@ def test_evaluation_counts_top1_and_top5_as_timm_does_over_uneven_batches():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
     inputs, targets = torch.randn(50, 3, 2, 2), torch.randint(0, 7, (50,))
-    batches = [(inputs[i:i + 16], targets[i:i + 16]) for i in range(0, 50, 16)]  # 16, 16, 16, 2
+    batches = [(inputs[i : i + 16], targets[i : i + 16]) for i in range(0, 50, 16)]  # 16, 16, 16, 2
     top1, top5 = evaluate(model, batches, torch.device("cpu"))
     expected1, expected5 = accuracy(model(inputs), targets, topk=(1, 5))
     assert top1 == pytest.approx(float(expected1) / 100) and top5 == pytest.approx(float(expected5) / 100)
@@ -89,8 +95,9 @@ def _three_steps(optimizer_fn, recipe_overrides=()):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    recipe = OmegaConf.create(dict({"opt": "adamw", "weight_decay": 0.05, "momentum": 0.9, "opt_eps": 1e-8},
-                                   **dict(recipe_overrides)))
+    recipe = OmegaConf.create(
+        dict({"opt": "adamw", "weight_decay": 0.05, "momentum": 0.9, "opt_eps": 1e-8}, **dict(recipe_overrides))
+    )
     optimizer = optimizer_fn(model, recipe)
     inputs, targets = _batches(1)[0][0].repeat(1, 2), torch.tensor([0, 1, 2, 1])
     for _ in range(3):
@@ -106,8 +113,9 @@ def test_adamw_runs_torchs_fused_kernel_on_cpu_with_the_same_update_and_other_op
     from toe.run import create_optimizer
 
     fused_model, fused = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2))
-    plain_model, plain = _three_steps(lambda m, r: create_optimizer_v2(
-        m, opt=r.opt, lr=1e-2, weight_decay=r.weight_decay, eps=r.opt_eps))
+    plain_model, plain = _three_steps(
+        lambda m, r: create_optimizer_v2(m, opt=r.opt, lr=1e-2, weight_decay=r.weight_decay, eps=r.opt_eps)
+    )
     try:  # torch has a fused AdamW on CPU from 2.4
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
         cpu_kernel = True

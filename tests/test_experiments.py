@@ -16,8 +16,9 @@ SMOKE_COLLAPSED = {"model", "recipe", "data", "logger", "seed"}  # smoke=on swee
 
 
 def _toe_train(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "toe.cli.train", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "toe.cli.train", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _smoke_jobs(name: str) -> int:
@@ -26,9 +27,21 @@ def _smoke_jobs(name: str) -> int:
 
 
 def test_every_experiment_is_a_multirun_with_its_own_task_name():
-    assert {"table1_deit", "table2_consistency", "table3_lvvit", "table4_efficienttrain", "finetune_cifar", "ablation_init", "ablation_expand", "ablation_merge",
-            "ablation_distance", "ablation_repeats", "ablation_keep_rates", "ablation_stage_split",
-            "compare_token_reduction"} <= set(EXPERIMENTS)
+    assert {
+        "table1_deit",
+        "table2_consistency",
+        "table3_lvvit",
+        "table4_efficienttrain",
+        "finetune_cifar",
+        "ablation_init",
+        "ablation_expand",
+        "ablation_merge",
+        "ablation_distance",
+        "ablation_repeats",
+        "ablation_keep_rates",
+        "ablation_stage_split",
+        "compare_token_reduction",
+    } <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
         assert spec["task_name"] == name and spec["hydra"]["mode"] == "MULTIRUN"
@@ -67,9 +80,11 @@ def test_a_sweep_missing_a_value_stops_before_any_job_and_names_the_file(tmp_pat
 def test_a_typo_in_an_experiment_file_stops_before_any_job_and_names_file_and_key(tmp_path):
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "typo.yaml").write_text(
-        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      toe.mergee: mean,drop\n")
-    proc = _toe_train("--config-dir", str(tmp_path), "experiments=typo", "smoke=on",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      toe.mergee: mean,drop\n"
+    )
+    proc = _toe_train(
+        "--config-dir", str(tmp_path), "experiments=typo", "smoke=on", f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-2000:]
     assert "experiments/typo.yaml" in output and "toe.mergee" in output
@@ -98,8 +113,9 @@ def test_a_schedule_that_cannot_work_stops_the_sweep_before_any_job(tmp_path):
 
 
 def test_a_plain_multirun_is_checked_before_it_starts_too(tmp_path):
-    proc = _toe_train("-m", "method=baseline,toe", "schedule=official", "schedule.epochs=2",
-                      f"hydra.sweep.dir={tmp_path}")
+    proc = _toe_train(
+        "-m", "method=baseline,toe", "schedule=official", "schedule.epochs=2", f"hydra.sweep.dir={tmp_path}"
+    )
     assert proc.returncode == 2
     assert "the command line" in proc.stdout + proc.stderr and "not strictly increasing" in proc.stdout + proc.stderr
     assert not (tmp_path / "0").exists()
@@ -107,8 +123,13 @@ def test_a_plain_multirun_is_checked_before_it_starts_too(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_status_lists_failed_runs_and_exits_non_zero(tmp_path, capsys):
-    proc = _toe_train("experiments=ablation_merge", "smoke=on", "toe.merge=mean", "recipe.batch_size=64,4096",
-                      f"hydra.sweep.dir={tmp_path}")
+    proc = _toe_train(
+        "experiments=ablation_merge",
+        "smoke=on",
+        "toe.merge=mean",
+        "recipe.batch_size=64,4096",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert proc.returncode != 0  # Hydra re-raises the failed job after running the others
     runs = {next(o for o in r.overrides if o.startswith("recipe.batch_size")): r for r in sweep_runs(tmp_path)}
     assert runs["recipe.batch_size=64"].state == "completed"
@@ -124,8 +145,13 @@ def test_sweep_status_lists_failed_runs_and_exits_non_zero(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_smoke_experiment(tmp_path):
-    proc = _toe_train("experiments=ablation_merge", "smoke=on", "hydra/launcher=submitit_local",
-                      "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}")
+    proc = _toe_train(
+        "experiments=ablation_merge",
+        "smoke=on",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sweep_runs(tmp_path)
     assert len(runs) == 2 and all(r.state == "completed" for r in runs)

@@ -1,7 +1,6 @@
 """Faults on real runs: a resume with another config, a cut checkpoint, two processes on one run dir, signals, a
 full disk. Each ends with no good result lost, every record true, and one line saying what happened."""
 
-import errno
 import json
 import os
 import signal
@@ -18,12 +17,14 @@ import torch
 from toe.checkpoint import CheckpointUnreadable
 from toe.lock import LOCK_FILE, RunDirBusy
 from toe.record import StartRefused
-from toe.train import DiskFull, train
+from toe.train import train
 
 
 def _files(run_dir: Path):
-    return {name: (run_dir / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.jsonl",
-                                                              "checkpoint.pth")}
+    return {
+        name: (run_dir / name).read_bytes()
+        for name in ("summary.json", "config.yaml", "metrics.jsonl", "checkpoint.pth")
+    }
 
 
 def _summary(run_dir: Path):
@@ -52,9 +53,9 @@ def test_a_resume_allowed_to_change_goes_on_and_the_record_says_where(tiny_cfg, 
     train(tiny_cfg("schedule.epochs=1"), tmp_path)
     summary = train(tiny_cfg("schedule.epochs=2", "recipe.lr=1e-3", "resume.allow_changes=true"), tmp_path)
     assert summary.status == "completed" and summary.epochs == 2 and _epochs(tmp_path) == [0, 1]
-    assert summary.config_changes == [{"epoch": 1, "changes": {"recipe.lr": [0.002, 0.001],
-                                                                  "schedule.epochs": [1, 2],
-                                                                  "schedule.length": [1, 2]}}]
+    assert summary.config_changes == [
+        {"epoch": 1, "changes": {"recipe.lr": [0.002, 0.001], "schedule.epochs": [1, 2], "schedule.length": [1, 2]}}
+    ]
 
 
 def test_rerunning_a_completed_run_changes_nothing(tiny_cfg, tmp_path):
@@ -70,7 +71,9 @@ def test_a_cut_checkpoint_falls_back_to_the_previous_one_and_the_run_finishes(ti
     assert torch.load(tmp_path / "checkpoint.prev.pth", weights_only=True)["epoch"] == 1
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=3", "resume.allow_changes=true"), tmp_path)
-    assert "checkpoint.pth is unreadable" in caplog.text and "resuming from checkpoint.prev.pth (epoch 1)" in caplog.text
+    assert (
+        "checkpoint.pth is unreadable" in caplog.text and "resuming from checkpoint.prev.pth (epoch 1)" in caplog.text
+    )
     assert summary.status == "completed" and _epochs(tmp_path) == [0, 1, 2] and summary.resumed_at == [1]
 
 
@@ -96,7 +99,9 @@ def test_two_cut_checkpoints_are_named_in_one_line_and_the_record_is_untouched(t
     for name in ("checkpoint.pth", "checkpoint.prev.pth"):
         (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:1000])
     before = _files(tmp_path)
-    with pytest.raises(CheckpointUnreadable, match="checkpoint.pth cannot be resumed from .*move it aside to start over"):
+    with pytest.raises(
+        CheckpointUnreadable, match="checkpoint.pth cannot be resumed from .*move it aside to start over"
+    ):
         train(tiny_cfg(), tmp_path)
     assert _files(tmp_path) == before
 
@@ -105,8 +110,9 @@ def test_a_run_dir_held_by_a_live_process_is_refused_naming_it(tiny_cfg, tmp_pat
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         tmp_path.mkdir(exist_ok=True)
-        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                      "slurm_job_id": None, "since": "then"}))
+        (tmp_path / LOCK_FILE).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": holder.pid, "slurm_job_id": None, "since": "then"})
+        )
         with pytest.raises(RunDirBusy, match=f"in use by PID {holder.pid} on {socket.gethostname()}"):
             train(tiny_cfg(), tmp_path)
         assert not (tmp_path / "summary.json").exists()
@@ -119,8 +125,9 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_said(tiny_cfg, tmp_path
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
-                                                  "slurm_job_id": None, "since": "then"}))
+    (tmp_path / LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": gone.pid, "slurm_job_id": None, "since": "then"})
+    )
     assert train(tiny_cfg(), tmp_path).status == "completed"
     assert f"PID {gone.pid} on {socket.gethostname()}, which is no longer running" in caplog.text
     assert not (tmp_path / LOCK_FILE).exists()  # released at the end
@@ -133,8 +140,9 @@ def small_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); CI runs as root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode:
         pytest.skip(f"this machine does not allow mounting a tmpfs: {proc.stderr.strip()}")
     yield mount
@@ -162,8 +170,18 @@ def test_a_full_disk_ends_the_run_in_one_line_with_true_records_and_a_rerun_resu
 
 
 def _cli(run_dir: Path, *extra):
-    return [sys.executable, "-m", "toe.cli.train", "logger=none", "schedule.epochs=3", "schedule.length=3",
-            "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=2", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "toe.cli.train",
+        "logger=none",
+        "schedule.epochs=3",
+        "schedule.length=3",
+        "schedule.stage_starts=[0,1,2]",
+        "model.kwargs.depth=2",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def _wait_for(path: Path, timeout: float = 240) -> None:
@@ -203,10 +221,24 @@ def test_a_second_process_on_a_running_dir_is_refused_and_the_record_stays_whole
 
 
 def _sweep(sweep_dir: Path, env):
-    return subprocess.Popen([sys.executable, "-m", "toe.cli.train", "-m", "logger=none", "seed=0,1,2",
-                             "schedule.epochs=2", "schedule.length=2", "schedule.stage_starts=[0,1,2]",
-                             "model.kwargs.depth=2", f"hydra.sweep.dir={sweep_dir}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "toe.cli.train",
+            "-m",
+            "logger=none",
+            "seed=0,1,2",
+            "schedule.epochs=2",
+            "schedule.length=2",
+            "schedule.stage_starts=[0,1,2]",
+            "model.kwargs.depth=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -221,8 +253,9 @@ def test_sweep_retry_finishes_a_sweep_with_a_killed_and_a_failed_job_into_the_cl
     broken = tmp_path / "broken"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # job 1's dir is held: it fails
     (broken / "1").mkdir(parents=True)
-    (broken / "1" / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                      "slurm_job_id": None, "since": "then"}))
+    (broken / "1" / LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": holder.pid, "slurm_job_id": None, "since": "then"})
+    )
     sweep = _sweep(broken, env)
     _wait_for(broken / "2" / "checkpoint.pth")
     sweep.kill()  # job 2 is killed mid-run
@@ -255,23 +288,27 @@ def test_sweep_retry_finishes_a_sweep_with_a_killed_and_a_failed_job_into_the_cl
 def test_a_schedule_whose_last_stage_never_starts_says_so_in_the_record(tiny_cfg, tmp_path, caplog):
     from analysis.collect import collect
 
-    summary = train(tiny_cfg("schedule.epochs=3", "schedule.length=300", "schedule.stage_starts=[0,100,400]"),
-                    tmp_path / "run")
+    summary = train(
+        tiny_cfg("schedule.epochs=3", "schedule.length=300", "schedule.stage_starts=[0,100,400]"), tmp_path / "run"
+    )
     assert summary.status == "completed" and summary.unreached_stages == [3]
     assert "never run" in caplog.text
     assert "stage(s) [3] never ran" in collect(tmp_path).runs.iloc[0]["flag"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["step", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
-    (["step", "--keep-rates", "0.5", "1.5"], "argument --keep-rates: 1.5 must be > 0 and <= 1"),
-    (["step", "--keep-rates", "0.75", "0.5", "1.0"], "keep_rates must be strictly increasing"),
-    (["step", "--stage-starts", "0", "100", "400", "--epochs", "300"], "the last stage starts after --epochs"),
-    (["--device", "cuda:99", "flops"], "argument --device: "),
-    (["--device", "tpu", "flops"], "argument --device: "),
-    (["op", "--batch", "-4"], "argument --batch: -4 must be >= 1"),
-    (["flops", "--table", "/nonexistent.yaml"], "--table /nonexistent.yaml: no such file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["step", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+        (["step", "--keep-rates", "0.5", "1.5"], "argument --keep-rates: 1.5 must be > 0 and <= 1"),
+        (["step", "--keep-rates", "0.75", "0.5", "1.0"], "keep_rates must be strictly increasing"),
+        (["step", "--stage-starts", "0", "100", "400", "--epochs", "300"], "the last stage starts after --epochs"),
+        (["--device", "cuda:99", "flops"], "argument --device: "),
+        (["--device", "tpu", "flops"], "argument --device: "),
+        (["op", "--batch", "-4"], "argument --batch: -4 must be >= 1"),
+        (["flops", "--table", "/nonexistent.yaml"], "--table /nonexistent.yaml: no such file"),
+    ],
+)
 def test_toe_bench_refuses_bad_flags_in_one_line(argv, message, capsys):
     from toe.cli.bench import main
 
@@ -320,8 +357,9 @@ def test_a_run_of_an_earlier_toe_resumes_despite_keys_added_since(tiny_cfg, tmp_
     assert summary.status == "completed" and summary.epochs == 2 and summary.config_changes == []
     assert summary.resumed_at == [1]
     # a switched-on method still counts
-    assert "patch_dropout.enabled" in config_changes(config, dict(config, patch_dropout={"enabled": True,
-                                                                                         "keep_rates": None}))
+    assert "patch_dropout.enabled" in config_changes(
+        config, dict(config, patch_dropout={"enabled": True, "keep_rates": None})
+    )
 
 
 def test_a_model_keyword_the_checkpoint_lacks_is_a_change(tiny_cfg, tmp_path):
@@ -333,6 +371,7 @@ def test_a_model_keyword_the_checkpoint_lacks_is_a_change(tiny_cfg, tmp_path):
 def _interrupt_after_first_checkpoint(run_dir: Path) -> threading.Thread:
     """SIGTERM to this process once the run's first checkpoint is written: the run ends interrupted, as a
     scheduler's preemption ends it."""
+
     def watch():
         deadline = time.time() + 240
         while time.time() < deadline and not (run_dir / "checkpoint.pth").exists():
@@ -344,12 +383,16 @@ def _interrupt_after_first_checkpoint(run_dir: Path) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("pipeline, resumed_with", [
-    ("tensor", ["train.eval_every=3", "train.workers=1", "train.progress=true"]),
-    ("pil", ["train.eval_every=2", "train.workers=2"]),
-])
-def test_a_resume_with_other_resumable_keys_trains_exactly_as_the_uninterrupted_run(tiny_cfg, tmp_path, pipeline,
-                                                                                    resumed_with):
+@pytest.mark.parametrize(
+    "pipeline, resumed_with",
+    [
+        ("tensor", ["train.eval_every=3", "train.workers=1", "train.progress=true"]),
+        ("pil", ["train.eval_every=2", "train.workers=2"]),
+    ],
+)
+def test_a_resume_with_other_resumable_keys_trains_exactly_as_the_uninterrupted_run(
+    tiny_cfg, tmp_path, pipeline, resumed_with
+):
     from toe.train import Terminated
 
     run = ("schedule.epochs=4", "schedule.length=4", f"train.pipeline={pipeline}", "data.val_fraction=0.5")

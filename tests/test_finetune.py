@@ -1,9 +1,8 @@
-
 import pytest
 import timm
 import torch
-
 from conftest import write_image_folder
+
 from toe.finetune import CheckpointMismatchError, load_pretrained
 from toe.schema import ConfigError
 from toe.train import train
@@ -37,8 +36,11 @@ def test_position_embedding_is_resampled_for_another_resolution(digits_checkpoin
 
 def test_weights_that_do_not_fit_name_the_mismatched_keys(digits_checkpoint):
     wider = timm.create_model("vit_tiny_patch16_224", num_classes=10, **dict(VIT, embed_dim=96, num_heads=3))
-    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch cls_token: checkpoint \(1, 1, 64\), model "
-                                                      r"\(1, 1, 96\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"shape mismatch cls_token: checkpoint \(1, 1, 64\), model "
+        r"\(1, 1, 96\)",
+    ):
         load_pretrained(wider, digits_checkpoint)
     deeper = timm.create_model("vit_tiny_patch16_224", num_classes=10, **dict(VIT, depth=5))
     with pytest.raises(CheckpointMismatchError, match="missing in checkpoint: blocks.4.norm1.weight"):
@@ -47,9 +49,16 @@ def test_weights_that_do_not_fit_name_the_mismatched_keys(digits_checkpoint):
 
 def test_fine_tuning_run_from_a_digits_checkpoint_on_another_class_count(digits_checkpoint, tiny_cfg, tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"))
-    cfg = tiny_cfg("model.kwargs.depth=4", "finetune=checkpoint", f"finetune.path={digits_checkpoint}",
-                   "data=imagefolder", f"data.root={root}", "recipe.batch_size=6", "schedule.epochs=1",
-                   "method=baseline")
+    cfg = tiny_cfg(
+        "model.kwargs.depth=4",
+        "finetune=checkpoint",
+        f"finetune.path={digits_checkpoint}",
+        "data=imagefolder",
+        f"data.root={root}",
+        "recipe.batch_size=6",
+        "schedule.epochs=1",
+        "method=baseline",
+    )
     summary = train(cfg, tmp_path / "ft")
     assert summary.status == "completed"
     assert torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)["model"]["head.weight"].shape == (3, 64)

@@ -40,9 +40,12 @@ def test_training_returns_cls_dense_and_box_and_eval_combines_them():
     assert cls_logits.shape == (2, 7) and dense.shape == (2, 16, 7) and box == (0, 0, 0, 0)
     model.eval()
     with torch.no_grad():
-        x = model.forward_tokens(model.pos_drop(torch.cat([model.cls_token.expand(2, -1, -1),
-                                                           model.patch_embed(images).flatten(2).transpose(1, 2)], 1)
-                                                + model.pos_embed))
+        x = model.forward_tokens(
+            model.pos_drop(
+                torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(images).flatten(2).transpose(1, 2)], 1)
+                + model.pos_embed
+            )
+        )
         expected = model.head(x[:, 0]) + 0.5 * model.aux_head(x[:, 1:]).max(1)[0]
         torch.testing.assert_close(model(images), expected)
 
@@ -90,7 +93,7 @@ def test_toe_patch_keeps_weights_and_eval_and_restores_zero_padded_positions():
     restored = model.forward_tokens(tokens)
     assert restored.shape == (2, 17, 240)
     kept = LVVIT_SCRIPT.kept_tokens(16, 1)  # 6 of 16 patches (3 seeds + 3 expanded)
-    zero_rows = (restored.abs().sum(-1) == 0)
+    zero_rows = restored.abs().sum(-1) == 0
     assert zero_rows.sum(1).tolist() == [16 - kept] * 2 and not zero_rows[:, 0].any()
     # the non-zero rows are exactly the reduced run, placed at the kept positions
     reduced, index = model.token_expansion(model.blocks[0](tokens))

@@ -27,22 +27,25 @@ def _axis(dim, *hot):
 def test_matching_merges_the_most_similar_tokens_of_a_into_their_partners_in_b():
     # prefix, then patches 0..5: A = patches 0, 2, 4; B = patches 1, 3, 5
     dim = 6
-    tokens = torch.stack([
-        _axis(dim, 5),            # CLS: never merged
-        _axis(dim, 0),            # A0: the same direction as B(patch 3)
-        _axis(dim, 1),            # B0
-        _axis(dim, 2, 3),         # A1: half-way between B1 and B2
-        _axis(dim, 0) * 3,        # B1: A0's partner
-        _axis(dim, 1, 2) * torch.tensor([1, 1, 0.3, 1, 1, 1]),  # A2: near B0's direction, less than A0 to B1
-        _axis(dim, 4),            # B2
-    ]).unsqueeze(0)
+    tokens = torch.stack(
+        [
+            _axis(dim, 5),  # CLS: never merged
+            _axis(dim, 0),  # A0: the same direction as B(patch 3)
+            _axis(dim, 1),  # B0
+            _axis(dim, 2, 3),  # A1: half-way between B1 and B2
+            _axis(dim, 0) * 3,  # B1: A0's partner
+            _axis(dim, 1, 2) * torch.tensor([1, 1, 0.3, 1, 1, 1]),  # A2: near B0's direction, less than A0 to B1
+            _axis(dim, 4),  # B2
+        ]
+    ).unsqueeze(0)
     matching = bipartite_soft_matching(tokens, r=2, num_prefix_tokens=1)
     assert matching.merged.tolist() == [[0, 2]] and matching.into.tolist() == [[1, 0]]
     assert matching.unmerged.tolist() == [[1]]
     merged, size = merge_tokens(tokens, matching)
     assert merged.shape == (1, 5, dim) and size.squeeze(-1).tolist() == [[1, 1, 2, 2, 1]]
-    expected = torch.stack([tokens[0, 0], tokens[0, 3], (tokens[0, 2] + tokens[0, 5]) / 2,
-                            (tokens[0, 4] + tokens[0, 1]) / 2, tokens[0, 6]])
+    expected = torch.stack(
+        [tokens[0, 0], tokens[0, 3], (tokens[0, 2] + tokens[0, 5]) / 2, (tokens[0, 4] + tokens[0, 1]) / 2, tokens[0, 6]]
+    )
     torch.testing.assert_close(merged[0], expected)
     assert merge_destinations(matching).tolist() == [[0, 3, 2, 1, 3, 2, 4]]
 
@@ -211,8 +214,12 @@ def test_planner_matches_patchdropout_and_tome_to_each_toe_stage_within_two_perc
     from toe.plan import match_stages
 
     toe_stages = toe.ExpansionSchedule((0, 100, 200), (0.5, 0.75, 1.0), 0.25)
-    for shape in (ViTShape.deit(192), ViTShape.deit(384), ViTShape.deit(768),
-                  ViTShape(64, 4, 256, 64, 1, 3 * 16 * 64, 10)):  # DeiT-T/S/B, the CPU default
+    for shape in (
+        ViTShape.deit(192),
+        ViTShape.deit(384),
+        ViTShape.deit(768),
+        ViTShape(64, 4, 256, 64, 1, 3 * 16 * 64, 10),
+    ):  # DeiT-T/S/B, the CPU default
         for match in match_stages(shape, toe_stages):
             assert match.merge_macs == pytest.approx(match.toe_macs, rel=0.02)
             assert match.dropout_macs == pytest.approx(match.toe_macs, rel=0.02)
@@ -232,8 +239,9 @@ def test_a_tome_run_records_its_stages_tokens_and_matched_flops(tiny_cfg, tmp_pa
     from toe.schema import ConfigError
     from toe.train import train
 
-    summary = train(tiny_cfg("method=tome", "schedule.epochs=3", "schedule.stage_starts=[0,1,2]",
-                             "model.kwargs.depth=4"), tmp_path)
+    summary = train(
+        tiny_cfg("method=tome", "schedule.epochs=3", "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=4"), tmp_path
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary.method == "tome" and summary.status == "completed"
     shape = ViTShape(64, 4, 256, 64, 1, 3 * 4 * 4 * 64, 10)

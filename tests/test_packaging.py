@@ -19,15 +19,38 @@ def wheel_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     # Built from a copy, so that no build/ folder of the checkout (stale or not) goes into it or is left behind.
     source = root / "source"
-    shutil.copytree(ROOT, source, symlinks=True,
-                    ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "runs", "multirun", ".venv*"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(root / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "runs", "multirun", ".venv*"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next((root / "dist").glob("toe-*.whl"))
     venv.create(root / "env", system_site_packages=True, with_pip=False)
     python = root / "env" / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     empty = root / "empty"
     empty.mkdir()
     return root / "env" / "bin", empty
@@ -37,8 +60,9 @@ def _run(env, *command, timeout=600):
     bin_dir, cwd = env
     environ = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     environ.pop("PYTHONPATH", None)
-    return subprocess.run([str(bin_dir / command[0]), *command[1:]], cwd=cwd, env=environ, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(bin_dir / command[0]), *command[1:]], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -47,8 +71,7 @@ def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_en
     where = _run(wheel_env, "python", "-c", "import toe, toe.conf, analysis; print(toe.__file__)")
     assert where.returncode == 0 and str(bin_dir.parent) in where.stdout, where.stdout + where.stderr
 
-    run = _run(wheel_env, "toe-train", "logger=none", "schedule.epochs=3", "model.kwargs.depth=2",
-               "hydra.run.dir=run")
+    run = _run(wheel_env, "toe-train", "logger=none", "schedule.epochs=3", "model.kwargs.depth=2", "hydra.run.dir=run")
     assert run.returncode == 0, run.stderr[-2000:]
     assert (empty / "run" / "summary.json").exists() and (empty / "run" / "config.yaml").exists()
 
@@ -62,8 +85,14 @@ def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_en
     flops = _run(wheel_env, "toe-bench", "flops")
     assert flops.returncode == 0 and "DeiT-Small, Hyper split" in flops.stdout, flops.stderr[-2000:]
     # the Optuna sweeper is found as a Hydra plugin of the wheel; toe-plan and toe-vis run from it too
-    search = _run(wheel_env, "toe-train", "hparams_search=toe_budget", "smoke=on", "hydra.sweeper.smoke_trials=1",
-                  "hydra.sweep.dir=search")
+    search = _run(
+        wheel_env,
+        "toe-train",
+        "hparams_search=toe_budget",
+        "smoke=on",
+        "hydra.sweeper.smoke_trials=1",
+        "hydra.sweep.dir=search",
+    )
     assert search.returncode == 0 and (empty / "search" / "optuna.db").exists(), search.stderr[-2000:]
     plan = _run(wheel_env, "toe-plan", "--speedup", "1.31")
     assert plan.returncode == 0 and "method=tome" in plan.stdout, plan.stderr[-2000:]
@@ -78,8 +107,14 @@ def test_every_config_group_and_python_package_is_a_package_of_the_wheel():
     import tomllib
 
     packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    groups = {"toe." + ".".join(d.relative_to(ROOT).parts) for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
-              if d.is_dir() and "__pycache__" not in d.parts and "local" not in d.parts}
-    modules = {".".join(p.parent.relative_to(ROOT).parts) for top in ("toe", "analysis", "hydra_plugins")
-               for p in (ROOT / top).rglob("__init__.py")}
+    groups = {
+        "toe." + ".".join(d.relative_to(ROOT).parts)
+        for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
+        if d.is_dir() and "__pycache__" not in d.parts and "local" not in d.parts
+    }
+    modules = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("toe", "analysis", "hydra_plugins")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
     assert groups | modules <= packages, f"add to pyproject.toml's packages: {sorted((groups | modules) - packages)}"

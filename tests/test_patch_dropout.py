@@ -16,8 +16,9 @@ SCHEDULE = KeptRateSchedule((0, 10, 20), (0.5, 0.75, 1.0))
 
 def _vit(**kwargs):
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                             num_classes=10, **kwargs)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10, **kwargs
+    )
 
 
 def test_each_image_keeps_its_own_random_share_of_patches_and_the_class_token():
@@ -84,15 +85,18 @@ def test_kept_rate_schedules_that_cannot_work_are_refused():
 
 
 def test_a_patchdropout_run_records_its_stages_tokens_and_flops(tiny_cfg, tmp_path):
-    summary = train(tiny_cfg("method=patchdropout", "schedule.epochs=3", "schedule.stage_starts=[0,1,2]",
-                             "model.kwargs.depth=4"), tmp_path)
+    summary = train(
+        tiny_cfg("method=patchdropout", "schedule.epochs=3", "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=4"),
+        tmp_path,
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary.method == "patchdropout" and summary.status == "completed"
     # kept rates matched to ToE's train FLOPs per stage (toe.plan): 0.625, 0.8125, 1.0 of 64 patches
     assert [r["stage"] for r in rows] == [1, 2, 3] and [r["tokens_after_first_block"] for r in rows] == [41, 53, 65]
     shape = ViTShape(64, 4, 256, 64, 1, 3 * 4 * 4 * 64, 10)
-    assert rows[0]["train_flops_total"] == pytest.approx(rows[0]["images_seen"] * shape.train_macs(
-        40, first_block_reduced=True))
+    assert rows[0]["train_flops_total"] == pytest.approx(
+        rows[0]["images_seen"] * shape.train_macs(40, first_block_reduced=True)
+    )
     assert shape.train_macs(40, first_block_reduced=True) == pytest.approx(shape.train_macs(32), rel=0.02)
     # 10 classes: a broken run stays near 0.10; three epochs gave 0.21-0.29 over seeds 0-2
     assert summary.final_top1 > 0.16

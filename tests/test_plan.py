@@ -60,20 +60,43 @@ def test_toe_plan_prints_toe_patchdropout_and_tome_settings_of_the_same_flops(tm
 
 def test_toe_plan_measure_puts_measured_beside_predicted(tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["--model", "deit_tiny_patch16_224", "--img-size", "64", "--epochs", "30", "--measure", "--batch",
-                 "2", "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "deit_tiny_patch16_224",
+                "--img-size",
+                "64",
+                "--epochs",
+                "30",
+                "--measure",
+                "--batch",
+                "2",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     measured = json.loads(out.read_text())["measured"]
     assert {row["method"] for row in measured} == {"toe", "patchdropout", "tome"}
     assert all(row["speedup"] > 0 and row["flop_ratio"] >= 1.0 for row in measured)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--speedup", "1.3", "--keep-rates", "0.5", "1.0", "--stage-starts", "0", "10"], "plans one of them"),
-    (["--speedup", "0"], "must be > 0"),
-    (["--speedup", "1.3", "--budget", "2"], "not allowed with"),
-    (["--model", "resnet18"], "--model resnet18"),
-    (["--keep-rates", "0.5", "1.0", "--stage-starts", "0", "400"], "after --epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--speedup", "1.3", "--keep-rates", "0.5", "1.0", "--stage-starts", "0", "10"], "plans one of them"),
+        (["--speedup", "0"], "must be > 0"),
+        (["--speedup", "1.3", "--budget", "2"], "not allowed with"),
+        (["--model", "resnet18"], "--model resnet18"),
+        (["--keep-rates", "0.5", "1.0", "--stage-starts", "0", "400"], "after --epochs"),
+    ],
+)
 def test_toe_plan_refuses_what_cannot_be_planned_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -11,8 +11,18 @@ import yaml
 
 
 def _cli(run_dir: Path, *extra):
-    return [sys.executable, "-m", "toe.cli.train", "logger=none", "schedule.epochs=1", "schedule.length=1",
-            "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=2", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "toe.cli.train",
+        "logger=none",
+        "schedule.epochs=1",
+        "schedule.length=1",
+        "schedule.stage_starts=[0,1,2]",
+        "model.kwargs.depth=2",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def _tree(run_dir: Path):
@@ -20,8 +30,9 @@ def _tree(run_dir: Path):
 
 
 def _run(args, env=None):
-    return subprocess.run(args, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +51,14 @@ def test_the_job_record_of_hydra_is_written_by_an_accepted_start(finished_run):
     assert "epoch 1/1" in (finished_run / "train.log").read_text()
 
 
-@pytest.mark.parametrize("extra, says", [
-    (("seed=3", "recipe.lr=1e-2"), "recipe.lr: 0.002 -> 0.01"),  # a resume with another config
-    (("seed=3", "recipe.lr=-1"), "recipe.lr=-1"),  # a value out of range
-    (("seed=3", "model.img_size=30"), "model.img_size=30"),
-])
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (("seed=3", "recipe.lr=1e-2"), "recipe.lr: 0.002 -> 0.01"),  # a resume with another config
+        (("seed=3", "recipe.lr=-1"), "recipe.lr=-1"),  # a value out of range
+        (("seed=3", "model.img_size=30"), "model.img_size=30"),
+    ],
+)
 def test_a_refused_rerun_of_a_finished_run_leaves_its_dir_byte_identical(finished_run, extra, says):
     before = _tree(finished_run)
     proc = _run(_cli(finished_run, *extra))

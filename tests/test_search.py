@@ -16,19 +16,27 @@ SEARCH = ["hparams_search=toe_budget", "smoke=on"]
 
 
 def _toe_train(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "toe.cli.train", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toe.cli.train", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_params_are_fixed_overrides_or_distributions():
-    fixed, space = parse_params({"model": "vit_cpu", "toe.keep_rates.0": {"low": 0.3, "high": 0.7, "step": 0.05},
-                                 "schedule.stage_starts.1": {"low": 60, "high": 140, "step": 10, "type": "int"},
-                                 "toe.distance": {"choices": ["cosine", "euclidean"]}})
+    fixed, space = parse_params(
+        {
+            "model": "vit_cpu",
+            "toe.keep_rates.0": {"low": 0.3, "high": 0.7, "step": 0.05},
+            "schedule.stage_starts.1": {"low": 60, "high": 140, "step": 10, "type": "int"},
+            "toe.distance": {"choices": ["cosine", "euclidean"]},
+        }
+    )
     assert fixed == ["model=vit_cpu"]
     assert isinstance(space["toe.keep_rates.0"], optuna.distributions.FloatDistribution)
     assert space["schedule.stage_starts.1"].step == 10 and space["toe.distance"].choices == ("cosine", "euclidean")
     assert trial_overrides({"toe.keep_rates.0": 0.35000000000000003, "schedule.stage_starts.1": 60}) == [
-        "toe.keep_rates.0=0.35", "schedule.stage_starts.1=60"]
+        "toe.keep_rates.0=0.35",
+        "schedule.stage_starts.1=60",
+    ]
     with pytest.raises(SearchSpaceError, match="params.x"):
         parse_params({"x": {"low": 1}})
     with pytest.raises(SearchSpaceError, match="type 'str'"):
@@ -62,8 +70,14 @@ def test_smoke_search_trains_normal_runs_prunes_over_budget_and_reports_its_fron
 
 @pytest.mark.slow
 def test_a_killed_search_rerun_continues_the_same_study(tmp_path):
-    command = [sys.executable, "-m", "toe.cli.train", *SEARCH, f"hydra.sweep.dir={tmp_path}",
-               "hydra.sweeper.smoke_trials=3"]
+    command = [
+        sys.executable,
+        "-m",
+        "toe.cli.train",
+        *SEARCH,
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweeper.smoke_trials=3",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     try:
@@ -101,8 +115,9 @@ def test_a_killed_search_rerun_continues_the_same_study(tmp_path):
 
 @pytest.mark.slow
 def test_search_runs_on_the_submitit_local_launcher(tmp_path):
-    proc = _toe_train(*SEARCH, f"hydra.sweep.dir={tmp_path}", "hydra/launcher=submitit_local",
-                      "hydra.sweeper.smoke_trials=2")
+    proc = _toe_train(
+        *SEARCH, f"hydra.sweep.dir={tmp_path}", "hydra/launcher=submitit_local", "hydra.sweeper.smoke_trials=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_trials(tmp_path)[1]) == 2
 

@@ -26,8 +26,10 @@ def _slurm_up() -> bool:
 REQUIRED = os.environ.get("TOE_REQUIRE_SLURM") == "1"  # set by .ci/run: there a missing cluster is a failure
 pytestmark = [
     pytest.mark.slurm,
-    pytest.mark.skipif(not REQUIRED and not _slurm_up(), reason="no SLURM cluster reachable: start one with "
-                                                                 "`scripts/local-slurm.sh start` (CI does)"),
+    pytest.mark.skipif(
+        not REQUIRED and not _slurm_up(),
+        reason="no SLURM cluster reachable: start one with `scripts/local-slurm.sh start` (CI does)",
+    ),
 ]
 
 
@@ -36,10 +38,17 @@ def _cluster_is_up():
     if not _slurm_up():
         pytest.fail("TOE_REQUIRE_SLURM=1 but no SLURM cluster answers `sinfo`")
 
-LAUNCH = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-          "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
-          "hydra.launcher.timeout_min=60",
-          "hydra.launcher.signal_delay_s=30"]
+
+LAUNCH = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.tasks_per_node=1",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=60",
+    "hydra.launcher.signal_delay_s=30",
+]
 
 
 @pytest.fixture
@@ -55,9 +64,19 @@ def _toe_train(*args):
 def test_budgeted_search_runs_its_trials_as_slurm_jobs(tmp_path, env):
     from toe.search import load_trials
 
-    proc = subprocess.run(_toe_train("hparams_search=toe_budget", "smoke=on", "hydra.sweeper.smoke_trials=2", *LAUNCH,
-                                     f"hydra.sweep.dir={tmp_path}"), capture_output=True, text=True, timeout=900,
-                          env=env)
+    proc = subprocess.run(
+        _toe_train(
+            "hparams_search=toe_budget",
+            "smoke=on",
+            "hydra.sweeper.smoke_trials=2",
+            *LAUNCH,
+            f"hydra.sweep.dir={tmp_path}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     trials = load_trials(tmp_path)
     complete = trials[trials["state"] == "COMPLETE"]
@@ -66,8 +85,13 @@ def test_budgeted_search_runs_its_trials_as_slurm_jobs(tmp_path, env):
 
 
 def test_smoke_experiment_runs_through_the_slurm_launcher(tmp_path, env):
-    proc = subprocess.run(_toe_train("experiments=ablation_merge", "smoke=on", *LAUNCH, f"hydra.sweep.dir={tmp_path}"),
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        _toe_train("experiments=ablation_merge", "smoke=on", *LAUNCH, f"hydra.sweep.dir={tmp_path}"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     runs = sweep_runs(tmp_path)
     assert len(runs) == 2 and all(r.state == "completed" and len(r.history) == 3 for r in runs), runs
@@ -90,8 +114,9 @@ def _job_id(sweep_dir: Path, timeout: float = 120) -> str:
 
 
 def _state(job: str) -> str:
-    return subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _wait_for_epoch(run_dir: Path, epoch: int, timeout: float = 300) -> None:
@@ -114,9 +139,19 @@ def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, env, interrupt):
     `scontrol requeue` kills the job and reruns it. Either way the run must continue, not start over."""
     epochs = 12
     proc = subprocess.Popen(
-        _toe_train("-m", "logger=none", f"schedule.epochs={epochs}", "model.kwargs.depth=2", *LAUNCH,
-                   f"hydra.sweep.dir={tmp_path}"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        _toe_train(
+            "-m",
+            "logger=none",
+            f"schedule.epochs={epochs}",
+            "model.kwargs.depth=2",
+            *LAUNCH,
+            f"hydra.sweep.dir={tmp_path}",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     job = None
     try:
         job = _job_id(tmp_path)
@@ -146,9 +181,20 @@ def test_a_requeued_job_resumes_from_its_checkpoint(tmp_path, env, interrupt):
 def test_one_run_over_two_slurm_tasks_trains_with_ddp(tmp_path, env):
     """tasks_per_node=2: submitit starts two processes of the same job; they join one gloo process group."""
     proc = subprocess.run(
-        _toe_train("-m", "logger=none", "schedule.epochs=3", "model.kwargs.depth=2", *LAUNCH,
-                   "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={tmp_path}"),
-        capture_output=True, text=True, timeout=900, env=env)
+        _toe_train(
+            "-m",
+            "logger=none",
+            "schedule.epochs=3",
+            "model.kwargs.depth=2",
+            *LAUNCH,
+            "hydra.launcher.tasks_per_node=2",
+            f"hydra.sweep.dir={tmp_path}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "0" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
@@ -166,12 +212,24 @@ def test_sweep_retry_finishes_a_slurm_sweep_with_a_cancelled_and_a_failed_job(tm
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"])
     (tmp_path / "1").mkdir()
-    (tmp_path / "1" / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                         "slurm_job_id": None, "since": "then"}))
+    (tmp_path / "1" / LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": holder.pid, "slurm_job_id": None, "since": "then"})
+    )
     proc = subprocess.Popen(
-        _toe_train("-m", "logger=none", "method=baseline,toe", "schedule.epochs=8", "model.kwargs.depth=2", *LAUNCH,
-                   f"hydra.sweep.dir={tmp_path}"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        _toe_train(
+            "-m",
+            "logger=none",
+            "method=baseline,toe",
+            "schedule.epochs=8",
+            "model.kwargs.depth=2",
+            *LAUNCH,
+            f"hydra.sweep.dir={tmp_path}",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         _wait_for_epoch(tmp_path / "0", 2)
         assert {run.path.name: run.slurm for run in sweep_runs(tmp_path)}["0"] == "RUNNING"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import compose_cfg, write_image_folder
 from PIL import Image
 
-from conftest import compose_cfg, write_image_folder
 from toe.label_maps import dense_logits, write_label_maps
 from toe.schema import ConfigError
 from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss, smoothing_values, token_label_targets
@@ -31,13 +31,19 @@ def _position_map(height=4, width=4, k=3):
 
 
 def _batch(scores, classes, box, label=0):
-    return {"scores": scores[None], "classes": classes[None], "box": torch.tensor([box]), "label": torch.tensor([label])}
+    return {
+        "scores": scores[None],
+        "classes": classes[None],
+        "box": torch.tensor([box]),
+        "label": torch.tensor([label]),
+    }
 
 
 def test_full_box_keeps_each_positions_class_and_a_quadrant_box_crops_it():
     scores, classes = _position_map()
-    ground_truth, cls_target, dense = token_label_targets(_batch(scores, classes, [0.0, 0.0, 1.0, 1.0]), 16, (4, 4),
-                                                          smoothing=0.0, box_order="xy")
+    ground_truth, cls_target, dense = token_label_targets(
+        _batch(scores, classes, [0.0, 0.0, 1.0, 1.0]), 16, (4, 4), smoothing=0.0, box_order="xy"
+    )
     assert dense.shape == (1, 16, 16)
     assert dense.argmax(-1)[0].tolist() == list(range(16))  # row-major positions keep their own class
     torch.testing.assert_close(dense.sum(-1), torch.ones(1, 16))
@@ -55,8 +61,9 @@ def test_full_box_keeps_each_positions_class_and_a_quadrant_box_crops_it():
 
 def test_targets_are_softmax_over_all_classes_with_the_official_smoothing():
     scores, classes = _position_map(2, 2, k=2)
-    _, cls_target, dense = token_label_targets(_batch(scores, classes, [0.0, 0.0, 1.0, 1.0]), 10, (2, 2),
-                                               smoothing=0.1, box_order="xy")
+    _, cls_target, dense = token_label_targets(
+        _batch(scores, classes, [0.0, 0.0, 1.0, 1.0]), 10, (2, 2), smoothing=0.1, box_order="xy"
+    )
     on, off = smoothing_values(0.1, 10)
     assert (on, off) == pytest.approx((0.91, 0.01))
     # position 0: class 0 has logit 10, the other 9 classes logit 0 (top-k runner-up included)
@@ -118,9 +125,16 @@ def test_dataset_crop_box_matches_the_image_crop_and_flip_mirrors_the_map(tmp_pa
         torch.save(torch.stack([scores, classes.float()]).half(), maps / name / f"{name}0.pt")
     dataset = LabelMapDataset(create_dataset("", root=str(data), split="train", is_training=True), maps, 16)
     for hflip in (0.0, 1.0):
-        dataset.transform = create_transform(input_size=(3, 16, 16), is_training=True, scale=(0.2, 0.6), hflip=hflip,
-                                             mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear",
-                                             color_jitter=None)
+        dataset.transform = create_transform(
+            input_size=(3, 16, 16),
+            is_training=True,
+            scale=(0.2, 0.6),
+            hflip=hflip,
+            mean=(0, 0, 0),
+            std=(1, 1, 1),
+            interpolation="bilinear",
+            color_jitter=None,
+        )
         for _ in range(5):
             image, target = dataset[0]
             top, left, bottom, right = target["box"].tolist()
@@ -151,16 +165,21 @@ def test_missing_or_malformed_label_maps_are_named(tmp_path):
 def test_loss_is_class_token_ce_plus_dense_ce_with_mixtoken_mixing():
     torch.manual_seed(0)
     scores, classes = _position_map(4, 4, k=2)
-    target = {"scores": torch.stack([scores, scores * 0.5]), "classes": torch.stack([classes, classes.flip(-1)]),
-              "box": torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 0.75, 0.75]]), "label": torch.tensor([3, 5])}
+    target = {
+        "scores": torch.stack([scores, scores * 0.5]),
+        "classes": torch.stack([classes, classes.flip(-1)]),
+        "box": torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 0.75, 0.75]]),
+        "label": torch.tensor([3, 5]),
+    }
     cls_logits, dense = torch.randn(2, 16, requires_grad=True), torch.randn(2, 4, 16, requires_grad=True)
     box = (0, 0, 1, 2)  # MixToken pasted 2 of 4 tokens: lam = 0.5
-    loss = TokenLabelLoss(16, (2, 2), smoothing=0.1, dense_weight=0.5, box_order="xy")((cls_logits, dense, box),
-                                                                                         target)
+    loss = TokenLabelLoss(16, (2, 2), smoothing=0.1, dense_weight=0.5, box_order="xy")((cls_logits, dense, box), target)
     _, cls_target, dense_target = token_label_targets(target, 16, (2, 2), 0.1, "xy")
     mixed = 0.5 * cls_target + 0.5 * cls_target.flip(0)
-    expected = (-(mixed * cls_logits.log_softmax(-1)).sum(-1).mean()
-                + 0.5 * -(dense_target * dense.log_softmax(-1)).sum(-1).mean())
+    expected = (
+        -(mixed * cls_logits.log_softmax(-1)).sum(-1).mean()
+        + 0.5 * -(dense_target * dense.log_softmax(-1)).sum(-1).mean()
+    )
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert dense.grad.abs().sum() > 0
@@ -214,13 +233,16 @@ def test_lvvit_without_label_maps_trains_on_the_class_token_and_says_so(tmp_path
     assert "without label maps" in caplog.text
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["token_label.root=/nowhere"], "no dense head"),
-    (["model=lvvit_cpu", "token_label.root=/nowhere"], "is not a directory"),
-    (["model=lvvit_cpu", "token_label.root=.", "recipe.mixup=0.8"], "MixToken replaces Mixup"),
-    (["model=lvvit_cpu", "token_label.root=.", "token_label.box_order=yx"], "box_order=yx"),
-    (["model=lvvit_cpu", "method=efficienttrain", "schedule.epochs=5"], "fixed position embedding"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["token_label.root=/nowhere"], "no dense head"),
+        (["model=lvvit_cpu", "token_label.root=/nowhere"], "is not a directory"),
+        (["model=lvvit_cpu", "token_label.root=.", "recipe.mixup=0.8"], "MixToken replaces Mixup"),
+        (["model=lvvit_cpu", "token_label.root=.", "token_label.box_order=yx"], "box_order=yx"),
+        (["model=lvvit_cpu", "method=efficienttrain", "schedule.epochs=5"], "fixed position embedding"),
+    ],
+)
 def test_bad_token_label_settings_are_config_errors(tmp_path, overrides, message):
     from toe.train import train
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import compose_cfg, write_image_folder
+
 from toe.data import DataRootError
 from toe.flops import ViTShape
 from toe.record import METRIC_FIELDS, SUMMARY_FIELDS
@@ -80,7 +80,10 @@ def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path)
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["schedule.length=300", "schedule.stage_starts=[0,100,200]"], r"gives start epochs \[0, 1, 1\] over schedule.epochs=2"),
+        (
+            ["schedule.length=300", "schedule.stage_starts=[0,100,200]"],
+            r"gives start epochs \[0, 1, 1\] over schedule.epochs=2",
+        ),
         (["toe.keep_rates=[0.5,0.4,1.0]"], "keep_rates must be strictly increasing"),
         (["toe.init_keep_rate=0.6"], "below the first keep rate"),
     ],
@@ -111,7 +114,9 @@ def test_data_that_does_not_fit_fails_the_run_with_a_summary(tiny_cfg, tmp_path,
 def test_cli_reports_a_missing_data_root_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "toe.cli.train", "data=imagefolder", "logger=none", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "missing value for data.root" in proc.stderr + proc.stdout
@@ -147,8 +152,17 @@ def test_wandb_offline_run_is_written_and_a_broken_wandb_never_stops_training(ti
 
 
 def _cli(run_dir: Path, epochs: int = 3):
-    return [sys.executable, "-m", "toe.cli.train", "logger=none", f"schedule.epochs={epochs}", "schedule.length=3",
-            "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=2", f"hydra.run.dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "toe.cli.train",
+        "logger=none",
+        f"schedule.epochs={epochs}",
+        "schedule.length=3",
+        "schedule.stage_starts=[0,1,2]",
+        "model.kwargs.depth=2",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.mark.slow
@@ -169,8 +183,17 @@ def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(tmp_path
     subprocess.run(_cli(killed), check=True, capture_output=True, env=env, timeout=300)
     a, b = _metrics(straight), _metrics(killed)
     assert [r["epoch"] for r in b] == [0, 1, 2]
-    for key in ("stage", "tokens_after_first_block", "train_loss", "val_top1", "val_top5", "ema_top1", "lr",
-                "images_seen", "train_flops_total"):
+    for key in (
+        "stage",
+        "tokens_after_first_block",
+        "train_loss",
+        "val_top1",
+        "val_top5",
+        "ema_top1",
+        "lr",
+        "images_seen",
+        "train_flops_total",
+    ):
         assert [r[key] for r in a] == [r[key] for r in b], key
     assert "Resuming" in (killed / "train.log").read_text()
     resumed = json.loads((killed / "summary.json").read_text())
@@ -189,9 +212,21 @@ def test_schedule_min_lr_replaces_the_recipe_min_lr(tiny_cfg, tmp_path):
 def test_two_gloo_processes_train_one_run_with_the_global_batch(tmp_path):
     """DDP on CPU: torchrun with 2 processes; recipe.batch_size stays the global batch and sets the LR."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
-           "toe.cli.train", "logger=none", "schedule.epochs=2", "schedule.length=2", "schedule.stage_starts=[0,1,2]",
-           "model.kwargs.depth=2", f"hydra.run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "toe.cli.train",
+        "logger=none",
+        "schedule.epochs=2",
+        "schedule.length=2",
+        "schedule.stage_starts=[0,1,2]",
+        "model.kwargs.depth=2",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

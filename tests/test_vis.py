@@ -77,11 +77,14 @@ def test_toe_vis_draws_a_run_an_image_folder_and_an_untrained_config(tiny_cfg, t
     assert (tmp_path / "t.png").stat().st_size > 5_000
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "give a run dir or --config"),
-    (["--config", "method=baseline"], "nothing to draw"),
-    (["no_such_run"], "no config.yaml"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give a run dir or --config"),
+        (["--config", "method=baseline"], "nothing to draw"),
+        (["no_such_run"], "no config.yaml"),
+    ],
+)
 def test_toe_vis_refuses_in_one_line(argv, message, capsys, tmp_path, monkeypatch):
     from toe.cli.vis import main
 

@@ -4,12 +4,28 @@ from .expansion import TokenExpansion, expand_tokens, unexpand
 from .merging import TokenMerging, bipartite_soft_matching, merge_tokens, unmerge
 from .schedule import ExpansionSchedule, MergeSchedule
 
-__all__ = ["ExpansionSchedule", "MergeSchedule", "TokenExpansion", "TokenMerging", "bipartite_soft_matching",
-           "expand_tokens", "merge_tokens", "unexpand", "unmerge"]
+__all__ = [
+    "ExpansionSchedule",
+    "MergeSchedule",
+    "TokenExpansion",
+    "TokenMerging",
+    "bipartite_soft_matching",
+    "expand_tokens",
+    "merge_tokens",
+    "unexpand",
+    "unmerge",
+]
 __version__ = "0.1.0"
 
-from .patch import (expansion_op, patch, patch_dropout, patch_merging, patch_method, reduction_op,  # noqa: E402
-                    set_epoch)
+from .patch import (
+    expansion_op,
+    patch,
+    patch_dropout,
+    patch_merging,
+    patch_method,
+    reduction_op,  # noqa: E402
+    set_epoch,
+)
 
 __all__ += ["expansion_op", "patch", "patch_dropout", "patch_merging", "patch_method", "reduction_op", "set_epoch"]
 

@@ -60,8 +60,11 @@ def cached_images(dataset: Dataset) -> InMemoryImages:
     """``dataset`` with its transform applied once, for a transform that is deterministic (evaluation's resize,
     centre crop, normalisation): the same tensors as the per-epoch path, without its per-epoch cost."""
     items = [dataset[i] for i in range(len(dataset))]
-    return InMemoryImages(torch.stack([image for image, _ in items]), [int(target) for _, target in items],
-                          getattr(dataset, "classes", None))
+    return InMemoryImages(
+        torch.stack([image for image, _ in items]),
+        [int(target) for _, target in items],
+        getattr(dataset, "classes", None),
+    )
 
 
 def as_batch(batch: Any) -> Any:
@@ -69,8 +72,9 @@ def as_batch(batch: Any) -> Any:
     return batch
 
 
-def random_resized_crop_boxes(batch: int, height: int, width: int, scale: Tuple[float, float],
-                              ratio: Tuple[float, float], attempts: int = 10) -> torch.Tensor:
+def random_resized_crop_boxes(
+    batch: int, height: int, width: int, scale: Tuple[float, float], ratio: Tuple[float, float], attempts: int = 10
+) -> torch.Tensor:
     """``[batch, 4]`` crop boxes ``(top, left, h, w)`` in pixels, drawn per image as torchvision's
     ``RandomResizedCrop.get_params``: up to ``attempts`` tries of an area in ``scale`` and a log-uniform aspect
     ratio in ``ratio``, the first that fits; a centre crop of the clamped aspect ratio where none does. Drawn from
@@ -108,8 +112,16 @@ class BatchAugment(nn.Module):
     ``(x / 255 - mean) / std``. The values are rounded to whole 8-bit levels before normalising, as the PIL path's
     uint8 images are."""
 
-    def __init__(self, size: int, scale: Tuple[float, float], ratio: Tuple[float, float], hflip: float,
-                 interpolation: str, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        size: int,
+        scale: Tuple[float, float],
+        ratio: Tuple[float, float],
+        hflip: float,
+        interpolation: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation={interpolation!r}: the tensor pipeline has {sorted(INTERPOLATIONS)}")
@@ -140,8 +152,9 @@ class BatchAugment(nn.Module):
         return (out.round_().clamp_(0, 255) - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return (f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
-                f"interpolation={self.mode}")
+        return (
+            f"size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, interpolation={self.mode}"
+        )
 
 
 def uint8_images(dataset: Dataset) -> Optional[torch.Tensor]:
@@ -149,7 +162,7 @@ def uint8_images(dataset: Dataset) -> Optional[torch.Tensor]:
     ``None`` for datasets read from files."""
     import numpy as np
 
-    if hasattr(dataset, "images") and isinstance(getattr(dataset, "images"), list):  # DigitsDataset: PIL images
+    if hasattr(dataset, "images") and isinstance(dataset.images, list):  # DigitsDataset: PIL images
         return torch.from_numpy(np.stack([np.asarray(image) for image in dataset.images])).permute(0, 3, 1, 2)
     data = getattr(dataset, "data", None)
     if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4 and data.shape[-1] == 3:

@@ -47,8 +47,9 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
-def measure_interleaved(fns: List[Callable[[], Any]], device: torch.device, warmup: int,
-                        repeats: int) -> List[Dict[str, float]]:
+def measure_interleaved(
+    fns: List[Callable[[], Any]], device: torch.device, warmup: int, repeats: int
+) -> List[Dict[str, float]]:
     """Like :func:`measure` for several functions timed in turn (A B C A B C ...), so that a machine whose speed
     drifts during the run slows all of them alike and their ratios stay fair."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -82,16 +83,29 @@ class StepBench:
     reduction: ToE (``method="toe"``), or PatchDropout (``"patchdropout"``) or Token Merging (``"tome"``; without
     proportional attention ``"tome-noprop"``) at the train FLOPs of ToE's stages (:func:`toe.plan.match_stages`)."""
 
-    def __init__(self, model_name: str, batch: int, img_size: int, schedule: ExpansionSchedule,
-                 device: torch.device, amp: bool, compile_model: bool, method: str = "toe"):
+    def __init__(
+        self,
+        model_name: str,
+        batch: int,
+        img_size: int,
+        schedule: ExpansionSchedule,
+        device: torch.device,
+        amp: bool,
+        compile_model: bool,
+        method: str = "toe",
+    ):
         import timm
 
         from .patch import patch_method
 
         if method not in STEP_METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
-        model = patch_method(timm.create_model(model_name, img_size=img_size), method.removesuffix("-noprop"),
-                             schedule, prop_attn=method != "tome-noprop")
+        model = patch_method(
+            timm.create_model(model_name, img_size=img_size),
+            method.removesuffix("-noprop"),
+            schedule,
+            prop_attn=method != "tome-noprop",
+        )
         self.model = model.to(device).train()
         self.method = method
         self.shape = ViTShape.from_model(self.model)
@@ -128,20 +142,37 @@ def bench_op(args: argparse.Namespace, device: torch.device) -> List[Dict[str, A
             sched = deit_schedule(k)
             x = torch.randn(args.batch, 197, dim, device=device, requires_grad=True)
             for stage in range(1, sched.num_stages + 1):
-                op_t = measure(lambda: expand_tokens(x, sched, stage), device, args.warmup, args.repeats)
-                ref_t = measure(lambda: reference_expand_tokens(x, sched, stage), device, 1, args.ref_repeats)
+                op_t = measure(lambda x=x, s=sched, t=stage: expand_tokens(x, s, t), device, args.warmup, args.repeats)
+                ref_t = measure(
+                    lambda x=x, s=sched, t=stage: reference_expand_tokens(x, s, t), device, 1, args.ref_repeats
+                )
                 same = torch.equal(expand_tokens(x, sched, stage)[1].cpu(), reference_expand_tokens(x, sched, stage)[1])
-                row = {"dim": dim, "k": k, "stage": stage, "tokens": 1 + sched.kept_tokens(196, stage),
-                       "op_ms": op_t["median"] * 1e3, "op_ms_min": op_t["min"] * 1e3, "op_ms_max": op_t["max"] * 1e3,
-                       "ref_ms": ref_t["median"] * 1e3, "speedup_vs_ref": ref_t["median"] / op_t["median"],
-                       "same_selection": same, "op": _spread(op_t), "reference": _spread(ref_t)}
+                row = {
+                    "dim": dim,
+                    "k": k,
+                    "stage": stage,
+                    "tokens": 1 + sched.kept_tokens(196, stage),
+                    "op_ms": op_t["median"] * 1e3,
+                    "op_ms_min": op_t["min"] * 1e3,
+                    "op_ms_max": op_t["max"] * 1e3,
+                    "ref_ms": ref_t["median"] * 1e3,
+                    "speedup_vs_ref": ref_t["median"] / op_t["median"],
+                    "same_selection": same,
+                    "op": _spread(op_t),
+                    "reference": _spread(ref_t),
+                }
                 if step_bench is not None and not sched.is_identity(stage):
                     xs = torch.randn(args.step_batch, 197, dim, device=device, requires_grad=True)
-                    op_s = measure(lambda: expand_tokens(xs, sched, stage), device, args.warmup, args.repeats)
+                    op_s = measure(
+                        lambda x=xs, s=sched, t=stage: expand_tokens(x, s, t), device, args.warmup, args.repeats
+                    )
                     step_bench.set_stage(stage)
                     step_t = measure(step_bench, device, 1, args.step_repeats)
-                    row.update(step_batch=args.step_batch, step_ms=step_t["median"] * 1e3,
-                               op_share_of_step=op_s["median"] / step_t["median"])
+                    row.update(
+                        step_batch=args.step_batch,
+                        step_ms=step_t["median"] * 1e3,
+                        op_share_of_step=op_s["median"] / step_t["median"],
+                    )
                 rows.append(row)
     return rows
 
@@ -150,8 +181,10 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str,
     """Train-step img/s per stage of each method in ``args.methods`` against its own full-token stage, every
     (method, stage) timed in turn so that drift hits all alike; a ``schedule`` row per method projects the run."""
     sched = ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
-    benches = {method: StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile,
-                                 method) for method in args.methods}
+    benches = {
+        method: StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile, method)
+        for method in args.methods
+    }
     stage_epochs = [b - a for a, b in zip(sched.expansion_steps, list(sched.expansion_steps[1:]) + [args.epochs])]
     cases = [(method, stage) for method in args.methods for stage in range(0, sched.num_stages + 1)]
 
@@ -166,10 +199,17 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> List[Dict[str,
             if case_method != method:
                 continue
             tokens = bench.set_stage(stage)
-            method_rows.append({"method": method, "stage": stage, "tokens": tokens_after_first_block(tokens),
-                                "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
-                                "img_per_s": args.batch / t["median"], "step_ms": _spread(t),
-                                "flops_per_img_G": bench.train_macs(tokens) / 1e9})
+            method_rows.append(
+                {
+                    "method": method,
+                    "stage": stage,
+                    "tokens": tokens_after_first_block(tokens),
+                    "epochs": sched.expansion_steps[0] if stage == 0 else stage_epochs[stage - 1],
+                    "img_per_s": args.batch / t["median"],
+                    "step_ms": _spread(t),
+                    "flops_per_img_G": bench.train_macs(tokens) / 1e9,
+                }
+            )
         rows += _with_ratios(method, method_rows)
     return rows
 
@@ -184,9 +224,16 @@ def _with_ratios(method: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]
     total_epochs = sum(r["epochs"] for r in rows)
     seconds = sum(r["epochs"] / r["img_per_s"] for r in rows)
     flops = sum(r["epochs"] * r["flops_per_img_G"] for r in rows)
-    projection = {"method": method, "stage": "schedule", "tokens": None, "epochs": total_epochs,
-                  "img_per_s": total_epochs / seconds, "speedup": total_epochs / full["img_per_s"] / seconds,
-                  "flop_ratio": total_epochs * full["flops_per_img_G"] / flops, "flops_per_img_G": flops / total_epochs}
+    projection = {
+        "method": method,
+        "stage": "schedule",
+        "tokens": None,
+        "epochs": total_epochs,
+        "img_per_s": total_epochs / seconds,
+        "speedup": total_epochs / full["img_per_s"] / seconds,
+        "flop_ratio": total_epochs * full["flops_per_img_G"] / flops,
+        "flops_per_img_G": flops / total_epochs,
+    }
     projection["efficiency"] = projection["speedup"] / projection["flop_ratio"]
     return rows + [projection]
 
@@ -214,8 +261,15 @@ def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None)
 
             shape = ViTShape.from_model(timm.create_model(spec["model"]))
         else:
-            shape = ViTShape(spec["embed_dim"], spec["depth"], spec["mlp_ratio"] * spec["embed_dim"], 196, 1,
-                             3 * 16 * 16 * spec["embed_dim"], 1000)
+            shape = ViTShape(
+                spec["embed_dim"],
+                spec["depth"],
+                spec["mlp_ratio"] * spec["embed_dim"],
+                196,
+                1,
+                3 * 16 * 16 * spec["embed_dim"],
+                1000,
+            )
         sched = ExpansionSchedule(**spec["toe"]) if spec.get("toe") else None
         phases = [(p["epochs"], p["img_size"]) for p in spec["phases"]]
         row: Dict[str, Any] = {"schedule": spec["name"]}
@@ -224,8 +278,11 @@ def bench_flops(args: argparse.Namespace, device: Optional[torch.device] = None)
             avg = schedule_average_macs(shape, phases, sched, attention=attention) / 1e9
             row[f"full_{tag}"], row[f"avg_{tag}"], row[f"ratio_{tag}"] = full, avg, full / avg
             for stage in (1, 2):
-                row[f"stage{stage}_{tag}"] = (shape.forward_macs(sched.kept_tokens(196, stage), attention) / 1e9
-                                              if sched and len(phases) == 1 else None)
+                row[f"stage{stage}_{tag}"] = (
+                    shape.forward_macs(sched.kept_tokens(196, stage), attention) / 1e9
+                    if sched and len(phases) == 1
+                    else None
+                )
         rows.append(row)
     return rows
 
@@ -235,10 +292,19 @@ def flops_markdown(rows: List[Dict[str, Any]]) -> str:
         a, b = row[f"{key}_linear"], row[f"{key}_attn"]
         return "" if a is None else f"{a:.{digits}f} / {b:.{digits}f}"
 
-    table = pd.DataFrame([{
-        "model / schedule (linear-only / incl. attn, forward GMACs per image)": r["schedule"],
-        "full": pair(r, "full"), "stage 1": pair(r, "stage1"), "stage 2": pair(r, "stage2"),
-        "epoch-avg": pair(r, "avg"), "FLOP ratio full/avg": pair(r, "ratio", 2)} for r in rows])
+    table = pd.DataFrame(
+        [
+            {
+                "model / schedule (linear-only / incl. attn, forward GMACs per image)": r["schedule"],
+                "full": pair(r, "full"),
+                "stage 1": pair(r, "stage1"),
+                "stage 2": pair(r, "stage2"),
+                "epoch-avg": pair(r, "avg"),
+                "FLOP ratio full/avg": pair(r, "ratio", 2),
+            }
+            for r in rows
+        ]
+    )
     return table.to_markdown(index=False)
 
 
@@ -275,8 +341,10 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
     op = expansion_op(run.model)
     stages = range(0, op.schedule.num_stages + 1) if op is not None else [0]
     step = run.step_config()
-    on_device = [(inputs.to(run.device), targets.to(run.device) if torch.is_tensor(targets) else targets)
-                 for inputs, targets in _FirstBatches(run.train_loader, batches)]
+    on_device = [
+        (inputs.to(run.device), targets.to(run.device) if torch.is_tensor(targets) else targets)
+        for inputs, targets in _FirstBatches(run.train_loader, batches)
+    ]
     images = sum(inputs.shape[0] for inputs, _ in on_device)  # every pass below sees these many (drop_last)
 
     def images_per_second(fn: Callable[[], Any]) -> float:
@@ -289,16 +357,25 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
             op.stage = stage
         run.model.train()
         step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0))
-        loop_rate = images_per_second(lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches),
-                                                              step, 0))
+        loop_rate = images_per_second(
+            lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches), step, 0)
+        )
         tokens = block_tokens(run.model, run.shape)
-        rows.append({"stage": stage, "tokens": tokens_after_first_block(tokens), "pipeline": run.pipeline,
-                     "loader_img_per_s": loader_rate, "step_img_per_s": step_rate, "loop_img_per_s": loop_rate,
-                     "bound_by": "loader" if loader_rate < step_rate else "step",
-                     "loop_vs_bound": loop_rate / min(loader_rate, step_rate),
-                     "step_speedup": step_rate / rows[0]["step_img_per_s"] if rows else 1.0,
-                     "loop_speedup": loop_rate / rows[0]["loop_img_per_s"] if rows else 1.0,
-                     "flop_ratio": run.shape.train_macs() / run.shape.train_macs_blocks(tokens)})
+        rows.append(
+            {
+                "stage": stage,
+                "tokens": tokens_after_first_block(tokens),
+                "pipeline": run.pipeline,
+                "loader_img_per_s": loader_rate,
+                "step_img_per_s": step_rate,
+                "loop_img_per_s": loop_rate,
+                "bound_by": "loader" if loader_rate < step_rate else "step",
+                "loop_vs_bound": loop_rate / min(loader_rate, step_rate),
+                "step_speedup": step_rate / rows[0]["step_img_per_s"] if rows else 1.0,
+                "loop_speedup": loop_rate / rows[0]["loop_img_per_s"] if rows else 1.0,
+                "flop_ratio": run.shape.train_macs() / run.shape.train_macs_blocks(tokens),
+            }
+        )
     return rows
 
 
@@ -331,42 +408,73 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
     runs = []
     for name, extra in (("run", overrides), ("against", [*overrides, *against])):
         cfg, run = _build_run(extra)
-        runs.append({"name": name, "overrides": extra, "run": run, "rng": capture_rng(), "inputs": EpochInputs(run),
-                     "evaluator": Evaluator(run, cfg.train.eval_every, False), "rows": [], "num_updates": 0})
+        runs.append(
+            {
+                "name": name,
+                "overrides": extra,
+                "run": run,
+                "rng": capture_rng(),
+                "inputs": EpochInputs(run),
+                "evaluator": Evaluator(run, cfg.train.eval_every, False),
+                "rows": [],
+                "num_updates": 0,
+            }
+        )
     epochs = runs[0]["run"].plan.epochs
     if runs[1]["run"].plan.epochs != epochs:
         raise ConfigError(f"the two runs train {epochs} and {runs[1]['run'].plan.epochs} epochs: give both the same")
     for epoch in tqdm(range(epochs), desc="epochs (both runs)", disable=not progress):
         for entry in runs:
             restore_rng(entry["rng"])
-            row, entry["num_updates"] = train_epoch(entry["run"], entry["inputs"], entry["evaluator"], epoch,
-                                                    entry["num_updates"], entry["rows"][-1] if entry["rows"] else None)
+            row, entry["num_updates"] = train_epoch(
+                entry["run"],
+                entry["inputs"],
+                entry["evaluator"],
+                epoch,
+                entry["num_updates"],
+                entry["rows"][-1] if entry["rows"] else None,
+            )
             entry["rng"] = capture_rng()
             entry["rows"].append(row)
     totals, frames = [], []
     for entry in runs:
         last = entry["rows"][-1]
-        totals.append({"run": entry["name"], "overrides": " ".join(entry["overrides"]) or "(toe-train defaults)",
-                       "train_seconds": last.train_seconds_total,
-                       "eval_seconds": sum(row.eval_seconds for row in entry["rows"]), "final_top1": last.val_top1,
-                       "final_ema_top1": last.ema_top1, "final_loss": last.train_loss,
-                       "train_flops": last.train_flops_total})
+        totals.append(
+            {
+                "run": entry["name"],
+                "overrides": " ".join(entry["overrides"]) or "(toe-train defaults)",
+                "train_seconds": last.train_seconds_total,
+                "eval_seconds": sum(row.eval_seconds for row in entry["rows"]),
+                "final_top1": last.val_top1,
+                "final_ema_top1": last.ema_top1,
+                "final_loss": last.train_loss,
+                "train_flops": last.train_flops_total,
+            }
+        )
         frame = pd.DataFrame([row.to_dict() for row in entry["rows"]])
         frames.append(frame.assign(train_flops=frame.train_flops_total.diff().fillna(frame.train_flops_total)))
     first, second = frames
     stages = []
     for stage, epochs_of_stage in first.groupby("stage", sort=True):
         other = second.loc[epochs_of_stage.index]
-        stages.append({"stage": stage, "tokens": int(epochs_of_stage.tokens_after_first_block.iloc[0]),
-                       "epochs": len(epochs_of_stage), "seconds": epochs_of_stage.epoch_seconds.sum(),
-                       "against_seconds": other.epoch_seconds.sum(),
-                       "speedup": other.epoch_seconds.sum() / epochs_of_stage.epoch_seconds.sum(),
-                       "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum()})
+        stages.append(
+            {
+                "stage": stage,
+                "tokens": int(epochs_of_stage.tokens_after_first_block.iloc[0]),
+                "epochs": len(epochs_of_stage),
+                "seconds": epochs_of_stage.epoch_seconds.sum(),
+                "against_seconds": other.epoch_seconds.sum(),
+                "speedup": other.epoch_seconds.sum() / epochs_of_stage.epoch_seconds.sum(),
+                "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum(),
+            }
+        )
     run_total, against_total = totals
-    ratios = {"train_speedup": against_total["train_seconds"] / run_total["train_seconds"],
-              "train_and_eval_speedup": (against_total["train_seconds"] + against_total["eval_seconds"])
-              / (run_total["train_seconds"] + run_total["eval_seconds"]),
-              "flop_ratio": against_total["train_flops"] / run_total["train_flops"]}
+    ratios = {
+        "train_speedup": against_total["train_seconds"] / run_total["train_seconds"],
+        "train_and_eval_speedup": (against_total["train_seconds"] + against_total["eval_seconds"])
+        / (run_total["train_seconds"] + run_total["eval_seconds"]),
+        "flop_ratio": against_total["train_flops"] / run_total["train_flops"],
+    }
     return {"runs": totals, "stages": stages, "ratios": ratios}
 
 
@@ -397,8 +505,9 @@ def write_jpeg_images(folder: Path, count: int, size: int = 224, seed: int = 0) 
     return paths
 
 
-def bench_capacity(images: int, gpu_img_per_s: float, stage1_speedup: float, repeats: int,
-                   folder: Optional[Path] = None) -> Dict[str, Any]:
+def bench_capacity(
+    images: int, gpu_img_per_s: float, stage1_speedup: float, repeats: int, folder: Optional[Path] = None
+) -> Dict[str, Any]:
     """Decode + the DeiT recipe's train augmentation (timm's PIL path: RandomResizedCrop 224, flip, RandAugment
     rand-m9-mstd0.5-inc1, random erasing 0.25, normalise) on one CPU core, in img/s, and the cores a GPU needs to
     be fed at ``gpu_img_per_s`` with full tokens and at ``stage1_speedup`` times that in ToE stage 1."""
@@ -412,8 +521,14 @@ def bench_capacity(images: int, gpu_img_per_s: float, stage1_speedup: float, rep
     from .data import build_transforms
 
     recipe = OmegaConf.create((files("toe.conf") / "recipe" / "deit.yaml").read_text())
-    data_config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-                   "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    data_config = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
     train_transform, _ = build_transforms(data_config, recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core: what one DataLoader worker gets
@@ -430,11 +545,15 @@ def bench_capacity(images: int, gpu_img_per_s: float, stage1_speedup: float, rep
     finally:
         torch.set_num_threads(threads)
     per_core = images / seconds
-    return {"img_per_s_per_core": per_core, "gpu_img_per_s": gpu_img_per_s,
-            "cores_full_tokens": math.ceil(gpu_img_per_s / per_core),
-            "stage1_img_per_s": gpu_img_per_s * stage1_speedup,
-            "cores_toe_stage1": math.ceil(gpu_img_per_s * stage1_speedup / per_core),
-            "stage1_speedup": stage1_speedup, "transform": str(train_transform).replace("\n", " ")}
+    return {
+        "img_per_s_per_core": per_core,
+        "gpu_img_per_s": gpu_img_per_s,
+        "cores_full_tokens": math.ceil(gpu_img_per_s / per_core),
+        "stage1_img_per_s": gpu_img_per_s * stage1_speedup,
+        "cores_toe_stage1": math.ceil(gpu_img_per_s * stage1_speedup / per_core),
+        "stage1_speedup": stage1_speedup,
+        "transform": str(train_transform).replace("\n", " "),
+    }
 
 
 def deit_s_stage1_flop_ratio() -> float:

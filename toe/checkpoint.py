@@ -32,8 +32,12 @@ def capture_rng() -> Dict[str, Any]:
     version, py_state, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": {"version": version, "state": list(py_state), "gauss": gauss},
     }
     if torch.cuda.is_available():
@@ -45,8 +49,13 @@ def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(
-        ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"],
-         np_state["cached"])
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached"],
+        )
     )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
@@ -135,15 +144,24 @@ def load_checkpoint(path: Path, map_location: Optional[str] = "cpu") -> Optional
             errors.append(f"{candidate.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             continue
         if candidate == previous and not path.exists():
-            log.warning("%s is missing (the run stopped between the checkpoint's two renames); resuming from %s "
-                        "(epoch %d)", path, previous.name, state["epoch"])
+            log.warning(
+                "%s is missing (the run stopped between the checkpoint's two renames); resuming from %s (epoch %d)",
+                path,
+                previous.name,
+                state["epoch"],
+            )
         elif candidate == previous:
-            log.warning("%s is unreadable (%s); resuming from %s (epoch %d) instead", path,
-                        errors[0].split(": ", 1)[1], previous.name, state["epoch"])
+            log.warning(
+                "%s is unreadable (%s); resuming from %s (epoch %d) instead",
+                path,
+                errors[0].split(": ", 1)[1],
+                previous.name,
+                state["epoch"],
+            )
         return state
     raise CheckpointUnreadable(
-        f"{path} cannot be resumed from ({'; '.join(errors)}): move it aside to start over, or restore a "
-        "previous copy")
+        f"{path} cannot be resumed from ({'; '.join(errors)}): move it aside to start over, or restore a previous copy"
+    )
 
 
 @dataclass
@@ -161,8 +179,16 @@ class Progress:
     startup_seconds: float = 0.0  # every start's time to its first epoch, summed
     wall_seconds: float = 0.0  # every start's time to its last checkpoint, summed
 
-    KEYS = ("epoch", "num_updates", "history", "resumed_at", "wandb_id", "config_changes", "startup_seconds",
-            "wall_seconds")
+    KEYS = (
+        "epoch",
+        "num_updates",
+        "history",
+        "resumed_at",
+        "wandb_id",
+        "config_changes",
+        "startup_seconds",
+        "wall_seconds",
+    )
 
     def state_dict(self) -> Dict[str, Any]:
         state = {key: getattr(self, key) for key in self.KEYS}
@@ -191,9 +217,17 @@ class TrainState:
 
     FORMAT = 2  # 1: toe 0.1 (EMA under "ema")
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ema: Any = None,
-                 scaler: Any = None, progress: Optional[Progress] = None, config: Optional[Dict[str, Any]] = None,
-                 dist: Optional[DistInfo] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        ema: Any = None,
+        scaler: Any = None,
+        progress: Optional[Progress] = None,
+        config: Optional[Dict[str, Any]] = None,
+        dist: Optional[DistInfo] = None,
+    ):
         self.model, self.optimizer, self.scheduler, self.ema, self.scaler = model, optimizer, scheduler, ema, scaler
         self.progress = progress or Progress()
         self.config = config or {}

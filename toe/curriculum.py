@@ -1,4 +1,5 @@
-"""The EfficientTrain curriculum (Wang et al., ICCV 2023) as the official ToE runs use it (``ToE/EfficientTrain/ET_training.py`` of Osilly/TokenExpansion).
+"""The EfficientTrain curriculum (Wang et al., ICCV 2023) as the official ToE runs use it
+(``ToE/EfficientTrain/ET_training.py`` of Osilly/TokenExpansion).
 
 Five phases over the run: the input keeps only its low frequencies (a Fourier-domain crop of the 224 px batch to
 160, 160, 160, 192 and 224 px, also at evaluation) while RandAugment grows (magnitudes 1, 3, 5, 7, 9); the

@@ -77,14 +77,17 @@ def _image_folder(root: Optional[str], name: str, train_split: str, val_split: s
         ds.classes = list(ds.reader.class_to_idx)
         if len(ds.classes) < 2:
             which = ds.classes[0] if ds.classes and ds.classes[0] else f"its images lie directly in {split}/"
-            raise DataRootError(f"data.root={root}: {split}/ holds {len(ds.classes)} class ({which}); expected "
-                                f"{expect}, at least two")
+            raise DataRootError(
+                f"data.root={root}: {split}/ holds {len(ds.classes)} class ({which}); expected {expect}, at least two"
+            )
         try:
             ds[0]  # decoded once now: a folder of files PIL cannot read is named here, not by a worker's traceback
         except Exception as err:  # noqa: BLE001 - PIL raises several types for a file it cannot decode
             name = ds.filename(0) if hasattr(ds, "filename") else "its first image"
-            raise DataRootError(f"data.root={root}: {split}/{name} cannot be read as an image "
-                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            raise DataRootError(
+                f"data.root={root}: {split}/{name} cannot be read as an image "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
         datasets.append(ds)
     if datasets[0].classes != datasets[1].classes:
         raise DataRootError(f"data.root={root}: {train_split}/ and {val_split}/ have different class folders")

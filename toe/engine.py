@@ -51,8 +51,9 @@ class StepConfig:
     batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # on the device, before Mixup
 
 
-def train_one_epoch(model: torch.nn.Module, loader, step: StepConfig, num_updates: int, progress: bool = False,
-                    desc: str = "train") -> EpochResult:
+def train_one_epoch(
+    model: torch.nn.Module, loader, step: StepConfig, num_updates: int, progress: bool = False, desc: str = "train"
+) -> EpochResult:
     """One pass over ``loader``; loss and images are summed over processes.
 
     Gradient accumulation as timm's train.py does it: each micro-batch's loss is divided by the size of its window,
@@ -80,8 +81,13 @@ def train_one_epoch(model: torch.nn.Module, loader, step: StepConfig, num_update
             with step.autocast():
                 loss = step.criterion(model(inputs), targets)
             if step.loss_scaler is not None:
-                step.loss_scaler(loss / window, step.optimizer, clip_grad=step.clip_grad,
-                                 parameters=model.parameters(), need_update=need_update)
+                step.loss_scaler(
+                    loss / window,
+                    step.optimizer,
+                    clip_grad=step.clip_grad,
+                    parameters=model.parameters(),
+                    need_update=need_update,
+                )
             else:
                 (loss / window).backward()
                 if need_update:

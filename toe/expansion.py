@@ -21,7 +21,6 @@ from torch import nn
 from .flops import BlockTokens, reduced_block_tokens
 from .schedule import ExpansionSchedule
 
-
 # A plain dict rather than functools.lru_cache: torch.compile traces through dict lookups without warnings.
 _SEED_CACHE: Dict[Tuple[int, float], Tuple[int, ...]] = {}
 

@@ -67,8 +67,9 @@ def read_state_dict(path: Path, use_ema: bool = False) -> Dict[str, torch.Tensor
             return load_file(str(path))
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch and safetensors raise RuntimeError, EOFError, UnpicklingError...
-        raise CheckpointMismatchError(f"finetune.path={path}: not a weights file torch can read "
-                                      f"({type(err).__name__}: {_first_line(err)})") from None
+        raise CheckpointMismatchError(
+            f"finetune.path={path}: not a weights file torch can read ({type(err).__name__}: {_first_line(err)})"
+        ) from None
     if not isinstance(payload, dict):
         raise CheckpointMismatchError(f"finetune.path={path}: holds a {type(payload).__name__}, not weights")
     keys = EMA_KEYS if use_ema else MODEL_KEYS
@@ -90,10 +91,20 @@ def _fit_host(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, tor
     if isinstance(model, VisionTransformer):
         return checkpoint_filter_fn(state, model)
     own = model.state_dict()
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape \
-            and hasattr(model, "patch_embed"):
-        state = dict(state, pos_embed=resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens))
+    if (
+        "pos_embed" in state
+        and "pos_embed" in own
+        and state["pos_embed"].shape != own["pos_embed"].shape
+        and hasattr(model, "patch_embed")
+    ):
+        state = dict(
+            state,
+            pos_embed=resample_abs_pos_embed(
+                state["pos_embed"],
+                new_size=list(model.patch_embed.grid_size),
+                num_prefix_tokens=model.num_prefix_tokens,
+            ),
+        )
     return state
 
 
@@ -105,8 +116,11 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[
     """
     own = model.state_dict()
     fitted = dict(_fit_host(model, state))
-    notes = [f"resampled {key} {tuple(state[key].shape)} -> {tuple(value.shape)}" for key, value in fitted.items()
-             if key in state and state[key].shape != value.shape]
+    notes = [
+        f"resampled {key} {tuple(state[key].shape)} -> {tuple(value.shape)}"
+        for key, value in fitted.items()
+        if key in state and state[key].shape != value.shape
+    ]
     mismatched = []
     for key, value in list(fitted.items()):
         if key not in own or own[key].shape == value.shape:

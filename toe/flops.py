@@ -20,8 +20,9 @@ TRAIN_TO_FORWARD = 3
 BlockTokens = List[Tuple[int, int]]  # (tokens into the attention, tokens into the MLP) of each block, prefix included
 
 
-def reduced_block_tokens(num_prefix_tokens: int, num_patches: int, kept_patches: int, depth: int,
-                         first_block_reduced: bool = False) -> BlockTokens:
+def reduced_block_tokens(
+    num_prefix_tokens: int, num_patches: int, kept_patches: int, depth: int, first_block_reduced: bool = False
+) -> BlockTokens:
     """Blocks 2..L (all blocks with ``first_block_reduced``, as under PatchDropout) on ``kept_patches`` patch
     tokens, the first block (ToE: the op runs on its output) on all of them."""
     full, reduced = num_prefix_tokens + num_patches, num_prefix_tokens + kept_patches
@@ -95,16 +96,20 @@ class ViTShape:
     def full_block_tokens(self) -> BlockTokens:
         return reduced_block_tokens(self.num_prefix_tokens, self.num_patches, self.num_patches, self.depth)
 
-    def forward_macs(self, kept_patches: int | None = None, attention: bool = True,
-                     first_block_reduced: bool = False) -> float:
+    def forward_macs(
+        self, kept_patches: int | None = None, attention: bool = True, first_block_reduced: bool = False
+    ) -> float:
         """Forward MACs per image when blocks 2..L (all blocks with ``first_block_reduced``, as under
         PatchDropout) see ``kept_patches`` patch tokens (all if ``None``)."""
         kept = self.num_patches if kept_patches is None else kept_patches
-        return self.forward_macs_blocks(reduced_block_tokens(self.num_prefix_tokens, self.num_patches, kept,
-                                                             self.depth, first_block_reduced), attention)
+        return self.forward_macs_blocks(
+            reduced_block_tokens(self.num_prefix_tokens, self.num_patches, kept, self.depth, first_block_reduced),
+            attention,
+        )
 
-    def train_macs(self, kept_patches: int | None = None, attention: bool = True,
-                   first_block_reduced: bool = False) -> float:
+    def train_macs(
+        self, kept_patches: int | None = None, attention: bool = True, first_block_reduced: bool = False
+    ) -> float:
         return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention, first_block_reduced)
 
 

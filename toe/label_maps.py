@@ -22,7 +22,7 @@ def dense_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(model).__name__}: its classifier is {type(head).__name__}, not a Linear layer")
     if features.dim() == 4:  # CNN: [B, C, H, W]
         return head(features.permute(0, 2, 3, 1))
-    tokens = features[:, getattr(model, "num_prefix_tokens", 0):]
+    tokens = features[:, getattr(model, "num_prefix_tokens", 0) :]
     side = int(round(tokens.shape[1] ** 0.5))
     if side * side != tokens.shape[1]:
         raise ValueError(f"{tokens.shape[1]} patch tokens do not form a square grid")
@@ -33,8 +33,15 @@ def dense_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_label_maps(model: nn.Module, dataset: Dataset, out: Path, topk: int = 5, batch_size: int = 64,
-                     device: str = "cpu", progress: bool = True) -> int:
+def write_label_maps(
+    model: nn.Module,
+    dataset: Dataset,
+    out: Path,
+    topk: int = 5,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+) -> int:
     """Write one ``[2, topk, H, W]`` float16 map per image of ``dataset`` (with an eval transform) under ``out``;
     returns the number written."""
     from tqdm import tqdm

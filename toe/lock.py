@@ -28,8 +28,12 @@ class RunDirBusy(StartRefused):
 
 
 def _me() -> Dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -87,7 +91,8 @@ def acquire(run_dir: Path) -> Path:
                 raise RunDirBusy(
                     f"{run_dir} is in use by PID {holder['pid']} on {holder['host']} (since {holder.get('since')}): "
                     f"two processes would interleave one record. Wait for it or stop it; if it is gone, delete "
-                    f"{path}") from None
+                    f"{path}"
+                ) from None
             log.warning("taking over the lock of %s, left by %s", run_dir, reason)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -60,9 +60,15 @@ class EpochInputs:
         if run.plan.phases:
             phase = phase_at(run.plan.phases, epoch)
             if phase != self._phase:
-                log.info("curriculum phase %d from epoch %d: %d px, RandAugment m%d, %d micro-batches of %d per step",
-                         phase.index, epoch, phase.img_size, phase.magnitude, phase.accumulation,
-                         run.local_batch // phase.accumulation)
+                log.info(
+                    "curriculum phase %d from epoch %d: %d px, RandAugment m%d, %d micro-batches of %d per step",
+                    phase.index,
+                    epoch,
+                    phase.img_size,
+                    phase.magnitude,
+                    phase.accumulation,
+                    run.local_batch // phase.accumulation,
+                )
                 self._phase = phase
             img_size, accumulation = phase.img_size, phase.accumulation
             loader = run.train_loaders.get(run.local_batch // accumulation, phase.magnitude)
@@ -70,8 +76,17 @@ class EpochInputs:
         run.sampler.set_epoch(epoch)
         shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
         tokens = block_tokens(run.model, shape)
-        return EpochSetting(epoch, stage, img_size, accumulation, loader, crop, tokens_after_first_block(tokens),
-                            shape.train_macs_blocks(tokens), shape.train_macs_blocks(tokens, attention=False))
+        return EpochSetting(
+            epoch,
+            stage,
+            img_size,
+            accumulation,
+            loader,
+            crop,
+            tokens_after_first_block(tokens),
+            shape.train_macs_blocks(tokens),
+            shape.train_macs_blocks(tokens, attention=False),
+        )
 
 
 def block_tokens(model: torch.nn.Module, shape: ViTShape) -> BlockTokens:
@@ -95,38 +110,63 @@ class Evaluator:
         if not self.due(setting.epoch):
             return None, None, None, 0.0
         run, start = self.run, time.perf_counter()
-        measure = functools.partial(evaluate, loader=run.val_loader, device=run.device, autocast=run.autocast,
-                                    progress=self.progress, reduce=run.reduce, batch_transform=setting.batch_transform)
+        measure = functools.partial(
+            evaluate,
+            loader=run.val_loader,
+            device=run.device,
+            autocast=run.autocast,
+            progress=self.progress,
+            reduce=run.reduce,
+            batch_transform=setting.batch_transform,
+        )
         top1, top5 = measure(run.net)
         ema_top1 = measure(run.ema.module)[0] if run.ema is not None else None
         return top1, top5, ema_top1, time.perf_counter() - start
 
 
-def epoch_row(setting: EpochSetting, result: EpochResult, scores: Tuple, lr: float,
-              last: Optional[EpochRow]) -> EpochRow:
+def epoch_row(
+    setting: EpochSetting, result: EpochResult, scores: Tuple, lr: float, last: Optional[EpochRow]
+) -> EpochRow:
     """The epoch's line of the record; ``last`` (the previous epoch's) carries the running totals."""
     last = last or EpochRow(epoch=-1)
     top1, top5, ema_top1, eval_seconds = scores
     return EpochRow(
-        epoch=setting.epoch, stage=setting.stage, img_size=setting.img_size,
-        tokens_after_first_block=setting.tokens_after_first_block, train_loss=result.loss,
-        train_img_per_s=result.images / result.seconds, epoch_seconds=result.seconds,
+        epoch=setting.epoch,
+        stage=setting.stage,
+        img_size=setting.img_size,
+        tokens_after_first_block=setting.tokens_after_first_block,
+        train_loss=result.loss,
+        train_img_per_s=result.images / result.seconds,
+        epoch_seconds=result.seconds,
         train_seconds_total=last.train_seconds_total + result.seconds,
         train_flops_total=last.train_flops_total + result.images * setting.macs_per_image,
         train_flops_linear_total=last.train_flops_linear_total + result.images * setting.macs_per_image_linear,
-        images_seen=last.images_seen + result.images, val_top1=top1, val_top5=top5, ema_top1=ema_top1,
-        eval_seconds=eval_seconds, lr=lr)
+        images_seen=last.images_seen + result.images,
+        val_top1=top1,
+        val_top5=top5,
+        ema_top1=ema_top1,
+        eval_seconds=eval_seconds,
+        lr=lr,
+    )
 
 
-def train_epoch(run: Any, inputs: EpochInputs, evaluator: Evaluator, epoch: int, num_updates: int,
-                last: Optional[EpochRow], progress: bool = False) -> Tuple[EpochRow, int]:
+def train_epoch(
+    run: Any,
+    inputs: EpochInputs,
+    evaluator: Evaluator,
+    epoch: int,
+    num_updates: int,
+    last: Optional[EpochRow],
+    progress: bool = False,
+) -> Tuple[EpochRow, int]:
     """Epoch ``epoch`` of ``run``: its stage and phase set, trained, the LR scheduler stepped, evaluated when due.
     Returns the record's row (``last``: the previous epoch's, for the running totals) and the optimizer updates
     made so far."""
     setting = inputs.start(epoch)
     step = run.step_config(setting.accumulation, setting.batch_transform)
-    result = train_one_epoch(run.net, setting.loader, step, num_updates, progress,
-                             desc=f"epoch {epoch + 1}/{run.plan.epochs}")
+    result = train_one_epoch(
+        run.net, setting.loader, step, num_updates, progress, desc=f"epoch {epoch + 1}/{run.plan.epochs}"
+    )
     run.scheduler.step(epoch + 1)
     row = epoch_row(setting, result, evaluator.after(setting), run.optimizer.param_groups[0]["lr"], last)
     return row, result.num_updates

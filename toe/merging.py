@@ -90,8 +90,9 @@ def _merge_sum(t: torch.Tensor, matching: Matching) -> torch.Tensor:
     return torch.cat([t[:, :p], gather_tokens(t, matching.unmerged * 2 + p), b], dim=1)
 
 
-def merge_tokens(x: torch.Tensor, matching: Matching,
-                 size: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens(
+    x: torch.Tensor, matching: Matching, size: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply ``matching`` to ``x`` ``[B, p + n, D]`` by a size-weighted mean; ``size`` ``[B, p + n, 1]`` (``None``:
     every token holds one patch). Returns the merged tokens ``[B, p + n - r, D]`` and their sizes."""
     if size is None:
@@ -114,7 +115,7 @@ def merge_destinations(matching: Matching) -> torch.Tensor:
     dest = torch.empty(batch, total, dtype=torch.long, device=device)
     dest[:, :p] = torch.arange(p, device=device)
     dest[:, p::2] = dest_a
-    dest[:, p + 1::2] = torch.arange(num_b, device=device) + p + stay
+    dest[:, p + 1 :: 2] = torch.arange(num_b, device=device) + p + stay
     return dest
 
 
@@ -144,8 +145,9 @@ class TokenMerging(nn.Module):
     reads the same sizes it read the first time.
     """
 
-    def __init__(self, schedule: MergeSchedule, num_prefix_tokens: int = 1, prop_attn: bool = True,
-                 sparse_eval: bool = False):
+    def __init__(
+        self, schedule: MergeSchedule, num_prefix_tokens: int = 1, prop_attn: bool = True, sparse_eval: bool = False
+    ):
         super().__init__()
         self.schedule = schedule
         self.num_prefix_tokens = num_prefix_tokens
@@ -167,8 +169,9 @@ class TokenMerging(nn.Module):
         """(tokens into the attention, tokens into the MLP) of each block, prefix included, now."""
         return merging_block_tokens(num_patches, depth, self.r, self.num_prefix_tokens)
 
-    def forward(self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Matching]]:
+    def forward(
+        self, x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor], index: int
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Matching]]:
         """Merge block ``index``'s share of ``self.r`` (:func:`block_r`) tokens of ``x``, matched on ``metric``;
         returns ``(x, size, matching)`` (``matching`` ``None`` when nothing is merged)."""
         r = block_r(self.r, index)
@@ -179,5 +182,7 @@ class TokenMerging(nn.Module):
         return x, size, matching
 
     def extra_repr(self) -> str:
-        return (f"stage={self.stage}, r={self.r}, prop_attn={self.prop_attn}, "
-                f"num_prefix_tokens={self.num_prefix_tokens}, schedule={self.schedule}")
+        return (
+            f"stage={self.stage}, r={self.r}, prop_attn={self.prop_attn}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, schedule={self.schedule}"
+        )

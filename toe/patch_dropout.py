@@ -73,8 +73,9 @@ class ScheduledPatchDropout(PatchDropout):
     def block_tokens(self, num_patches: int, depth: int) -> BlockTokens:
         """(tokens into the attention, tokens into the MLP) of each block, prefix included, now: it runs before
         the first block, so every block sees the kept tokens."""
-        return reduced_block_tokens(self.num_prefix_tokens, num_patches, self.kept_tokens(num_patches), depth,
-                                    first_block_reduced=True)
+        return reduced_block_tokens(
+            self.num_prefix_tokens, num_patches, self.kept_tokens(num_patches), depth, first_block_reduced=True
+        )
 
     def forward_with_indices(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The kept tokens and their patch positions ``[B, m]`` (``None`` when nothing is dropped), by timm's

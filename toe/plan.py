@@ -17,8 +17,9 @@ from .schedule import ExpansionSchedule
 
 def toe_block_tokens(shape: ViTShape, schedule: ExpansionSchedule, stage: int) -> BlockTokens:
     """ToE: the first block sees every token, the others the stage's kept tokens (prefix included)."""
-    return reduced_block_tokens(shape.num_prefix_tokens, shape.num_patches,
-                                schedule.kept_tokens(shape.num_patches, stage), shape.depth)
+    return reduced_block_tokens(
+        shape.num_prefix_tokens, shape.num_patches, schedule.kept_tokens(shape.num_patches, stage), shape.depth
+    )
 
 
 def merge_block_tokens(shape: ViTShape, r: float) -> BlockTokens:
@@ -28,8 +29,9 @@ def merge_block_tokens(shape: ViTShape, r: float) -> BlockTokens:
 
 def dropout_block_tokens(shape: ViTShape, kept_patches: int) -> BlockTokens:
     """PatchDropout: every block sees the kept tokens."""
-    return reduced_block_tokens(shape.num_prefix_tokens, shape.num_patches, kept_patches, shape.depth,
-                                first_block_reduced=True)
+    return reduced_block_tokens(
+        shape.num_prefix_tokens, shape.num_patches, kept_patches, shape.depth, first_block_reduced=True
+    )
 
 
 def matched_merge_r(shape: ViTShape, target_macs: float, attention: bool = True, whole: bool = False) -> float:
@@ -38,8 +40,9 @@ def matched_merge_r(shape: ViTShape, target_macs: float, attention: bool = True,
     ``whole``; the smallest of equals. FLOPs fall as ``r`` grows, until the clamp stops them."""
     steps = 1 if whole else shape.depth
     candidates = [k if whole else round(k / steps, 6) for k in range(0, shape.num_patches // 2 * steps + 1)]
-    return min(candidates, key=lambda r: abs(shape.train_macs_blocks(merge_block_tokens(shape, r), attention)
-                                             - target_macs))
+    return min(
+        candidates, key=lambda r: abs(shape.train_macs_blocks(merge_block_tokens(shape, r), attention) - target_macs)
+    )
 
 
 def kept_rate_for(n: int, kept: int) -> float:
@@ -52,8 +55,10 @@ def kept_rate_for(n: int, kept: int) -> float:
 
 def matched_kept_rate(shape: ViTShape, target_macs: float, attention: bool = True) -> float:
     """The PatchDropout kept rate whose train FLOPs are nearest ``target_macs``."""
-    kept = min(range(1, shape.num_patches + 1), key=lambda k: abs(
-        shape.train_macs_blocks(dropout_block_tokens(shape, k), attention) - target_macs))
+    kept = min(
+        range(1, shape.num_patches + 1),
+        key=lambda k: abs(shape.train_macs_blocks(dropout_block_tokens(shape, k), attention) - target_macs),
+    )
     return kept_rate_for(shape.num_patches, kept)
 
 
@@ -80,10 +85,17 @@ def match_stages(shape: ViTShape, schedule: ExpansionSchedule, attention: bool =
         r = matched_merge_r(shape, target, attention)
         rate = matched_kept_rate(shape, target, attention)
         kept = KeptRateSchedule((0,), (rate,)).kept_tokens(shape.num_patches, 1)
-        matches.append(StageMatch(
-            stage, tokens_after_first_block(tokens), target, r,
-            shape.train_macs_blocks(merge_block_tokens(shape, r), attention),
-            rate, shape.train_macs_blocks(dropout_block_tokens(shape, kept), attention)))
+        matches.append(
+            StageMatch(
+                stage,
+                tokens_after_first_block(tokens),
+                target,
+                r,
+                shape.train_macs_blocks(merge_block_tokens(shape, r), attention),
+                rate,
+                shape.train_macs_blocks(dropout_block_tokens(shape, kept), attention),
+            )
+        )
     return matches
 
 
@@ -107,22 +119,32 @@ def toe_flop_ratio(shape: ViTShape, schedule: ExpansionSchedule, epochs: int, at
     at full tokens), as ``toe-bench flops`` and the paper's speed-up count them."""
     full = shape.train_macs_blocks(shape.full_block_tokens(), attention)
     spent = stage_epochs(schedule.expansion_steps, epochs)
-    stage_macs = [shape.train_macs_blocks(toe_block_tokens(shape, schedule, s), attention)
-                  for s in range(1, schedule.num_stages + 1)]
+    stage_macs = [
+        shape.train_macs_blocks(toe_block_tokens(shape, schedule, s), attention)
+        for s in range(1, schedule.num_stages + 1)
+    ]
     before = min(schedule.expansion_steps[0], epochs)  # epochs at full tokens
     spent_macs = full * before + sum(e * m for e, m in zip(spent, stage_macs))
     return full * epochs / spent_macs if epochs else 1.0
 
 
-def _nearest(schedules: Iterable[ExpansionSchedule], shape: ViTShape, epochs: int, target: float,
-             attention: bool) -> Optional[Tuple[ExpansionSchedule, float]]:
+def _nearest(
+    schedules: Iterable[ExpansionSchedule], shape: ViTShape, epochs: int, target: float, attention: bool
+) -> Optional[Tuple[ExpansionSchedule, float]]:
     """The schedule whose FLOP ratio is nearest ``target`` (the first of equals), with its ratio."""
     rated = ((schedule, toe_flop_ratio(shape, schedule, epochs, attention)) for schedule in schedules)
     return min(rated, key=lambda pair: abs(pair[1] - target), default=None)
 
 
-def plan_keep_rates(shape: ViTShape, starts: Sequence[int], epochs: int, target: float, rate_step: float = 0.05,
-                    repeats: int = 2, attention: bool = True) -> Tuple[ExpansionSchedule, float]:
+def plan_keep_rates(
+    shape: ViTShape,
+    starts: Sequence[int],
+    epochs: int,
+    target: float,
+    rate_step: float = 0.05,
+    repeats: int = 2,
+    attention: bool = True,
+) -> Tuple[ExpansionSchedule, float]:
     """The ToE_r1 schedule (:func:`rates_from_first`, r_1 on a grid of ``rate_step``) for the stage split
     ``starts`` whose FLOP ratio is nearest ``target``; returns it and its ratio."""
 
@@ -140,15 +162,24 @@ def plan_keep_rates(shape: ViTShape, starts: Sequence[int], epochs: int, target:
     return best
 
 
-def plan_stage_split(shape: ViTShape, keep_rates: Sequence[float], init_keep_rate: float, epochs: int,
-                     target: float, repeats: int = 2, attention: bool = True) -> Tuple[ExpansionSchedule, float]:
+def plan_stage_split(
+    shape: ViTShape,
+    keep_rates: Sequence[float],
+    init_keep_rate: float,
+    epochs: int,
+    target: float,
+    repeats: int = 2,
+    attention: bool = True,
+) -> Tuple[ExpansionSchedule, float]:
     """The stage split ``0, s, 2s, ...`` (the reduced stages of equal length, the last stage taking the rest, as the
     official 100/100/100 and Hyper 130/130/40 splits are) whose FLOP ratio for fixed kept rates is nearest
     ``target``; returns the schedule and its ratio."""
     stages = len(keep_rates)
     longest = (epochs - 1) // max(1, stages - 1) if stages > 1 else epochs
-    splits = (ExpansionSchedule(tuple(i * length for i in range(stages)), tuple(keep_rates), init_keep_rate,
-                                repeats=repeats) for length in range(1, longest + 1))
+    splits = (
+        ExpansionSchedule(tuple(i * length for i in range(stages)), tuple(keep_rates), init_keep_rate, repeats=repeats)
+        for length in range(1, longest + 1)
+    )
     best = _nearest(splits, shape, epochs, target, attention)
     if best is None:
         raise ValueError(f"{epochs} epochs cannot hold {stages} stages")

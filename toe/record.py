@@ -20,12 +20,18 @@ from typing import Any, Dict, Iterator, List, Optional
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pth"
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoint.pth",
+)
 
 
 class StartRefused(RuntimeError):
     """The run dir cannot be (re)started as asked, and nothing was written to it; one line says why and what to do
     (another process holds it, its checkpoint is unreadable, the config differs from the checkpoint's)."""
+
 
 @dataclass
 class EpochRow:
@@ -127,8 +133,9 @@ def _wrong(hint: Any, value: Any, key: str) -> Optional[str]:
     if origin in (list, List):
         if not isinstance(value, list):
             return "is not a list"
-        return next((f"holds {item!r}, which {why}" for item in value for why in [_wrong(args[0], item, key)]
-                     if why), None)
+        return next(
+            (f"holds {item!r}, which {why}" for item in value for why in [_wrong(args[0], item, key)] if why), None
+        )
     if origin in (dict, Dict):
         return None if isinstance(value, dict) else "is not a mapping"
     if hint is float:
@@ -352,6 +359,8 @@ def read_run_dir(run_dir: Path) -> RunDir:
         return default if value is None else value
 
     run.config = read(CONFIG_FILE, yaml.safe_load, {})
+    if not (run.path / CONFIG_FILE).exists():  # a job refused before its record: the config Hydra composed for it
+        run.config = read(Path(HYDRA_DIR) / CONFIG_FILE, yaml.safe_load, {})
     if not isinstance(run.config, dict):
         run.problems.append(f"{CONFIG_FILE}: not a mapping of settings (a {type(run.config).__name__})")
         run.config = {}

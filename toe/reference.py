@@ -1,4 +1,5 @@
-"""A plain, slow, loop-based ToE written straight from the method description (the ToE paper, arXiv 2404.00672, and its official code, Osilly/TokenExpansion).
+"""A plain, slow, loop-based ToE written straight from the method description (the ToE paper, arXiv 2404.00672,
+and its official code, Osilly/TokenExpansion).
 
 It exists to check :mod:`toe.expansion` and to time it against; it is never used for training. One image at a
 time, Python lists for the selected and unselected sets, scores recomputed from scratch at every sub-step.

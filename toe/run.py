@@ -18,8 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import toe
 import toe.models  # noqa: F401 - registers LV-ViT with timm
-from toe.augment import (BatchAugment, InMemoryImages, TensorImages, as_batch, cached_images, tensor_pipeline_blockers,
-                          uint8_images)
+from toe.augment import (
+    BatchAugment,
+    InMemoryImages,
+    TensorImages,
+    as_batch,
+    cached_images,
+    tensor_pipeline_blockers,
+    uint8_images,
+)
 from toe.data import SeededSamples, SeededTransforms, build_datasets, build_transforms
 from toe.distributed import DistInfo, all_reduce_sum
 from toe.engine import StepConfig
@@ -55,8 +62,14 @@ def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Opti
 
     mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
-        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
-                      switch_prob=recipe.mixup_switch_prob, label_smoothing=recipe.smoothing, num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=recipe.mixup,
+            cutmix_alpha=recipe.cutmix,
+            prob=recipe.mixup_prob,
+            switch_prob=recipe.mixup_switch_prob,
+            label_smoothing=recipe.smoothing,
+            num_classes=num_classes,
+        )
     if token_label is not None:
         return token_label, mixup
     if mixup is not None:
@@ -71,9 +84,15 @@ def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Mo
     import timm
 
     try:
-        return timm.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
-                                 patch_size=cfg.model.patch_size, drop_path_rate=cfg.model.drop_path,
-                                 **cfg.model.kwargs, **extra)
+        return timm.create_model(
+            cfg.model.name,
+            num_classes=num_classes,
+            img_size=cfg.model.img_size,
+            patch_size=cfg.model.patch_size,
+            drop_path_rate=cfg.model.drop_path,
+            **cfg.model.kwargs,
+            **extra,
+        )
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
     except TypeError as err:  # a keyword the model class does not take
@@ -122,10 +141,20 @@ class Run:
     def step_config(self, accumulation: int = 1, batch_transform: Any = None) -> StepConfig:
         """The training step; ``batch_transform`` (the curriculum's crop) or else the tensor pipeline's
         augmentation runs on each batch on the device."""
-        return StepConfig(self.criterion, self.optimizer, self.scheduler, self.device, autocast=self.autocast,
-                          loss_scaler=self.scaler, ema=self.ema, mixup=self.mixup, clip_grad=self.clip_grad,
-                          reduce=self.reduce, accumulation=accumulation,
-                          batch_transform=batch_transform or self.batch_augment)
+        return StepConfig(
+            self.criterion,
+            self.optimizer,
+            self.scheduler,
+            self.device,
+            autocast=self.autocast,
+            loss_scaler=self.scaler,
+            ema=self.ema,
+            mixup=self.mixup,
+            clip_grad=self.clip_grad,
+            reduce=self.reduce,
+            accumulation=accumulation,
+            batch_transform=batch_transform or self.batch_augment,
+        )
 
 
 class TrainLoaders:
@@ -133,8 +162,9 @@ class TrainLoaders:
     asked for. A phase's loader has its own shallow copy of the training set with its own transform, so no
     loader's transform changes under it (or under its workers)."""
 
-    def __init__(self, dataset, sampler, data_config: Dict[str, Any], recipe: DictConfig, auto_augment: str,
-                 **loader_kwargs: Any):
+    def __init__(
+        self, dataset, sampler, data_config: Dict[str, Any], recipe: DictConfig, auto_augment: str, **loader_kwargs: Any
+    ):
         self.dataset, self.sampler, self.data_config, self.recipe = dataset, sampler, data_config, recipe
         self.auto_augment, self.loader_kwargs = auto_augment, loader_kwargs
         self._loaders: Dict[Tuple[int, Optional[int]], Any] = {}
@@ -148,13 +178,21 @@ class TrainLoaders:
             dataset = self.dataset
             if magnitude is not None:
                 dataset = copy.copy(self.dataset)
-                dataset.transform = build_transforms(self.data_config, OmegaConf.merge(
-                    self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}))[0]
+                dataset.transform = build_transforms(
+                    self.data_config,
+                    OmegaConf.merge(self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}),
+                )[0]
             if isinstance(self.sampler, SeededSamples):
                 dataset = SeededTransforms(dataset)
-            self._loaders[key] = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, drop_last=True,
-                                                             sampler=self.sampler, **_collate(dataset),
-                                                             generator=own_generator(), **self.loader_kwargs)
+            self._loaders[key] = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=micro_batch,
+                drop_last=True,
+                sampler=self.sampler,
+                **_collate(dataset),
+                generator=own_generator(),
+                **self.loader_kwargs,
+            )
         return self._loaders[key]
 
 
@@ -203,8 +241,11 @@ def loader_settings(workers: Any, pipeline: str, device: torch.device, processes
     for itself, up to 16), with persistent workers (no respawn per epoch), pinned memory on CUDA and a deeper
     prefetch there."""
     if workers == "auto":
-        workers = 0 if pipeline == "tensor" or device.type == "cpu" else min(
-            16, max(1, available_cores() // max(1, processes_per_node) - 1))
+        workers = (
+            0
+            if pipeline == "tensor" or device.type == "cpu"
+            else min(16, max(1, available_cores() // max(1, processes_per_node) - 1))
+        )
     settings: Dict[str, Any] = {"num_workers": int(workers), "pin_memory": device.type == "cuda"}
     if workers:
         settings.update(persistent_workers=True, prefetch_factor=4 if device.type == "cuda" else 2)
@@ -216,15 +257,18 @@ def choose_pipeline(cfg: DictConfig, in_memory: bool, interpolation: str, plan: 
     that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at hand."""
     reasons = [f"{key}={value}" for key, value in tensor_pipeline_blockers(cfg.recipe, interpolation).items()]
     if not in_memory:
-        reasons.append(f"data={cfg.data.name} is read from files (the tensor pipeline holds digits and CIFAR in "
-                       "memory)")
+        reasons.append(
+            f"data={cfg.data.name} is read from files (the tensor pipeline holds digits and CIFAR in memory)"
+        )
     if plan.phases:
         reasons.append("the EfficientTrain curriculum changes RandAugment per phase")
     if cfg.token_label.root:
         reasons.append("token labeling crops each image's label map with it")
     if cfg.train.pipeline == "tensor" and reasons:
-        raise ConfigError(f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or "
-                          "auto runs it on timm's PIL path)")
+        raise ConfigError(
+            f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or "
+            "auto runs it on timm's PIL path)"
+        )
     return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
 
 
@@ -245,8 +289,9 @@ def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
         from timm.data.distributed_sampler import RepeatAugSampler
 
         return RepeatAugSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
-    return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed,
-                                               drop_last=True)
+    return torch.utils.data.DistributedSampler(
+        dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
 
 
 def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: SchedulePlan) -> None:
@@ -256,16 +301,23 @@ def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: Schedul
     node = next((n for n in REDUCTION_NODES if cfg[n].enabled), None)
     if node is None:
         return
-    settings = {"toe": {}, "patch_dropout": {"keep_rates": cfg.patch_dropout.keep_rates},
-                "tome": {"rs": cfg.tome.r, "prop_attn": cfg.tome.prop_attn}}[node]
+    settings = {
+        "toe": {},
+        "patch_dropout": {"keep_rates": cfg.patch_dropout.keep_rates},
+        "tome": {"rs": cfg.tome.r, "prop_attn": cfg.tome.prop_attn},
+    }[node]
     try:
-        toe.patch_method(model, node.replace("_", ""), build_expansion_schedule(cfg, plan.stage_starts, matching=True),
-                         sparse_eval=bool(cfg[node].get("sparse_eval", False)), **settings)
+        toe.patch_method(
+            model,
+            node.replace("_", ""),
+            build_expansion_schedule(cfg, plan.stage_starts, matching=True),
+            sparse_eval=bool(cfg[node].get("sparse_eval", False)),
+            **settings,
+        )
     except TypeError as err:  # a host the method cannot run on (fewer than two blocks, another block type)
         raise ConfigError(f"model.name={cfg.model.name} with method={cfg.method_name}: {err}") from None
     if node != "toe" and None in settings.values():
-        log.info("%s matched to the train FLOPs of ToE's stages: %s", cfg.method_name,
-                 toe.reduction_op(model).schedule)
+        log.info("%s matched to the train FLOPs of ToE's stages: %s", cfg.method_name, toe.reduction_op(model).schedule)
 
 
 # torch's fused (one-kernel) Adam/AdamW: on the embedded default's small model the per-parameter loop of the
@@ -278,8 +330,7 @@ def create_optimizer(model: torch.nn.Module, recipe: DictConfig, lr: float) -> t
     """timm's optimizer for the recipe, fused where torch has a fused kernel for it on the model's device."""
     from timm.optim import create_optimizer_v2
 
-    kwargs = dict(opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay, momentum=recipe.momentum,
-                  eps=recipe.opt_eps)
+    kwargs = dict(opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay, momentum=recipe.momentum, eps=recipe.opt_eps)
     if recipe.opt.lower() in FUSED_OPTIMIZERS:
         try:
             return create_optimizer_v2(model, fused=True, **kwargs)
@@ -294,14 +345,15 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
 
     device = resolve_device(cfg.train.device, info.local_rank)
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype
-                else contextlib.nullcontext)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
     random_seed(cfg.seed, info.rank)
     train_set, val_set = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
     if num_classes < len(train_set.classes):
-        raise ConfigError(f"data.num_classes={num_classes}: data={cfg.data.name} has {len(train_set.classes)} "
-                          "classes, and a head of fewer cannot score them (leave it null to count them)")
+        raise ConfigError(
+            f"data.num_classes={num_classes}: data={cfg.data.name} has {len(train_set.classes)} "
+            "classes, and a head of fewer cannot score them (leave it null to count them)"
+        )
     plan = plan_schedule(cfg)
     # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
     # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
@@ -311,8 +363,10 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     except ConfigError as err:
         if "dynamic_img_size" not in str(err):
             raise
-        raise ConfigError(f"model.name={cfg.model.name} has a fixed position embedding and does not take the "
-                          "EfficientTrain curriculum's changing resolution (timm's dynamic_img_size)") from None
+        raise ConfigError(
+            f"model.name={cfg.model.name} has a fixed position embedding and does not take the "
+            "EfficientTrain curriculum's changing resolution (timm's dynamic_img_size)"
+        ) from None
     if cfg.finetune.path:
         try:
             load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
@@ -326,13 +380,24 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     interpolation = cfg.recipe.get("train_interpolation") or data_config["interpolation"]
     pipeline, batch_augment = choose_pipeline(cfg, images is not None, interpolation, plan), None
     if pipeline == "tensor":
-        batch_augment = BatchAugment(cfg.model.img_size, tuple(cfg.recipe.scale), (3 / 4, 4 / 3), cfg.recipe.hflip,
-                                     interpolation, data_config["mean"], data_config["std"]).to(device)
+        batch_augment = BatchAugment(
+            cfg.model.img_size,
+            tuple(cfg.recipe.scale),
+            (3 / 4, 4 / 3),
+            cfg.recipe.hflip,
+            interpolation,
+            data_config["mean"],
+            data_config["std"],
+        ).to(device)
         train_set = TensorImages(images, train_set.targets, list(train_set.classes))
-    if len(val_set) * 3 * cfg.model.img_size ** 2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
+    if len(val_set) * 3 * cfg.model.img_size**2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
         val_set = cached_images(val_set)
-    log.info("training images: %s pipeline (train.pipeline=%s)%s", pipeline, cfg.train.pipeline,
-             f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms")
+    log.info(
+        "training images: %s pipeline (train.pipeline=%s)%s",
+        pipeline,
+        cfg.train.pipeline,
+        f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms",
+    )
     model.to(device)
 
     batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
@@ -341,43 +406,91 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     local_batch = batch_size // info.world_size
     lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
     optimizer = create_optimizer(model, cfg.recipe, lr)
-    log.info("optimizer: %s%s, lr %.3g", type(optimizer).__name__,
-             " (torch's fused kernel)" if optimizer.defaults.get("fused") else "", lr)
+    log.info(
+        "optimizer: %s%s, lr %.3g",
+        type(optimizer).__name__,
+        " (torch's fused kernel)" if optimizer.defaults.get("fused") else "",
+        lr,
+    )
     ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
     net = torch.compile(model) if cfg.train.compile else model
     if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     sampler = _train_sampler(train_set, cfg, info)
     if pipeline == "pil":  # timm's per-image transforms: their draws seeded per sample (toe.data.SeededSamples)
         sampler = SeededSamples(sampler, cfg.seed, info.rank)
     loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, _processes_per_node(info))
-    log.info("data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)", loader_kwargs["num_workers"],
-             ", persistent, prefetch %d" % loader_kwargs["prefetch_factor"] if loader_kwargs["num_workers"] else "",
-             loader_kwargs["pin_memory"], cfg.train.workers, available_cores())
-    train_loaders = TrainLoaders(train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment,
-                                 **loader_kwargs)
+    log.info(
+        "data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)",
+        loader_kwargs["num_workers"],
+        ", persistent, prefetch %d" % loader_kwargs["prefetch_factor"] if loader_kwargs["num_workers"] else "",
+        loader_kwargs["pin_memory"],
+        cfg.train.workers,
+        available_cores(),
+    )
+    train_loaders = TrainLoaders(
+        train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment, **loader_kwargs
+    )
     train_loader = train_loaders.get(local_batch)
     if plan.phases:
         if any(local_batch % p.accumulation for p in plan.phases):
-            raise ConfigError(f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
-                              f"the curriculum's accumulation steps {[p.accumulation for p in plan.phases]}")
+            raise ConfigError(
+                f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
+                f"the curriculum's accumulation steps {[p.accumulation for p in plan.phases]}"
+            )
     # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
     val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=local_batch, shuffle=False, **_collate(val_shard),
-                                             generator=own_generator(), **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(
+        val_shard,
+        batch_size=local_batch,
+        shuffle=False,
+        **_collate(val_shard),
+        generator=own_generator(),
+        **loader_kwargs,
+    )
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
     min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.recipe.sched, num_epochs=plan.epochs,
-        warmup_epochs=cfg.recipe.warmup_epochs, warmup_lr=cfg.recipe.warmup_lr, min_lr=min_lr,
-        step_on_epochs=not cfg.recipe.sched_on_updates, updates_per_epoch=len(train_loader))
+        optimizer,
+        sched=cfg.recipe.sched,
+        num_epochs=plan.epochs,
+        warmup_epochs=cfg.recipe.warmup_epochs,
+        warmup_lr=cfg.recipe.warmup_lr,
+        min_lr=min_lr,
+        step_on_epochs=not cfg.recipe.sched_on_updates,
+        updates_per_epoch=len(train_loader),
+    )
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
-    return Run(model, net, ema, optimizer, scheduler, scaler, criterion, mixup, train_loader, val_loader,
-               sampler, train_loaders, ViTShape.from_model(model), device, autocast, lr, info, plan,
-               local_batch, cfg.model.img_size, cfg.model.patch_size, cfg.recipe.clip_grad, pipeline, batch_augment)
+    return Run(
+        model,
+        net,
+        ema,
+        optimizer,
+        scheduler,
+        scaler,
+        criterion,
+        mixup,
+        train_loader,
+        val_loader,
+        sampler,
+        train_loaders,
+        ViTShape.from_model(model),
+        device,
+        autocast,
+        lr,
+        info,
+        plan,
+        local_batch,
+        cfg.model.img_size,
+        cfg.model.patch_size,
+        cfg.recipe.clip_grad,
+        pipeline,
+        batch_augment,
+    )
 
 
 def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
@@ -388,13 +501,21 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
     root = node.root
     if not hasattr(model, "drop_dense_head"):
         if root:
-            raise ConfigError(f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
-                              "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)")
+            raise ConfigError(
+                f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
+                "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)"
+            )
         return train_set, None
     try:
-        loss = TokenLabelLoss(num_classes, tuple(model.patch_embed.grid_size), smoothing=cfg.recipe.smoothing,
-                              dense_weight=node.dense_weight, cls_weight=node.cls_weight,
-                              ground_truth=bool(node.ground_truth), box_order=node.box_order)
+        loss = TokenLabelLoss(
+            num_classes,
+            tuple(model.patch_embed.grid_size),
+            smoothing=cfg.recipe.smoothing,
+            dense_weight=node.dense_weight,
+            cls_weight=node.cls_weight,
+            ground_truth=bool(node.ground_truth),
+            box_order=node.box_order,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if root:  # with Mixup/CutMix off: toe.schema.validate refuses them beside label maps
@@ -403,7 +524,9 @@ def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_clas
         except LabelMapError as err:
             raise ConfigError(str(err)) from None
     else:
-        log.warning("LV-ViT without label maps (token_label.root is not set): training with the class-token loss "
-                    "alone, the dense head dropped")
+        log.warning(
+            "LV-ViT without label maps (token_label.root is not set): training with the class-token loss "
+            "alone, the dense head dropped"
+        )
         model.drop_dense_head()
     return train_set, loss

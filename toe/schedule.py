@@ -1,8 +1,9 @@
 """The ToE stage schedule: when each stage starts, how many tokens it keeps, and the operator's switches.
 
-Token counts follow the official code's integer and float arithmetic exactly (the official ``TokenSelect`` of Osilly/TokenExpansion):
-the per-stage kept-rate increments are float differences, every stage but the last adds ``int(n * increment)``
-tokens, the last adds what reaches ``int(n * r_last)`` from ``int(n * (r0 + sum(increments so far)))``, and the
+Token counts follow the official code's integer and float arithmetic exactly (the official ``TokenSelect`` of
+Osilly/TokenExpansion): the per-stage kept-rate increments are float differences, every stage but the last adds
+``int(n * increment)`` tokens, the last adds what reaches ``int(n * r_last)`` from
+``int(n * (r0 + sum(increments so far)))``, and the
 seed stride is ``int(1 // r0)``, so ``1 // 0.2 == 4.0`` gives a stride of 4.
 """
 
@@ -63,7 +64,8 @@ class ExpansionSchedule:
             raise ValueError("keep_rates is empty: give one kept rate per stage, e.g. [0.5, 0.75, 1.0]")
         if len(steps) != len(rates):
             raise ValueError(
-                f"expansion_steps has {len(steps)} entries but keep_rates has {len(rates)}: give one start epoch per stage"
+                f"expansion_steps has {len(steps)} entries but keep_rates has {len(rates)}: "
+                "give one start epoch per stage"
             )
         if any(b <= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"expansion_steps must be strictly increasing, got {list(steps)}")
@@ -143,11 +145,18 @@ class StageValues:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_starts", tuple(int(s) for s in self.stage_starts))
-        object.__setattr__(self, "values", tuple(int(v) if float(v).is_integer() and self.whole_when_integral
-                                                 else round(float(v), 6) for v in self.values))
+        object.__setattr__(
+            self,
+            "values",
+            tuple(
+                int(v) if float(v).is_integer() and self.whole_when_integral else round(float(v), 6)
+                for v in self.values
+            ),
+        )
         if len(self.stage_starts) != len(self.values) or not self.values:
-            raise ValueError(f"{self.name} {list(self.values)} need one stage start each, got "
-                             f"{list(self.stage_starts)}")
+            raise ValueError(
+                f"{self.name} {list(self.values)} need one stage start each, got {list(self.stage_starts)}"
+            )
         if any(b <= a for a, b in zip(self.stage_starts, self.stage_starts[1:])):
             raise ValueError(f"stage_starts {list(self.stage_starts)} must increase")
         self.check(self.values)

@@ -41,11 +41,21 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message is one line that names the key and the value."""
 
 
-def _spec(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
-          le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[Sequence[Any]] = None) -> Any:
+def _spec(
+    default: Any = MISSING,
+    *,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+    choices: Optional[Sequence[Any]] = None,
+) -> Any:
     """A field whose value (each element, for a list) must satisfy the bounds and choices given."""
-    rules = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
-             if value is not None}
+    rules = {
+        name: value
+        for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
+        if value is not None
+    }
     return field(default=default, metadata=rules)
 
 
@@ -263,9 +273,13 @@ def _check_rules(key: str, value: Any, rules: Dict[str, Any], shown: Any) -> Non
         return
     if "choices" in rules and value not in rules["choices"]:
         raise ConfigError(f"{key}={_show(shown)}: expected one of {', '.join(map(str, rules['choices']))}")
-    bounds = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
-    for name, holds, sign in bounds:
+    bounds = (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    )
+    for name, holds, _ in bounds:
         if name in rules and not (math.isfinite(value) and holds(value, rules[name])):
             wanted = " and ".join(f"{s} {rules[n]:g}" for n, _, s in bounds if n in rules)
             raise ConfigError(f"{key}={_show(shown)}: must be {wanted}")
@@ -319,8 +333,9 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
     other machines). Missing values (``???``) are named as such.
     """
     values = _resolved(cfg)
-    missing = [key for key in sorted(OmegaConf.missing_keys(cfg))
-               if key.split(".")[0] not in ("hydra",) + EXPERIMENT_INPUTS]
+    missing = [
+        key for key in sorted(OmegaConf.missing_keys(cfg)) if key.split(".")[0] not in ("hydra",) + EXPERIMENT_INPUTS
+    ]
     if missing:
         raise ConfigError(f"missing value for {missing[0]}: set it on the command line, e.g. {missing[0]}=<value>")
     if OmegaConf.is_missing(cfg, "label_maps"):
@@ -330,12 +345,16 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
         raise ConfigError(f"{unknown[0]}={_show(values[unknown[0]])}: no such key in the run config (toe/schema.py)")
     _check_node(RunConfig, values, "")
     if cfg.model.img_size % cfg.model.patch_size:
-        raise ConfigError(f"model.img_size={cfg.model.img_size}: the patch size {cfg.model.patch_size} "
-                          f"(model.patch_size) does not divide it")
+        raise ConfigError(
+            f"model.img_size={cfg.model.img_size}: the patch size {cfg.model.patch_size} "
+            f"(model.patch_size) does not divide it"
+        )
     if cfg.token_label.root and (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0):
-        raise ConfigError(f"token_label.root={cfg.token_label.root} with recipe.mixup={cfg.recipe.mixup} / "
-                          f"recipe.cutmix={cfg.recipe.cutmix}: MixToken replaces Mixup and CutMix in LV-ViT "
-                          "(recipe=lvvit sets both to 0)")
+        raise ConfigError(
+            f"token_label.root={cfg.token_label.root} with recipe.mixup={cfg.recipe.mixup} / "
+            f"recipe.cutmix={cfg.recipe.cutmix}: MixToken replaces Mixup and CutMix in LV-ViT "
+            "(recipe=lvvit sets both to 0)"
+        )
     if cfg.finetune.path is not None:
         from pathlib import Path
 
@@ -348,21 +367,29 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
             raise ConfigError(f"finetune.path={cfg.finetune.path}: {why}")
     enabled = [f"{node}.enabled=true" for node in REDUCTION_NODES if cfg[node].enabled]
     if len(enabled) > 1:
-        raise ConfigError(f"{' and '.join(enabled)}: one token-reduction method per run (method=toe, "
-                          "method=patchdropout or method=tome)")
+        raise ConfigError(
+            f"{' and '.join(enabled)}: one token-reduction method per run (method=toe, "
+            "method=patchdropout or method=tome)"
+        )
     for key, values in (("patch_dropout.keep_rates", cfg.patch_dropout.keep_rates), ("tome.r", cfg.tome.r)):
         if cfg[key.split(".")[0]].enabled and values is not None and len(values) != len(cfg.schedule.stage_starts):
-            raise ConfigError(f"{key}={_show(list(values))}: one value per stage of "
-                              f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))} (or null: matched to "
-                              "the ToE operator's train FLOPs)")
+            raise ConfigError(
+                f"{key}={_show(list(values))}: one value per stage of "
+                f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))} (or null: matched to "
+                "the ToE operator's train FLOPs)"
+            )
     scale = list(cfg.recipe.scale)
     if len(scale) != 2 or scale[0] > scale[1]:
-        raise ConfigError(f"recipe.scale={_show(scale)}: the crop's area share as [low, high], low <= high "
-                          "(the DeiT recipe: [0.08,1.0])")
+        raise ConfigError(
+            f"recipe.scale={_show(scale)}: the crop's area share as [low, high], low <= high "
+            "(the DeiT recipe: [0.08,1.0])"
+        )
     if (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0) and cfg.recipe.batch_size % 2:
-        raise ConfigError(f"recipe.batch_size={cfg.recipe.batch_size} with recipe.mixup={cfg.recipe.mixup} / "
-                          f"recipe.cutmix={cfg.recipe.cutmix}: timm's Mixup mixes a batch with its reverse and needs "
-                          "an even batch")
+        raise ConfigError(
+            f"recipe.batch_size={cfg.recipe.batch_size} with recipe.mixup={cfg.recipe.mixup} / "
+            f"recipe.cutmix={cfg.recipe.cutmix}: timm's Mixup mixes a batch with its reverse and needs "
+            "an even batch"
+        )
     _check_digits_split(cfg)
     workers = cfg.train.workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
@@ -384,8 +411,10 @@ def _check_digits_split(cfg: DictConfig) -> None:
         return
     val = math.ceil(cfg.data.val_fraction * DIGITS_IMAGES)
     if min(val, DIGITS_IMAGES - val) < DIGITS_CLASSES:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: {val} of the {DIGITS_IMAGES} digits for "
-                          f"validation leaves a side with fewer images than the {DIGITS_CLASSES} classes")
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction}: {val} of the {DIGITS_IMAGES} digits for "
+            f"validation leaves a side with fewer images than the {DIGITS_CLASSES} classes"
+        )
 
 
 MIN_PATCH_TOKENS = 4  # a 2 x 2 grid: ToE keeps a share of the patches, ToMe merges pairs of them
@@ -401,11 +430,19 @@ def check_model(cfg: DictConfig, plan: "SchedulePlan") -> None:
 
     name, kwargs = cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     if plan.phases and "dynamic_img_size" in kwargs:
-        raise ConfigError(f"model.kwargs.dynamic_img_size={kwargs['dynamic_img_size']}: method={cfg.method_name} "
-                          "sets it itself (the curriculum's changing resolution); leave it out")
+        raise ConfigError(
+            f"model.kwargs.dynamic_img_size={kwargs['dynamic_img_size']}: method={cfg.method_name} "
+            "sets it itself (the curriculum's changing resolution); leave it out"
+        )
     extra = {"dynamic_img_size": True} if plan.phases else {}
-    settings = dict(num_classes=cfg.data.num_classes or 2, img_size=cfg.model.img_size,
-                    patch_size=cfg.model.patch_size, drop_path_rate=cfg.model.drop_path, **kwargs, **extra)
+    settings = dict(
+        num_classes=cfg.data.num_classes or 2,
+        img_size=cfg.model.img_size,
+        patch_size=cfg.model.patch_size,
+        drop_path_rate=cfg.model.drop_path,
+        **kwargs,
+        **extra,
+    )
     try:
         try:
             with torch.device("meta"):
@@ -421,12 +458,19 @@ def check_model(cfg: DictConfig, plan: "SchedulePlan") -> None:
         raise ConfigError(f"model.name={name}: not a vision transformer toe can train (no blocks or patch_embed)")
     if len(blocks) < (2 if plan.toe_enabled else 1):
         depth = f"model.kwargs.depth={kwargs['depth']}" if "depth" in kwargs else f"model.name={name}"
-        raise ConfigError(f"{depth}: {len(blocks)} block(s); " + (
-            f"method={cfg.method_name} reduces the tokens after the first block and needs at least two"
-            if plan.toe_enabled else "a model needs at least one"))
+        raise ConfigError(
+            f"{depth}: {len(blocks)} block(s); "
+            + (
+                f"method={cfg.method_name} reduces the tokens after the first block and needs at least two"
+                if plan.toe_enabled
+                else "a model needs at least one"
+            )
+        )
     if grid < MIN_PATCH_TOKENS:
-        raise ConfigError(f"model.patch_size={cfg.model.patch_size} with model.img_size={cfg.model.img_size}: "
-                          f"{grid} patch token(s); toe needs at least {MIN_PATCH_TOKENS} (a 2 x 2 grid)")
+        raise ConfigError(
+            f"model.patch_size={cfg.model.patch_size} with model.img_size={cfg.model.img_size}: "
+            f"{grid} patch token(s); toe needs at least {MIN_PATCH_TOKENS} (a 2 x 2 grid)"
+        )
 
 
 def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) -> str:
@@ -439,11 +483,19 @@ def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) ->
         key = unexpected.group(1)
         return f"model.kwargs.{key}={_show(kwargs[key])}: model.name={name} takes no such argument"
     if unexpected:
-        return (f"model.name={name}: not a vision transformer toe can train (it takes no "
-                f"{unexpected.group(1)}; toe sets img_size, patch_size and drop_path_rate)")
-    named = [key for key in kwargs if key in text] or [
-        key for key, value in kwargs.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
-        and value <= 0] or [key for key, value in kwargs.items() if isinstance(err, TypeError) and isinstance(value, str)]
+        return (
+            f"model.name={name}: not a vision transformer toe can train (it takes no "
+            f"{unexpected.group(1)}; toe sets img_size, patch_size and drop_path_rate)"
+        )
+    named = (
+        [key for key in kwargs if key in text]
+        or [
+            key
+            for key, value in kwargs.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0
+        ]
+        or [key for key, value in kwargs.items() if isinstance(err, TypeError) and isinstance(value, str)]
+    )
     subject = ", ".join(f"model.kwargs.{key}={_show(kwargs[key])}" for key in named) or f"model.name={name}"
     return f"{subject}: timm cannot build the model ({text})"
 
@@ -458,23 +510,35 @@ def _check_timm_names(cfg: DictConfig) -> None:
         raise ConfigError(f"recipe.opt={cfg.recipe.opt}: not one of timm's optimizers (timm.optim.list_optimizers())")
     policies = [("recipe.auto_augment", cfg.recipe.auto_augment)]
     if cfg.curriculum.enabled:
-        policies += [("curriculum.auto_augment", cfg.curriculum.auto_augment.format(magnitude=p.magnitude))
-                     for p in cfg.curriculum.phases]
+        policies += [
+            ("curriculum.auto_augment", cfg.curriculum.auto_augment.format(magnitude=p.magnitude))
+            for p in cfg.curriculum.phases
+        ]
     for key, policy in policies:
         if not policy:
             continue
-        build = (rand_augment_transform if policy.startswith("rand") else augment_and_mix_transform
-                 if policy.startswith("augmix") else auto_augment_transform)
+        build = (
+            rand_augment_transform
+            if policy.startswith("rand")
+            else augment_and_mix_transform
+            if policy.startswith("augmix")
+            else auto_augment_transform
+        )
         try:
             build(policy, {})
         except (AssertionError, ValueError, KeyError, IndexError) as err:
             raise ConfigError(f"{key}={policy}: timm cannot parse this augmentation policy ({err})") from None
         # timm skips a part without a number (rand-m9-foo trains as rand-m9): refuse it rather than ignore it
-        ignored = [part for part in policy.split("-")[1:]
-                   if not re.search(r"\d", part) and not (policy.startswith("rand") and part.startswith("t"))]
+        ignored = [
+            part
+            for part in policy.split("-")[1:]
+            if not re.search(r"\d", part) and not (policy.startswith("rand") and part.startswith("t"))
+        ]
         if ignored:
-            raise ConfigError(f"{key}={policy}: timm would ignore {ignored[0]!r} (each part after the policy's name "
-                              "is a setting and its number, e.g. m9, mstd0.5, inc1)")
+            raise ConfigError(
+                f"{key}={policy}: timm would ignore {ignored[0]!r} (each part after the policy's name "
+                "is a setting and its number, e.g. m9, mstd0.5, inc1)"
+            )
 
 
 def _resolved(cfg: DictConfig) -> Dict[str, Any]:
@@ -486,8 +550,10 @@ def _resolved(cfg: DictConfig) -> Dict[str, Any]:
         reason = str(err).splitlines()[0]
         missing = re.search(r"Missing mandatory value: (\S+)", reason)
         if missing:
-            raise ConfigError(f"missing value for {missing.group(1)} (used by {err.full_key}): set it on the "
-                              f"command line, e.g. {missing.group(1)}=<value>") from None
+            raise ConfigError(
+                f"missing value for {missing.group(1)} (used by {err.full_key}): set it on the "
+                f"command line, e.g. {missing.group(1)}=<value>"
+            ) from None
         raise ConfigError(f"{err.full_key}: {reason}") from None
 
 
@@ -518,7 +584,8 @@ def stage_start_epochs(cfg: DictConfig, check: bool = True) -> List[int]:
     if check and any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(
             f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}: a {length:g}-epoch split gives start "
-            f"epochs {starts} over schedule.epochs={epochs}, which are not strictly increasing: run more epochs")
+            f"epochs {starts} over schedule.epochs={epochs}, which are not strictly increasing: run more epochs"
+        )
     return starts
 
 
@@ -534,11 +601,14 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
     phases: List[Any] = []
     if cfg.curriculum.enabled:
         try:
-            phases = build_phases(cfg.curriculum, int(cfg.schedule.epochs), int(cfg.model.img_size),
-                                  int(cfg.model.patch_size))
+            phases = build_phases(
+                cfg.curriculum, int(cfg.schedule.epochs), int(cfg.model.img_size), int(cfg.model.patch_size)
+            )
         except ValueError as err:
             raise ConfigError(f"curriculum.phases: {err}") from None
-    if (cfg.patch_dropout.enabled and cfg.patch_dropout.keep_rates is None) or (cfg.tome.enabled and cfg.tome.r is None):
+    if (cfg.patch_dropout.enabled and cfg.patch_dropout.keep_rates is None) or (
+        cfg.tome.enabled and cfg.tome.r is None
+    ):
         build_expansion_schedule(cfg, starts, matching=True)  # the settings they are matched to must work
     return SchedulePlan(int(cfg.schedule.epochs), starts, phases, staged)
 
@@ -554,8 +624,14 @@ def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None
     try:
         return ExpansionSchedule(
             expansion_steps=starts if starts is not None else stage_start_epochs(cfg),
-            keep_rates=list(node.keep_rates), init_keep_rate=node.init_keep_rate, repeats=node.repeats,
-            distance=node.distance, init=node.init, expand=node.expand, merge=node.merge)
+            keep_rates=list(node.keep_rates),
+            init_keep_rate=node.init_keep_rate,
+            repeats=node.repeats,
+            distance=node.distance,
+            init=node.init,
+            expand=node.expand,
+            merge=node.merge,
+        )
     except ValueError as err:
         if "expansion_steps" in str(err):
             raise ConfigError(f"schedule.stage_starts={_show(list(cfg.schedule.stage_starts))}: {err}") from None
@@ -565,8 +641,19 @@ def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None
 
 # --- what a resume may change --------------------------------------------------------------------------------------
 # Keys that do not change what is trained: where and how fast it runs, what is logged, how often it is evaluated.
-RESUMABLE_CHANGES = ("logger.", "train.device", "train.workers", "train.progress", "train.eval_every",
-                     "train.compile", "data.root", "data.download", "task_name", "smoke_", "resume.")
+RESUMABLE_CHANGES = (
+    "logger.",
+    "train.device",
+    "train.workers",
+    "train.progress",
+    "train.eval_every",
+    "train.compile",
+    "data.root",
+    "data.download",
+    "task_name",
+    "smoke_",
+    "resume.",
+)
 
 
 def _flat(node: Any, prefix: str = "") -> Dict[str, Any]:
@@ -590,11 +677,17 @@ def config_changes(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, L
     :data:`FREE_FORM`'s (``+model.kwargs.proj_drop_rate=0.5`` is a change), and the settings of a
     token-reduction method that is off in both (``patch_dropout``, ``tome``)."""
     old, new = _flat(before), _flat(after)
-    off = tuple(f"{node}." for node in REDUCTION_NODES[1:]
-                if not old.get(f"{node}.enabled") and not new.get(f"{node}.enabled"))
-    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
-            and (key in old or key.startswith(FREE_FORM)) and not key.startswith(off)}
+    off = tuple(
+        f"{node}." for node in REDUCTION_NODES[1:] if not old.get(f"{node}.enabled") and not new.get(f"{node}.enabled")
+    )
+    return {
+        key: [old.get(key), new.get(key)]
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+        and not key.startswith(RESUMABLE_CHANGES)
+        and (key in old or key.startswith(FREE_FORM))
+        and not key.startswith(off)
+    }
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
@@ -637,23 +730,25 @@ def compose_error_line(err: BaseException) -> str:
     head = lines[0] if lines else type(err).__name__
     if isinstance(err, OverrideParseException):
         override = getattr(err, "override", None) or (head.split("'")[1] if "'" in head else "")
-        return (f"cannot read the override {override!r}: {head.split(' See https')[0]} (close every bracket and "
-                "quote; quote the whole override for the shell: 'toe.keep_rates=[0.5,0.75,1.0]', and a value with "
-                "spaces or other special characters inside it: 'data.root=\"/data/my images\"')")
+        return (
+            f"cannot read the override {override!r}: {head.split(' See https')[0]} (close every bracket and "
+            "quote; quote the whole override for the shell: 'toe.keep_rates=[0.5,0.75,1.0]', and a value with "
+            "spaces or other special characters inside it: 'data.root=\"/data/my images\"')"
+        )
     if isinstance(err, MissingConfigException) and "Available options" in str(err):
         options = [line.strip() for line in str(err).splitlines() if line.startswith("\t") and "=" not in line]
         return f"{head} (available: {', '.join(options)})"
     append = re.search(r"use (\+\S+)", str(err))
-    cause = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)),
-                 None)
+    cause = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
     if cause is not None:
         reason = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
         override = re.search(r"override '?([^' ]+)'?", head)
         subject = override.group(1).rstrip(".") if override else cause.full_key
         if append:  # an override of a key the schema does not have
             subject = append.group(1)[1:]
-            return f"{subject}: {reason}" + (" (to add a key to model.kwargs, use +" + subject + ")"
-                                             if subject.startswith("model.kwargs.") else "")
+            return f"{subject}: {reason}" + (
+                " (to add a key to model.kwargs, use +" + subject + ")" if subject.startswith("model.kwargs.") else ""
+            )
         if override and "=" not in subject and getattr(cause, "value", None) is not None:
             subject = f"{subject}={cause.value}"
         return f"{subject}: {reason}"

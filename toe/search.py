@@ -52,13 +52,15 @@ def parse_params(params: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Any]]:
             if kind == "int":
                 space[key] = dist.IntDistribution(int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)))
             elif kind == "float":
-                space[key] = dist.FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")),
-                                                    step=spec.get("step"))
+                space[key] = dist.FloatDistribution(
+                    float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")), step=spec.get("step")
+                )
             else:
                 raise SearchSpaceError(f"params.{key}: type {kind!r}: expected float or int")
         else:
-            raise SearchSpaceError(f"params.{key}={spec}: expected a value, {{low, high[, step, type, log]}} or "
-                                   "{choices: [...]}")
+            raise SearchSpaceError(
+                f"params.{key}={spec}: expected a value, {{low, high[, step, type, log]}} or {{choices: [...]}}"
+            )
     return fixed, space
 
 
@@ -107,8 +109,9 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.storage = f"sqlite:///{(self.sweep_dir / STUDY_FILE).resolve()}"
-        self.study = optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
-                                         direction=self.direction)
+        self.study = optuna.create_study(
+            study_name=self.study_name, storage=self.storage, load_if_exists=True, direction=self.direction
+        )
         # a rerun's sampler draws a new stream: the same seed would ask the first run's settings again
         seed = None if self.seed is None else self.seed + len(self.study.trials)
         self.study.sampler = optuna.samplers.TPESampler(seed=seed)
@@ -125,23 +128,31 @@ class Search:
             self.study.tell(trial.number, state=TrialState.FAIL)
             run = trial.user_attrs.get("run", trial.number)
             self.study.enqueue_trial(trial.params, user_attrs={"run": run}, skip_if_exists=False)
-            log.warning("trial %d was cut short by a stop of the search: asked again, resuming in run dir %s",
-                        trial.number, run)
+            log.warning(
+                "trial %d was cut short by a stop of the search: asked again, resuming in run dir %s", trial.number, run
+            )
 
     def finished(self) -> int:
         """Trials that trained to an end (complete or failed); pruned ones cost nothing and trials cut short by a
         stop are trained again, so neither counts."""
         from optuna.trial import TrialState
 
-        return len([t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-                    if not t.user_attrs.get("cut_short")])
+        return len(
+            [
+                t
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+                if not t.user_attrs.get("cut_short")
+            ]
+        )
 
     def remaining(self) -> int:
         """Trials still to train; 0 also once ``MAX_ASKED_PER_TRIAL`` times ``n_trials`` have been asked (a space
         whose settings are nearly all pruned would otherwise never end)."""
         if len(self.study.trials) >= MAX_ASKED_PER_TRIAL * self.n_trials:
-            log.warning("%d trials asked, nearly all pruned: the search stops (widen the space or lower the budget)",
-                        len(self.study.trials))
+            log.warning(
+                "%d trials asked, nearly all pruned: the search stops (widen the space or lower the budget)",
+                len(self.study.trials),
+            )
             return 0
         return max(0, self.n_trials - self.finished())
 
@@ -178,8 +189,14 @@ class Search:
             log.warning("trial %d failed: %s", trial.number, error or "no objective value")
         else:
             self.study.tell(trial, float(value))
-            log.info("trial %d: %s = %.4f (best %.4f, trial %d)", trial.number, "objective", value,
-                     self.study.best_value, self.study.best_trial.number)
+            log.info(
+                "trial %d: %s = %.4f (best %.4f, trial %d)",
+                trial.number,
+                "objective",
+                value,
+                self.study.best_value,
+                self.study.best_trial.number,
+            )
 
 
 def load_trials(sweep_dir: Path) -> Optional["Any"]:
@@ -196,9 +213,14 @@ def load_trials(sweep_dir: Path) -> Optional["Any"]:
     for summary in optuna.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         for trial in study.get_trials(deepcopy=False):
-            row = {"study": summary.study_name, "trial": trial.number, "state": trial.state.name,
-                   "top1": trial.value, "flop_ratio": trial.user_attrs.get("flop_ratio"),
-                   "note": trial.user_attrs.get("pruned") or trial.user_attrs.get("error")}
+            row = {
+                "study": summary.study_name,
+                "trial": trial.number,
+                "state": trial.state.name,
+                "top1": trial.value,
+                "flop_ratio": trial.user_attrs.get("flop_ratio"),
+                "note": trial.user_attrs.get("pruned") or trial.user_attrs.get("error"),
+            }
             row.update({f"param {k}": v for k, v in trial.params.items()})
             rows.append(row)
     return pd.DataFrame(rows)

@@ -63,8 +63,13 @@ def check_jobs(config: DictConfig) -> int:
 
     experiment = config.hydra.runtime.choices.get("experiments")
     search = config.hydra.runtime.choices.get("hparams_search")
-    source = (f"experiments/{experiment}.yaml" if experiment else f"hparams_search/{search}.yaml" if search
-              else "the command line")
+    source = (
+        f"experiments/{experiment}.yaml"
+        if experiment
+        else f"hparams_search/{search}.yaml"
+        if search
+        else "the command line"
+    )
     launcher = config.hydra.runtime.choices.get("hydra/launcher")
     jobs = sweep_jobs(config)
     if jobs is None:  # the values are drawn as the sweep goes: check what is fixed now, each job when it starts
@@ -130,8 +135,9 @@ def _slurm_state(job_id: Optional[str]) -> Optional[str]:
     if not job_id or shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     states = out.stdout.split()
@@ -190,5 +196,13 @@ def retry_command(run: RunDir, sweep_dir: Path, launcher: Optional[str]) -> List
     if launcher:
         hydra_overrides = [o for o in hydra_overrides if not o.startswith(("hydra/launcher=", "hydra.launcher."))]
         hydra_overrides.append(f"hydra/launcher={launcher}")
-    return [sys.executable, "-m", "toe.cli.train", "-m", *run.overrides, *hydra_overrides,
-            f"hydra.sweep.dir={run.path.resolve()}", "hydra.sweep.subdir=."]
+    return [
+        sys.executable,
+        "-m",
+        "toe.cli.train",
+        "-m",
+        *run.overrides,
+        *hydra_overrides,
+        f"hydra.sweep.dir={run.path.resolve()}",
+        "hydra.sweep.subdir=.",
+    ]

@@ -32,7 +32,6 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import Dataset
 
-
 BOX_ORDERS = ("official", "xy")
 
 
@@ -49,8 +48,10 @@ def sample_names(dataset: Dataset) -> List[str]:
     elif hasattr(dataset, "samples"):  # torchvision ImageFolder
         paths = [Path(p) for p, _ in dataset.samples]
     else:
-        raise LabelMapError(f"{type(dataset).__name__} has no per-image file names; token labeling needs an image "
-                            "folder (data=imagefolder or imagenet) or the digits set")
+        raise LabelMapError(
+            f"{type(dataset).__name__} has no per-image file names; token labeling needs an image "
+            "folder (data=imagefolder or imagenet) or the digits set"
+        )
     return [f"{p.parent.name}/{p.stem}" for p in paths]
 
 
@@ -58,8 +59,10 @@ def load_label_map(path: Path) -> torch.Tensor:
     try:
         label_map = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise LabelMapError(f"no label map {path} (expected <label_root>/<class>/<image stem>.pt, as written by "
-                            "TokenLabeling's generate_label.py or toe-label-maps)") from None
+        raise LabelMapError(
+            f"no label map {path} (expected <label_root>/<class>/<image stem>.pt, as written by "
+            "TokenLabeling's generate_label.py or toe-label-maps)"
+        ) from None
     if not isinstance(label_map, torch.Tensor) or label_map.dim() != 4 or label_map.shape[0] != 2:
         shape = tuple(label_map.shape) if isinstance(label_map, torch.Tensor) else type(label_map).__name__
         raise LabelMapError(f"label map {path} has shape {shape}; expected [2, k, H, W] (top-k logits, indices)")
@@ -74,8 +77,9 @@ def _split_train_transform(transform: Callable):
 
     steps = list(getattr(transform, "transforms", [transform]))
     if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
-        raise ValueError(f"token labeling needs a timm train transform that starts with a random resized crop, "
-                         f"got {transform}")
+        raise ValueError(
+            f"token labeling needs a timm train transform that starts with a random resized crop, got {transform}"
+        )
     crop, steps = steps[0], steps[1:]
     flip = 0.0
     if steps and isinstance(steps[0], T.RandomHorizontalFlip):
@@ -101,8 +105,10 @@ class LabelMapDataset(Dataset):
         step = max(1, len(self.names) // max(check, 1))
         for name in self.names[::step]:
             if not (self.label_root / f"{name}.pt").is_file():
-                raise LabelMapError(f"token_label.root={label_root} has no label map for training image {name} "
-                                    f"(expected {self.label_root / name}.pt)")
+                raise LabelMapError(
+                    f"token_label.root={label_root} has no label map for training image {name} "
+                    f"(expected {self.label_root / name}.pt)"
+                )
         self.transform = None
 
     @property
@@ -112,8 +118,9 @@ class LabelMapDataset(Dataset):
     @transform.setter
     def transform(self, transform: Optional[Callable]) -> None:
         self._transform = transform
-        self._crop, self._flip, self._rest = (_split_train_transform(transform) if transform is not None
-                                              else (None, 0.0, None))
+        self._crop, self._flip, self._rest = (
+            _split_train_transform(transform) if transform is not None else (None, 0.0, None)
+        )
 
     def __len__(self) -> int:
         return len(self.base)
@@ -127,19 +134,20 @@ class LabelMapDataset(Dataset):
         path = self.label_root / f"{self.names[index]}.pt"
         label_map = load_label_map(path)
         if int(label_map[1].max()) >= self.num_classes:
-            raise LabelMapError(f"label map {path} names class {int(label_map[1].max())}, but the model has "
-                                f"{self.num_classes} classes")
+            raise LabelMapError(
+                f"label map {path} names class {int(label_map[1].max())}, but the model has {self.num_classes} classes"
+            )
         if self._flip and random.random() < self._flip:  # flip first, then crop in the flipped frame (official)
             image, label_map = TF.hflip(image), label_map.flip(-1)
         width, height = image.size
         crop = self._crop
         top, left, h, w = crop.get_params(image, crop.scale, crop.ratio)
-        interpolation = (random.choice(crop.interpolation) if isinstance(crop.interpolation, (list, tuple))
-                         else crop.interpolation)
+        interpolation = (
+            random.choice(crop.interpolation) if isinstance(crop.interpolation, (list, tuple)) else crop.interpolation
+        )
         image = TF.resized_crop(image, top, left, h, w, list(crop.size), interpolation)
         box = torch.tensor([top / height, left / width, (top + h) / height, (left + w) / width])
-        target = {"label": torch.tensor(int(label)), "scores": label_map[0], "classes": label_map[1].long(),
-                  "box": box}
+        target = {"label": torch.tensor(int(label)), "scores": label_map[0], "classes": label_map[1].long(), "box": box}
         return self._rest(image), target
 
 
@@ -150,9 +158,13 @@ def smoothing_values(smoothing: float, num_classes: int) -> Tuple[float, float]:
     return 1.0 - smoothing + off, off
 
 
-def token_label_targets(target: Dict[str, torch.Tensor], num_classes: int, grid: Tuple[int, int],
-                        smoothing: float = 0.1, box_order: str = "official"
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_label_targets(
+    target: Dict[str, torch.Tensor],
+    num_classes: int,
+    grid: Tuple[int, int],
+    smoothing: float = 0.1,
+    box_order: str = "official",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ground truth ``[B, C]`` (smoothed one-hot), class-token target ``[B, C]`` and dense targets
     ``[B, N, C]`` (row-major over ``grid``) from a batch of label maps and crop boxes."""
     from timm.data.mixup import mixup_target
@@ -182,8 +194,16 @@ class TokenLabelLoss(nn.Module):
     Without them (class indices or Mixup's soft targets): the class-token term alone.
     """
 
-    def __init__(self, num_classes: int, grid: Tuple[int, int], smoothing: float = 0.1, dense_weight: float = 1.0,
-                 cls_weight: float = 1.0, ground_truth: bool = False, box_order: str = "official"):
+    def __init__(
+        self,
+        num_classes: int,
+        grid: Tuple[int, int],
+        smoothing: float = 0.1,
+        dense_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        ground_truth: bool = False,
+        box_order: str = "official",
+    ):
         super().__init__()
         if box_order not in BOX_ORDERS:
             raise ValueError(f"token_label.box_order={box_order!r}: expected one of {BOX_ORDERS}")
@@ -204,7 +224,8 @@ class TokenLabelLoss(nn.Module):
         dense_target = None
         if isinstance(target, dict):
             ground_truth, cls_target, dense_target = token_label_targets(
-                target, self.num_classes, self.grid, self.smoothing, self.box_order)
+                target, self.num_classes, self.grid, self.smoothing, self.box_order
+            )
             if self.ground_truth:  # official --ground-truth: lean on the label where the teacher disagrees
                 agree = (ground_truth.argmax(-1) == cls_target.argmax(-1)).float()
                 ratio = (0.9 - 0.4 * agree).unsqueeze(-1)
@@ -219,5 +240,6 @@ class TokenLabelLoss(nn.Module):
         loss = self.cls_weight * self.soft_cross_entropy(cls_logits, cls_target)
         if dense_target is not None and dense is not None:
             loss = loss + self.dense_weight * self.soft_cross_entropy(
-                dense.reshape(-1, dense.shape[-1]), dense_target.reshape(-1, dense_target.shape[-1]))
+                dense.reshape(-1, dense.shape[-1]), dense_target.reshape(-1, dense_target.shape[-1])
+            )
         return loss

@@ -21,11 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from toe.checkpoint import Progress, TrainState, load_checkpoint
 from toe.data import DataRootError
-from toe.distributed import DistInfo, cleanup, gather_objects, init_distributed
+from toe.distributed import cleanup, gather_objects, init_distributed
 from toe.lock import locked
 from toe.loop import EpochInputs, Evaluator, train_epoch
-from toe.record import CHECKPOINT_FILE, SUMMARY_FILE, EpochRow, RunRecord, StartRefused, Summary, read_run_dir
-from toe.record import write_hydra_files, write_json_atomic
+from toe.record import (
+    CHECKPOINT_FILE,
+    SUMMARY_FILE,
+    EpochRow,
+    RunRecord,
+    StartRefused,
+    Summary,
+    read_run_dir,
+    write_hydra_files,
+    write_json_atomic,
+)
 from toe.run import Run, build_run, resolve_device
 from toe.schema import ConfigError, config_changes, plan_schedule, validate
 
@@ -47,8 +56,10 @@ class DiskFull(RuntimeError):
 def _sigterm_interrupts() -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` for the block, unless someone else handles it already (submitit does
     in its jobs: USR2 and TERM are its own)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)):
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
         yield
         return
 
@@ -62,8 +73,13 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
-          started_at: Optional[float] = None, hydra_files: Optional[Dict[str, str]] = None) -> Summary:
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: Optional[List[str]] = None,
+    started_at: Optional[float] = None,
+    hydra_files: Optional[Dict[str, str]] = None,
+) -> Summary:
     """Train one run into ``run_dir`` (resuming from its checkpoint if there is one); returns the summary.
 
     A run's life as the record sees it: the config is checked (:func:`toe.schema.validate`), the run dir is locked
@@ -84,8 +100,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
         _note_refused_start(cfg, run_dir, err, hydra_files)
         raise
     if plan.unreached_stages:
-        log.warning("ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
-                    "summary says so (unreached_stages)", plan.unreached_stages, plan.epochs)
+        log.warning(
+            "ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
+            "summary says so (unreached_stages)",
+            plan.unreached_stages,
+            plan.epochs,
+        )
     info = init_distributed(use_cuda=resolve_device(cfg.train.device).type == "cuda")
     if info.enabled:  # every process works in rank 0's run dir (Hydra's ${now:} may differ by a second)
         run_dir = Path(gather_objects(str(run_dir), info)[0])
@@ -109,8 +129,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
             record.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_files)
             try:
                 with _sigterm_interrupts():
-                    summary = _fit(cfg, plain_cfg, run, run_dir, record, progress, checkpoint, overrides or [],
-                                   started_at)
+                    summary = _fit(
+                        cfg, plain_cfg, run, run_dir, record, progress, checkpoint, overrides or [], started_at
+                    )
             except BaseException as err:
                 _record_ending(cfg, run_dir, record, progress, err)
                 raise
@@ -120,16 +141,26 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
         cleanup(info)
 
 
-def _fit(cfg: DictConfig, plain_cfg: Dict[str, Any], run: Run, run_dir: Path, record: RunRecord,
-         progress: Progress, checkpoint: Optional[Dict[str, Any]], overrides: List[str], started_at: float) -> Summary:
+def _fit(
+    cfg: DictConfig,
+    plain_cfg: Dict[str, Any],
+    run: Run,
+    run_dir: Path,
+    record: RunRecord,
+    progress: Progress,
+    checkpoint: Optional[Dict[str, Any]],
+    overrides: List[str],
+    started_at: float,
+) -> Summary:
     info = run.dist
     state = TrainState(run.model, run.optimizer, run.scheduler, run.ema, run.scaler, progress, plain_cfg, info)
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
         log.info("Resuming %s from epoch %d (%s)", run_dir, progress.epoch, CHECKPOINT_FILE)
     record.rewrite_metrics(progress.history)
-    progress.wandb_id = record.start_wandb(dict(plain_cfg, overrides=overrides), progress.wandb_id,
-                                           name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}")
+    progress.wandb_id = record.start_wandb(
+        dict(plain_cfg, overrides=overrides), progress.wandb_id, name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}"
+    )
     bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
     inputs, evaluator, epochs = EpochInputs(run), Evaluator(run, cfg.train.eval_every, bar), run.plan.epochs
     wall_before = progress.wall_seconds
@@ -153,13 +184,23 @@ def _log_epoch(row: EpochRow, epochs: int) -> None:
     def pct(value: Optional[float]) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
-    log.info("epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs", row.epoch + 1, epochs,
-             row.stage, row.tokens_after_first_block, row.train_loss, pct(row.val_top1), pct(row.ema_top1),
-             row.train_img_per_s, row.epoch_seconds)
+    log.info(
+        "epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs",
+        row.epoch + 1,
+        epochs,
+        row.stage,
+        row.tokens_after_first_block,
+        row.train_loss,
+        pct(row.val_top1),
+        pct(row.ema_top1),
+        row.train_img_per_s,
+        row.epoch_seconds,
+    )
 
 
-def _check_resume(cfg: DictConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[str, Any], progress: Progress,
-                  run_dir: Path) -> None:
+def _check_resume(
+    cfg: DictConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[str, Any], progress: Progress, run_dir: Path
+) -> None:
     """Refuse a resume whose config differs from the checkpoint's in anything that changes the training, unless
     ``resume.allow_changes``; then note the change at this epoch."""
     changes = config_changes(checkpoint.get("config") or {}, plain_cfg)
@@ -167,16 +208,20 @@ def _check_resume(cfg: DictConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[s
         return
     said = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
     if not cfg.resume.allow_changes:
-        raise StartRefused(f"{run_dir} was trained (to epoch {progress.epoch}) with another config ({said}): "
-                           "rerun with its config to resume, use a new run dir, or add resume.allow_changes=true "
-                           "to go on with the change (the record notes it)")
-    log.warning("resuming %s at epoch %d with a changed config (resume.allow_changes): %s", run_dir,
-                progress.epoch, said)
+        raise StartRefused(
+            f"{run_dir} was trained (to epoch {progress.epoch}) with another config ({said}): "
+            "rerun with its config to resume, use a new run dir, or add resume.allow_changes=true "
+            "to go on with the change (the record notes it)"
+        )
+    log.warning(
+        "resuming %s at epoch %d with a changed config (resume.allow_changes): %s", run_dir, progress.epoch, said
+    )
     progress.config_changes.append({"epoch": progress.epoch, "changes": changes})
 
 
-def _note_refused_start(cfg: DictConfig, run_dir: Path, err: BaseException,
-                        hydra_files: Optional[Dict[str, str]] = None) -> None:
+def _note_refused_start(
+    cfg: DictConfig, run_dir: Path, err: BaseException, hydra_files: Optional[Dict[str, str]] = None
+) -> None:
     """A config refused in a run dir that has no record yet still leaves a ``failed`` summary and the job's
     overrides (a sweep's status then shows the job as failed, ``toe-sweep retry`` can rerun it); an existing
     record is never touched."""
@@ -192,14 +237,15 @@ def _note_refused_start(cfg: DictConfig, run_dir: Path, err: BaseException,
         write_json_atomic(run_dir / SUMMARY_FILE, summary.to_dict())
 
 
-def _record_ending(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress,
-                   err: BaseException) -> None:
+def _record_ending(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress, err: BaseException) -> None:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         record.finish(1)
         epoch = _checkpoint_epoch(run_dir)
-        disk_full = DiskFull(f"out of disk space in {run_dir} ({err.filename or err}): the checkpoint of epoch "
-                             f"{epoch} and the record up to it are intact; free space and rerun the same command to "
-                             "resume")
+        disk_full = DiskFull(
+            f"out of disk space in {run_dir} ({err.filename or err}): the checkpoint of epoch "
+            f"{epoch} and the record up to it are intact; free space and rerun the same command to "
+            "resume"
+        )
         # the failed write's partial file is gone, so the small summary usually fits: it says how the run ended,
         # at the epoch of the checkpoint that a rerun resumes from (else it stays as the last epoch left it)
         with contextlib.suppress(Exception):
@@ -231,20 +277,33 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
     checkpoint_seconds = sum(row.checkpoint_seconds for row in history)
     world_size = run.dist.world_size if run else None
     return Summary(
-        status=status, method=cfg.method_name, model=cfg.model.name, data=cfg.data.name, epochs=len(history),
-        best_top1=max(top1, default=None), final_top1=top1[-1] if top1 else None,
-        best_ema_top1=max(ema, default=None), final_ema_top1=ema[-1] if ema else None,
-        total_train_seconds=train_seconds, total_eval_seconds=eval_seconds,
-        total_checkpoint_seconds=checkpoint_seconds, startup_seconds=progress.startup_seconds,
+        status=status,
+        method=cfg.method_name,
+        model=cfg.model.name,
+        data=cfg.data.name,
+        epochs=len(history),
+        best_top1=max(top1, default=None),
+        final_top1=top1[-1] if top1 else None,
+        best_ema_top1=max(ema, default=None),
+        final_ema_top1=ema[-1] if ema else None,
+        total_train_seconds=train_seconds,
+        total_eval_seconds=eval_seconds,
+        total_checkpoint_seconds=checkpoint_seconds,
+        startup_seconds=progress.startup_seconds,
         wall_seconds=progress.wall_seconds,
-        other_seconds=max(0.0, progress.wall_seconds - progress.startup_seconds - train_seconds - eval_seconds
-                          - checkpoint_seconds),
-        world_size=world_size, device_hours=train_seconds * (world_size or 1) / 3600.0,
+        other_seconds=max(
+            0.0, progress.wall_seconds - progress.startup_seconds - train_seconds - eval_seconds - checkpoint_seconds
+        ),
+        world_size=world_size,
+        device_hours=train_seconds * (world_size or 1) / 3600.0,
         total_train_flops=last.train_flops_total,
         train_flops_per_image=last.train_flops_total / images if images else None,
         train_flops_per_image_linear=last.train_flops_linear_total / images if images else None,
-        images_seen=images, device=str(run.device) if run else None, lr=run.lr if run else None,
-        resumed_at=progress.resumed_at, config_changes=progress.config_changes,
+        images_seen=images,
+        device=str(run.device) if run else None,
+        lr=run.lr if run else None,
+        resumed_at=progress.resumed_at,
+        config_changes=progress.config_changes,
         unreached_stages=(run.plan if run else plan_schedule(cfg)).unreached_stages,
     )
 

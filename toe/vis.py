@@ -47,18 +47,27 @@ class Layout:
         return np.flatnonzero(self.category >= 0)
 
 
-def toe_layout(patches: torch.Tensor, schedule: ExpansionSchedule, stage: int, grid: Tuple[int, int],
-               seeds: Optional[torch.Tensor] = None) -> Layout:
+def toe_layout(
+    patches: torch.Tensor,
+    schedule: ExpansionSchedule,
+    stage: int,
+    grid: Tuple[int, int],
+    seeds: Optional[torch.Tensor] = None,
+) -> Layout:
     """ToE's choice for the patch tokens ``patches`` ``[n, D]`` of one image (after the first block) at ``stage``,
     as :func:`toe.expansion.expand_tokens` makes it: seeds, each sub-step's additions (earlier stages' replayed
     first), and the kept token each other patch is merged into (or dropped, with ``merge="drop"``)."""
     n = patches.shape[0]
     if seeds is None:
-        seeds = (spatial_seeds(n, schedule.init_keep_rate, patches.device) if schedule.init == "spatial"
-                 else random_seeds(1, n, schedule.num_seeds(n), patches.device)[0])
+        seeds = (
+            spatial_seeds(n, schedule.init_keep_rate, patches.device)
+            if schedule.init == "spatial"
+            else random_seeds(1, n, schedule.num_seeds(n), patches.device)[0]
+        )
     substeps = schedule.substeps(n, stage) if not schedule.is_identity(stage) else []
-    keep, rest, nearest = select_tokens(patches.unsqueeze(0).float(), seeds, substeps, schedule.distance,
-                                        schedule.expand)
+    keep, rest, nearest = select_tokens(
+        patches.unsqueeze(0).float(), seeds, substeps, schedule.distance, schedule.expand
+    )
     keep, rest, nearest = keep[0].cpu().numpy(), rest[0].cpu().numpy(), nearest[0].cpu().numpy()
     if schedule.is_identity(stage):
         return full_layout(grid, f"stage {stage}: all {n} tokens")
@@ -141,8 +150,9 @@ def capture_layouts(model: nn.Module, images: torch.Tensor, grid: Tuple[int, int
     return layouts
 
 
-def _stage_layouts(model: nn.Module, op: nn.Module, images: torch.Tensor, grid: Tuple[int, int],
-                   stage: int) -> List[Layout]:
+def _stage_layouts(
+    model: nn.Module, op: nn.Module, images: torch.Tensor, grid: Tuple[int, int], stage: int
+) -> List[Layout]:
     n, p = grid[0] * grid[1], op.num_prefix_tokens
     if isinstance(op, ScheduledPatchDropout):
         rate = op.schedule.keep_rate(stage)
@@ -171,8 +181,10 @@ def _stage_layouts(model: nn.Module, op: nn.Module, images: torch.Tensor, grid: 
         if matching is not None:
             source = merge_destinations(matching).gather(1, source)
     r = op.schedule.r(stage)
-    return [merging_layout((s[p:] - p).numpy(), grid, f"stage {stage}: r {r:g}, {len(torch.unique(s)) - p} tokens")
-            for s in source]
+    return [
+        merging_layout((s[p:] - p).numpy(), grid, f"stage {stage}: r {r:g}, {len(torch.unique(s)) - p} tokens")
+        for s in source
+    ]
 
 
 def _palette(count: int) -> np.ndarray:
@@ -219,22 +231,46 @@ def draw_grid(pictures: Sequence[np.ndarray], layouts: Sequence[Sequence[Layout]
                 group, category = int(layout.group[patch]), int(layout.category[patch])
                 if category == DROPPED or group in colours:
                     face = (0.5, 0.5, 0.5) if category == DROPPED else colours[group]
-                    ax.add_patch(Rectangle((x * pw - 0.5, y * ph - 0.5), pw, ph, facecolor=face,
-                                           alpha=0.75 if category == DROPPED else 0.45, edgecolor="none"))
+                    ax.add_patch(
+                        Rectangle(
+                            (x * pw - 0.5, y * ph - 0.5),
+                            pw,
+                            ph,
+                            facecolor=face,
+                            alpha=0.75 if category == DROPPED else 0.45,
+                            edgecolor="none",
+                        )
+                    )
                 if category >= 0:
                     edge = CATEGORY_COLOURS[category % len(CATEGORY_COLOURS)]
-                    ax.add_patch(Rectangle((x * pw - 0.5 + 0.6, y * ph - 0.5 + 0.6), pw - 1.2, ph - 1.2,
-                                           facecolor="none", edgecolor=edge, linewidth=2.2))
+                    ax.add_patch(
+                        Rectangle(
+                            (x * pw - 0.5 + 0.6, y * ph - 0.5 + 0.6),
+                            pw - 1.2,
+                            ph - 1.2,
+                            facecolor="none",
+                            edgecolor=edge,
+                            linewidth=2.2,
+                        )
+                    )
             if len(layout.names) > len(names):
                 names = layout.names
         for c in range(len(row), cols):
             axes[r][c].axis("off")
-    handles = [Line2D([], [], color=CATEGORY_COLOURS[i % len(CATEGORY_COLOURS)], linewidth=3, label=name)
-               for i, name in enumerate(names)]
+    handles = [
+        Line2D([], [], color=CATEGORY_COLOURS[i % len(CATEGORY_COLOURS)], linewidth=3, label=name)
+        for i, name in enumerate(names)
+    ]
     present = {int(c) for row in layouts for layout in row for c in np.unique(layout.category)}
     if MERGED in present:
-        handles.append(Patch(facecolor="none", edgecolor="black", linewidth=0.5,
-                             label="no border: merged into the kept token of its fill colour"))
+        handles.append(
+            Patch(
+                facecolor="none",
+                edgecolor="black",
+                linewidth=0.5,
+                label="no border: merged into the kept token of its fill colour",
+            )
+        )
     if DROPPED in present:
         handles.append(Patch(facecolor=(0.5, 0.5, 0.5), alpha=0.75, label="grey: dropped"))
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
@@ -247,8 +283,7 @@ def draw_grid(pictures: Sequence[np.ndarray], layouts: Sequence[Sequence[Layout]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_model(run_dir: Optional[Path], overrides: Optional[List[str]],
-               use_ema: bool = False) -> Tuple[Any, Any, Any]:
+def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema: bool = False) -> Tuple[Any, Any, Any]:
     """The run's model with its op and trained weights (or an untrained one from ``overrides``), its config and its
     validation set (built once: the class count sizes the model, the images are drawn)."""
     from omegaconf import OmegaConf
@@ -305,8 +340,14 @@ def load_images(cfg: Any, model: Any, folder: Optional[Path], count: int, val_se
     return inputs, [np.ascontiguousarray(p) for p in pictures]
 
 
-def draw_run(out: Path, run_dir: Optional[Path] = None, overrides: Optional[List[str]] = None,
-             images: Optional[Path] = None, count: int = 4, use_ema: bool = False) -> Tuple[int, int]:
+def draw_run(
+    out: Path,
+    run_dir: Optional[Path] = None,
+    overrides: Optional[List[str]] = None,
+    images: Optional[Path] = None,
+    count: int = 4,
+    use_ema: bool = False,
+) -> Tuple[int, int]:
     """Draw a run's (or an untrained config's) token-reduction op on ``count`` images into the PNG ``out``;
     returns (images, stages)."""
     from .patch import reduction_op
@@ -315,8 +356,10 @@ def draw_run(out: Path, run_dir: Optional[Path] = None, overrides: Optional[List
     inputs, pictures = load_images(cfg, model, images, count, val_set)
     grid = tuple(model.patch_embed.grid_size)
     layouts = capture_layouts(model, inputs, grid)
-    title = (f"{cfg.method_name} on {cfg.model.get('label') or cfg.model.name} ({grid[0]}x{grid[1]} patches): "
-             f"{type(reduction_op(model)).__name__}")
+    title = (
+        f"{cfg.method_name} on {cfg.model.get('label') or cfg.model.name} ({grid[0]}x{grid[1]} patches): "
+        f"{type(reduction_op(model)).__name__}"
+    )
     figure = draw_grid(pictures, layouts, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

@@ -17,8 +17,17 @@ log = logging.getLogger("toe.search")
 
 
 class ToeOptunaSweeper(Sweeper):
-    def __init__(self, study_name: str, direction: str, n_trials: int, smoke_trials: int, n_jobs: int,
-                 budget: Optional[float], seed: Optional[int], params: Dict[str, Any]) -> None:
+    def __init__(
+        self,
+        study_name: str,
+        direction: str,
+        n_trials: int,
+        smoke_trials: int,
+        n_jobs: int,
+        budget: Optional[float],
+        seed: Optional[int],
+        params: Dict[str, Any],
+    ) -> None:
         self.study_name, self.direction = study_name, direction
         self.n_trials, self.smoke_trials = n_trials, smoke_trials
         self.n_jobs, self.budget, self.seed = max(1, n_jobs), budget, seed
@@ -27,8 +36,9 @@ class ToeOptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def _trial_config(self, overrides: List[str]) -> DictConfig:
         """The trial's run config, as its job will compose it (the ``hydra`` node left out)."""
@@ -45,10 +55,23 @@ class ToeOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        search = Search(sweep_dir, self.study_name, space, self.smoke_trials if smoke else self.n_trials,
-                        self.direction, self.budget, self.seed)
-        log.info("search %s in %s: %d of %d trials finished%s", self.study_name, sweep_dir, search.finished(),
-                 search.n_trials, f"; budget {self.budget:g}x train-FLOP speed-up" if self.budget else "")
+        search = Search(
+            sweep_dir,
+            self.study_name,
+            space,
+            self.smoke_trials if smoke else self.n_trials,
+            self.direction,
+            self.budget,
+            self.seed,
+        )
+        log.info(
+            "search %s in %s: %d of %d trials finished%s",
+            self.study_name,
+            sweep_dir,
+            search.finished(),
+            search.n_trials,
+            f"; budget {self.budget:g}x train-FLOP speed-up" if self.budget else "",
+        )
         returns = []
         while search.remaining() > 0:
             batch, trials = [], []
@@ -61,8 +84,10 @@ class ToeOptunaSweeper(Sweeper):
                 overrides = fixed + arguments + trial_overrides(trial.params)
                 try:
                     cfg = self._trial_config(overrides)
-                    validate(cfg, devices=self.config.hydra.runtime.choices.get("hydra/launcher") in
-                             ("basic", "submitit_local"))
+                    validate(
+                        cfg,
+                        devices=self.config.hydra.runtime.choices.get("hydra/launcher") in ("basic", "submitit_local"),
+                    )
                     ratio = flop_ratio(cfg)
                 except Exception as err:  # noqa: BLE001 - a bad override, said as toe-train says it
                     message = config_error_message(err)
@@ -81,8 +106,10 @@ class ToeOptunaSweeper(Sweeper):
                 continue
             # each trial's run dir is named by its trial number (a retried trial's: the first try's, where it
             # resumes), whatever the launcher numbers its jobs
-            results = self.launcher.launch([o + [f"hydra.sweep.subdir={t.user_attrs['run']}"]
-                                            for o, t in zip(batch, trials)], initial_job_idx=trials[0].number)
+            results = self.launcher.launch(
+                [o + [f"hydra.sweep.subdir={t.user_attrs['run']}"] for o, t in zip(batch, trials)],
+                initial_job_idx=trials[0].number,
+            )
             for trial, result in zip(trials, results):
                 try:
                     value = result.return_value  # re-raises the job's exception
@@ -97,7 +124,10 @@ class ToeOptunaSweeper(Sweeper):
         elif not returns and search.finished() == 0:
             # every trial asked was pruned: a search that trained nothing has no result to report
             reasons = sorted({str(t.user_attrs.get("pruned", "")) for t in search.study.trials} - {""})
-            log.error("search %s trained no trial: every one was pruned (%s)", self.study_name,
-                      "; ".join(reasons[:3]) or "no reason recorded")
+            log.error(
+                "search %s trained no trial: every one was pruned (%s)",
+                self.study_name,
+                "; ".join(reasons[:3]) or "no reason recorded",
+            )
             raise SystemExit(2)
         return returns

@@ -7,8 +7,14 @@ import math
 from typing import Callable
 
 
-def _number(kind: Callable[[str], float], name: str, low: float, inclusive: bool, high: float = float("inf"),
-            high_inclusive: bool = True) -> Callable[[str], float]:
+def _number(
+    kind: Callable[[str], float],
+    name: str,
+    low: float,
+    inclusive: bool,
+    high: float = float("inf"),
+    high_inclusive: bool = True,
+) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -20,7 +26,8 @@ def _number(kind: Callable[[str], float], name: str, low: float, inclusive: bool
         below = value <= high if high_inclusive else value < high
         if not (above and below):
             bounds = f"{'>=' if inclusive else '>'} {low:g}" + (
-                f" and {'<=' if high_inclusive else '<'} {high:g}" if high != float("inf") else "")
+                f" and {'<=' if high_inclusive else '<'} {high:g}" if high != float("inf") else ""
+            )
             raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
         return value
 

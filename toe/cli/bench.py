@@ -34,8 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--dims", type=int, nargs="+", default=[192, 384, 768], choices=sorted(DEIT))
     op.add_argument("--batch", type=positive_int, default=64)
     op.add_argument("--repeats-k", type=positive_int, nargs="+", default=[1, 2, 4])
-    op.add_argument("--share-dims", type=int, nargs="*", default=[384] if cpu else [192, 384, 768],
-                    choices=sorted(DEIT), help="widths whose op share of a DeiT train step is measured")
+    op.add_argument(
+        "--share-dims",
+        type=int,
+        nargs="*",
+        default=[384] if cpu else [192, 384, 768],
+        choices=sorted(DEIT),
+        help="widths whose op share of a DeiT train step is measured",
+    )
     op.add_argument("--step-batch", type=positive_int, default=16 if cpu else 64)
     op.add_argument("--warmup", type=non_negative_int, default=3)
     op.add_argument("--repeats", type=positive_int, default=10)
@@ -56,9 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=positive_int, default=5)
     step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
-    step.add_argument("--methods", nargs="+", default=["toe"], choices=list(STEP_METHODS),
-                      help="token-reduction methods to time: toe, and patchdropout, tome (tome-noprop: without "
-                           "proportional attention) at the train FLOPs of ToE's stages")
+    step.add_argument(
+        "--methods",
+        nargs="+",
+        default=["toe"],
+        choices=list(STEP_METHODS),
+        help="token-reduction methods to time: toe, and patchdropout, tome (tome-noprop: without "
+        "proportional attention) at the train FLOPs of ToE's stages",
+    )
 
     e2e = sub.add_parser("e2e", help="a run's loader, step and whole loop per ToE stage (toe-train's config)")
     e2e.add_argument("overrides", nargs="*", help="toe-train overrides, e.g. model=deit_small recipe=deit")
@@ -67,15 +78,27 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="a whole run and its baseline, epochs alternated: train speed-up and top-1")
     train.add_argument("overrides", nargs="*", help="toe-train overrides of the run, e.g. seed=1")
-    train.add_argument("--against", nargs="+", default=["method=baseline"], metavar="OVERRIDE",
-                       help="what the other run adds to the overrides (default: method=baseline)")
+    train.add_argument(
+        "--against",
+        nargs="+",
+        default=["method=baseline"],
+        metavar="OVERRIDE",
+        help="what the other run adds to the overrides (default: method=baseline)",
+    )
 
     capacity = sub.add_parser("capacity", help="CPU cores to feed one GPU: decode + DeiT augmentation per core")
-    capacity.add_argument("--gpu-img-per-s", type=positive_float, default=None,
-                          help="the GPU's full-token DeiT-S training img/s (default: timm's published RTX 3090 "
-                               "figure, 1054)")
-    capacity.add_argument("--stage1-speedup", type=positive_float, default=None,
-                          help="ToE stage 1's train speed-up (default: its analytic FLOP ratio for DeiT-S, 1.88)")
+    capacity.add_argument(
+        "--gpu-img-per-s",
+        type=positive_float,
+        default=None,
+        help="the GPU's full-token DeiT-S training img/s (default: timm's published RTX 3090 figure, 1054)",
+    )
+    capacity.add_argument(
+        "--stage1-speedup",
+        type=positive_float,
+        default=None,
+        help="ToE stage 1's train speed-up (default: its analytic FLOP ratio for DeiT-S, 1.88)",
+    )
     capacity.add_argument("--images", type=positive_int, default=64, help="224 px JPEG files written and timed")
     capacity.add_argument("--repeats", type=positive_int, default=3)
 
@@ -101,8 +124,16 @@ def _run_reporting_config_errors(parser: argparse.ArgumentParser, work: Callable
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from toe.bench import (bench_e2e, bench_flops, bench_op, bench_step, bench_train, default_flops_table,
-                           flops_markdown, markdown)
+    from toe.bench import (
+        bench_e2e,
+        bench_flops,
+        bench_op,
+        bench_step,
+        bench_train,
+        default_flops_table,
+        flops_markdown,
+        markdown,
+    )
     from toe.schedule import ExpansionSchedule
 
     parser = _parser()
@@ -121,8 +152,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json {args.json}: the folder {args.json.parent} does not exist")
     device = torch.device(args.device)
-    print(f"# toe-bench {args.command} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-          f" (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(
+        f"# toe-bench {args.command} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
     if args.command == "op":
         rows = bench_op(args, device)
         columns = ["dim", "k", "stage", "tokens", "op", "reference", "speedup_vs_ref", "same_selection"]
@@ -134,29 +167,75 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows = bench_step(args, device)
         except (RuntimeError, TypeError) as err:  # timm: an unknown model, or a size its patch does not divide
             parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
-        print(f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
-              "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage")
-        print(markdown(rows, ["method", "stage", "tokens", "epochs", "img_per_s", "step_ms", "flops_per_img_G",
-                              "speedup", "flop_ratio", "efficiency"]))
+        print(
+            f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
+            "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage"
+        )
+        print(
+            markdown(
+                rows,
+                [
+                    "method",
+                    "stage",
+                    "tokens",
+                    "epochs",
+                    "img_per_s",
+                    "step_ms",
+                    "flops_per_img_G",
+                    "speedup",
+                    "flop_ratio",
+                    "efficiency",
+                ],
+            )
+        )
     elif args.command == "e2e":
         rows = _run_reporting_config_errors(parser, lambda: bench_e2e(args.overrides, args.batches, args.warmup))
-        print(f"toe-train {' '.join(args.overrides) or '(its defaults)'}: {args.batches} batches per figure, img/s; stage 0 = full "
-              "tokens; bound_by = the slower of loader and step; loop_vs_bound = how close the loop gets to it")
-        print(markdown(rows, ["stage", "tokens", "loader_img_per_s", "step_img_per_s", "loop_img_per_s", "bound_by",
-                              "loop_vs_bound", "step_speedup", "loop_speedup", "flop_ratio"]))
+        print(
+            f"toe-train {' '.join(args.overrides) or '(its defaults)'}: {args.batches} batches per figure, img/s; "
+            "stage 0 = full tokens; bound_by = the slower of loader and step; loop_vs_bound = how close the loop "
+            "gets to it"
+        )
+        print(
+            markdown(
+                rows,
+                [
+                    "stage",
+                    "tokens",
+                    "loader_img_per_s",
+                    "step_img_per_s",
+                    "loop_img_per_s",
+                    "bound_by",
+                    "loop_vs_bound",
+                    "step_speedup",
+                    "loop_speedup",
+                    "flop_ratio",
+                ],
+            )
+        )
     elif args.command == "train":
         rows = _run_reporting_config_errors(parser, lambda: bench_train(args.overrides, args.against, progress=True))
-        print(f"toe-train {' '.join(args.overrides) or '(its defaults)'} against the same with "
-              f"{' '.join(args.against)}, trained whole in this process, an epoch of each in turn (seconds: "
-              "summed over epochs)")
-        print(markdown(rows["runs"], ["run", "overrides", "train_seconds", "eval_seconds", "final_top1",
-                                      "final_ema_top1", "train_flops"]))
+        print(
+            f"toe-train {' '.join(args.overrides) or '(its defaults)'} against the same with "
+            f"{' '.join(args.against)}, trained whole in this process, an epoch of each in turn (seconds: "
+            "summed over epochs)"
+        )
+        print(
+            markdown(
+                rows["runs"],
+                ["run", "overrides", "train_seconds", "eval_seconds", "final_top1", "final_ema_top1", "train_flops"],
+            )
+        )
         print("\nper stage of the run (the other run's seconds over the same epochs):")
-        print(markdown(rows["stages"], ["stage", "tokens", "epochs", "seconds", "against_seconds", "speedup",
-                                        "flop_ratio"]))
+        print(
+            markdown(
+                rows["stages"], ["stage", "tokens", "epochs", "seconds", "against_seconds", "speedup", "flop_ratio"]
+            )
+        )
         ratios = rows["ratios"]
-        print(f"\ntrain speed-up {ratios['train_speedup']:.3f}x, train + eval {ratios['train_and_eval_speedup']:.3f}x,"
-              f" train FLOP ratio {ratios['flop_ratio']:.3f}")
+        print(
+            f"\ntrain speed-up {ratios['train_speedup']:.3f}x, train + eval {ratios['train_and_eval_speedup']:.3f}x,"
+            f" train FLOP ratio {ratios['flop_ratio']:.3f}"
+        )
     elif args.command == "capacity":
         from toe.bench import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity, deit_s_stage1_flop_ratio
 
@@ -165,17 +244,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--gpu-img-per-s and --stage1-speedup must be positive")
         row = bench_capacity(args.images, gpu, args.stage1_speedup or deit_s_stage1_flop_ratio(), args.repeats)
         rows = [row]
-        source = ("given" if args.gpu_img_per_s else "timm's published DeiT-S training benchmark, RTX 3090, AMP "
-                  "(results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv)")
-        print(f"decode + the DeiT recipe's train augmentation (timm's PIL path: RandomResizedCrop, flip, RandAugment "
-              f"m9, random erasing) of {args.images} JPEG files of 224 px on one core: "
-              f"{row['img_per_s_per_core']:.0f} img/s per core (ImageNet's JPEGs are larger, about 400 x 350 px on "
-              "average: expect fewer)\n")
-        print(markdown([
-            {"training": "DeiT-S, full tokens", "gpu_img_per_s": gpu, "cores_to_feed_it": row["cores_full_tokens"]},
-            {"training": f"DeiT-S, ToE stage 1 ({row['stage1_speedup']:.2f}x)", "gpu_img_per_s":
-             row["stage1_img_per_s"], "cores_to_feed_it": row["cores_toe_stage1"]}],
-            ["training", "gpu_img_per_s", "cores_to_feed_it"]))
+        source = (
+            "given"
+            if args.gpu_img_per_s
+            else "timm's published DeiT-S training benchmark, RTX 3090, AMP "
+            "(results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv)"
+        )
+        print(
+            f"decode + the DeiT recipe's train augmentation (timm's PIL path: RandomResizedCrop, flip, RandAugment "
+            f"m9, random erasing) of {args.images} JPEG files of 224 px on one core: "
+            f"{row['img_per_s_per_core']:.0f} img/s per core (ImageNet's JPEGs are larger, about 400 x 350 px on "
+            "average: expect fewer)\n"
+        )
+        print(
+            markdown(
+                [
+                    {
+                        "training": "DeiT-S, full tokens",
+                        "gpu_img_per_s": gpu,
+                        "cores_to_feed_it": row["cores_full_tokens"],
+                    },
+                    {
+                        "training": f"DeiT-S, ToE stage 1 ({row['stage1_speedup']:.2f}x)",
+                        "gpu_img_per_s": row["stage1_img_per_s"],
+                        "cores_to_feed_it": row["cores_toe_stage1"],
+                    },
+                ],
+                ["training", "gpu_img_per_s", "cores_to_feed_it"],
+            )
+        )
         print(f"\nGPU img/s: {source}.")
     else:
         try:

@@ -29,8 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from toe.data import build_datasets, build_transforms
     from toe.finetune import CheckpointMismatchError, load_pretrained
-    from toe.run import create_model, model_data_config
     from toe.label_maps import write_label_maps
+    from toe.run import create_model, model_data_config
 
     if not args.run.exists():
         parser.error(f"{args.run} does not exist (a toe-train run dir, or its checkpoint.pth)")
@@ -52,14 +52,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         load_pretrained(model, run_dir / "checkpoint.pth", use_ema=args.ema)
     except (CheckpointMismatchError, RuntimeError, OSError, EOFError, ValueError) as err:
-        parser.error(f"{run_dir / 'checkpoint.pth'} is unreadable or does not fit the run's model: "
-                     f"{str(err).splitlines()[0]}")
+        parser.error(
+            f"{run_dir / 'checkpoint.pth'} is unreadable or does not fit the run's model: {str(err).splitlines()[0]}"
+        )
     data_config = model_data_config(model, cfg)
     # The whole image, resized (official generator: --crop-pct 1.0)
-    train_set.transform = build_transforms(dict(data_config, crop_pct=1.0),
-                                           OmegaConf.merge(cfg.recipe, {"eval_crop_pct": 1.0}))[1]
-    written = write_label_maps(model, train_set, args.out, args.topk, args.batch_size, args.device,
-                               progress=sys.stderr.isatty())
+    train_set.transform = build_transforms(
+        dict(data_config, crop_pct=1.0), OmegaConf.merge(cfg.recipe, {"eval_crop_pct": 1.0})
+    )[1]
+    written = write_label_maps(
+        model, train_set, args.out, args.topk, args.batch_size, args.device, progress=sys.stderr.isatty()
+    )
     log.info("wrote %d label maps to %s", written, args.out)
     return 0
 

@@ -24,13 +24,24 @@ def status(sweep_dir: Path) -> int:
         return 2
     rows = []
     for run in runs:
-        state = run.state + (f" (resumed at epoch {', '.join(map(str, run.summary.resumed_at))})"
-                             if run.summary.resumed_at else "") + (f" [SLURM {run.slurm}]" if run.slurm else "")
+        state = (
+            run.state
+            + (f" (resumed at epoch {', '.join(map(str, run.summary.resumed_at))})" if run.summary.resumed_at else "")
+            + (f" [SLURM {run.slurm}]" if run.slurm else "")
+        )
         summary_file = run.path / SUMMARY_FILE
-        rows.append({"run": str(run.path.relative_to(sweep_dir)) or ".", "overrides": " ".join(run.overrides),
-                     "state": state, "epochs": len(run.history), "final_top1": run.summary.final_top1,
-                     "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary_file.stat().st_mtime))
-                     if summary_file.exists() else None})
+        rows.append(
+            {
+                "run": str(run.path.relative_to(sweep_dir)) or ".",
+                "overrides": " ".join(run.overrides),
+                "state": state,
+                "epochs": len(run.history),
+                "final_top1": run.summary.final_top1,
+                "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary_file.stat().st_mtime))
+                if summary_file.exists()
+                else None,
+            }
+        )
     print(pd.DataFrame(rows).to_markdown(index=False))
     bad = False
     for run, row in zip(runs, rows):
@@ -52,8 +63,10 @@ def retry(sweep_dir: Path, launcher: Optional[str], dry_run: bool) -> int:
 
     runs = sweep_runs(sweep_dir)
     if not runs:
-        print(f"toe-sweep: no runs under {sweep_dir} (no run record, .hydra/overrides.yaml or multirun.yaml found)",
-              file=sys.stderr)
+        print(
+            f"toe-sweep: no runs under {sweep_dir} (no run record, .hydra/overrides.yaml or multirun.yaml found)",
+            file=sys.stderr,
+        )
         return 2
     todo = [run for run in runs if run.state in RETRY_STATES]
     if not todo:
@@ -61,8 +74,10 @@ def retry(sweep_dir: Path, launcher: Optional[str], dry_run: bool) -> int:
         return 0
     commands = [retry_command(run, sweep_dir, launcher) for run in todo]
     for run, command in zip(todo, commands):
-        print(f"{'would retry' if dry_run else 'retrying'} {run.path.relative_to(sweep_dir)} ({run.state}): "
-              f"{' '.join(command[2:])}")
+        print(
+            f"{'would retry' if dry_run else 'retrying'} {run.path.relative_to(sweep_dir)} ({run.state}): "
+            f"{' '.join(command[2:])}"
+        )
     if dry_run:
         return 0
     on_slurm = any("hydra/launcher=slurm" in command for command in commands)
@@ -83,8 +98,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     status_parser.add_argument("sweep_dir", type=Path)
     retry_parser = sub.add_parser("retry", help="run the failed, interrupted, died and never-started jobs again")
     retry_parser.add_argument("sweep_dir", type=Path)
-    retry_parser.add_argument("--launcher", choices=("basic", "submitit_local", "slurm"),
-                              help="where to run them (default: the launcher the sweep used)")
+    retry_parser.add_argument(
+        "--launcher",
+        choices=("basic", "submitit_local", "slurm"),
+        help="where to run them (default: the launcher the sweep used)",
+    )
     retry_parser.add_argument("--dry-run", action="store_true", help="list the jobs and their commands only")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():

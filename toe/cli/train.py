@@ -24,8 +24,7 @@ from omegaconf import DictConfig
 log = logging.getLogger("toe.train")
 # what making or writing a run dir can run into: no such parent, a name too long, a read-only file system, a file
 # where the dir should be, no permission
-RUN_DIR_ERRNOS = (errno.ENOENT, errno.ENAMETOOLONG, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EACCES,
-                  errno.EPERM)
+RUN_DIR_ERRNOS = (errno.ENOENT, errno.ENAMETOOLONG, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EPERM)
 _first_job = True
 
 
@@ -49,8 +48,11 @@ def _hydra_files(cfg: DictConfig) -> Dict[str, str]:
     from omegaconf import OmegaConf
 
     hydra_cfg = HydraConfig.instance().cfg
-    return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
-            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
 
 
 def _stamp(path: Path) -> Optional[tuple]:
@@ -155,19 +157,31 @@ def main() -> Optional[float]:
     try:
         return hydra.main(version_base="1.3", config_path="pkg://toe.conf", config_name="train")(_task)()
     except KeyboardInterrupt:  # the record already says interrupted: no traceback for Ctrl-C
-        print("toe-train: interrupted (Ctrl-C); the run's summary says so, and the same command resumes it",
-              file=sys.stderr)
+        print(
+            "toe-train: interrupted (Ctrl-C); the run's summary says so, and the same command resumes it",
+            file=sys.stderr,
+        )
         sys.exit(130)
     except _one_line_errors() as err:  # a multirun's job, re-raised at the end
-        print(f"toe-train: a job failed: {str(err).splitlines()[0]} (toe-sweep status <sweep dir> lists every job)",
-              file=sys.stderr)
+        print(
+            f"toe-train: a job failed: {str(err).splitlines()[0]} (toe-sweep status <sweep dir> lists every job)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - sorted below: config errors get one line, others their traceback
-        if (not wants_hydra_report and isinstance(err, OSError) and not is_compose_error(err)
-                and err.errno in RUN_DIR_ERRNOS and err.filename):
+        if (
+            not wants_hydra_report
+            and isinstance(err, OSError)
+            and not is_compose_error(err)
+            and err.errno in RUN_DIR_ERRNOS
+            and err.filename
+        ):
             # Hydra makes the run dir before toe-train runs: a path that cannot be a directory here
-            print(f"toe-train: {err.filename}: {err.strerror} (the run dir, hydra.run.dir or hydra.sweep.dir, must "
-                  "be a directory this process can write)", file=sys.stderr)
+            print(
+                f"toe-train: {err.filename}: {err.strerror} (the run dir, hydra.run.dir or hydra.sweep.dir, must "
+                "be a directory this process can write)",
+                file=sys.stderr,
+            )
             sys.exit(2)
         if wants_hydra_report or not is_compose_error(err):
             raise

@@ -17,12 +17,19 @@ from toe.cli.args import positive_int
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toe-vis", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="toe-vis",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("run_dir", nargs="?", type=Path, help="a toe-train run dir (config.yaml, checkpoint.pth)")
-    parser.add_argument("--config", nargs="*", metavar="OVERRIDE",
-                        help="instead of a run dir: toe-train overrides of an untrained model")
+    parser.add_argument(
+        "--config",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="instead of a run dir: toe-train overrides of an untrained model",
+    )
     parser.add_argument("--images", type=Path, help="a folder of images (default: the run's validation images)")
     parser.add_argument("-n", "--count", type=positive_int, default=4, help="how many images (rows)")
     parser.add_argument("-o", "--out", type=Path, help="the PNG (default: <run dir>/token_vis.png or token_vis.png)")

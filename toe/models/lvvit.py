@@ -23,15 +23,19 @@ from torch import nn
 class ConvStem(nn.Module):
     """``PatchEmbed4_2``: three conv-BN-ReLU layers (7x7 stride 2, 3x3, 3x3) then a ``patch/2`` stride projection."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
-                 stem_dim: int = 64):
+    def __init__(
+        self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384, stem_dim: int = 64
+    ):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chans, stem_dim, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(stem_dim),
+            nn.Conv2d(in_chans, stem_dim, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(stem_dim),
             nn.ReLU(inplace=True),
-            nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(stem_dim),
+            nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(stem_dim),
             nn.ReLU(inplace=True),
-            nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(stem_dim),
+            nn.Conv2d(stem_dim, stem_dim, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(stem_dim),
             nn.ReLU(inplace=True),
         )
         self.proj = nn.Conv2d(stem_dim, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
@@ -67,8 +71,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_ratio: float, skip_lam: float,
-                 drop_path: float = 0.0):
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, mlp_ratio: float, skip_lam: float, drop_path: float = 0.0
+    ):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)  # eps 1e-5, as LV-ViT
         self.attn = Attention(dim, num_heads, head_dim)
@@ -89,18 +94,35 @@ def _mix_box(height: int, width: int, lam: float) -> Tuple[int, int, int, int]:
     cut = np.sqrt(1.0 - lam)
     ch, cw = int(height * cut), int(width * cut)
     cy, cx = np.random.randint(height), np.random.randint(width)
-    return (int(np.clip(cy - ch // 2, 0, height)), int(np.clip(cx - cw // 2, 0, width)),
-            int(np.clip(cy + ch // 2, 0, height)), int(np.clip(cx + cw // 2, 0, width)))
+    return (
+        int(np.clip(cy - ch // 2, 0, height)),
+        int(np.clip(cx - cw // 2, 0, width)),
+        int(np.clip(cy + ch // 2, 0, height)),
+        int(np.clip(cx + cw // 2, 0, width)),
+    )
 
 
 class LVViT(nn.Module):
     """LV-ViT with the attributes ``toe.patch`` and ``toe.flops`` read (``blocks``, ``num_prefix_tokens``,
     ``embed_dim``, ``patch_embed``)."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 384, depth: int = 16, num_heads: int = 6, head_dim: int = 64,
-                 mlp_ratio: float = 3.0, skip_lam: float = 2.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 mix_token: bool = True, return_dense: bool = True):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 16,
+        num_heads: int = 6,
+        head_dim: int = 64,
+        mlp_ratio: float = 3.0,
+        skip_lam: float = 2.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        mix_token: bool = True,
+        return_dense: bool = True,
+    ):
         super().__init__()
         self.num_classes, self.embed_dim, self.num_prefix_tokens = num_classes, embed_dim, 1
         self.mix_token, self.return_dense = mix_token, return_dense

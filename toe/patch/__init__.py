@@ -53,8 +53,9 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
     return model
 
 
-def patch_merging(model: nn.Module, schedule: MergeSchedule, prop_attn: bool = True,
-                  sparse_eval: bool = False) -> nn.Module:
+def patch_merging(
+    model: nn.Module, schedule: MergeSchedule, prop_attn: bool = True, sparse_eval: bool = False
+) -> nn.Module:
     """Token Merging (ToMe) in every block of ``model``, in place: ``r`` tokens per block per stage of
     ``schedule``, size-weighted attention with ``prop_attn``; evaluation uses all tokens unless ``sparse_eval``.
     Drive the stage with :func:`set_epoch`. At ``r = 0`` the model computes what the unpatched one does."""
@@ -74,9 +75,15 @@ def patch_dropout(model: nn.Module, schedule: KeptRateSchedule) -> nn.Module:
 METHODS = ("toe", "patchdropout", "tome")
 
 
-def patch_method(model: nn.Module, method: str, schedule: ExpansionSchedule,
-                 keep_rates: Optional[Sequence[float]] = None, rs: Optional[Sequence[float]] = None,
-                 prop_attn: bool = True, sparse_eval: bool = False) -> nn.Module:
+def patch_method(
+    model: nn.Module,
+    method: str,
+    schedule: ExpansionSchedule,
+    keep_rates: Optional[Sequence[float]] = None,
+    rs: Optional[Sequence[float]] = None,
+    prop_attn: bool = True,
+    sparse_eval: bool = False,
+) -> nn.Module:
     """Patch one of :data:`METHODS` into ``model`` on the stage starts of the ToE ``schedule``: ToE itself, or
     PatchDropout with ``keep_rates`` / Token Merging with ``rs`` per stage; left ``None``, those are the ones whose
     train FLOPs match ``schedule``'s stage by stage (:func:`toe.plan.match_stages`)."""

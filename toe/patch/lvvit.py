@@ -62,8 +62,14 @@ class MergeLVViT(nn.Module):
         size = source = None
         for index, block in enumerate(self.blocks):
             x, size, matching = merge_block(
-                block, index, self.token_merging, x, size, lambda y, b=block: b.drop_path(y) / b.skip_lam,
-                lambda y, b=block: b.drop_path(b.mlp(b.norm2(y))) / b.skip_lam)
+                block,
+                index,
+                self.token_merging,
+                x,
+                size,
+                lambda y, b=block: b.drop_path(y) / b.skip_lam,
+                lambda y, b=block: b.drop_path(b.mlp(b.norm2(y))) / b.skip_lam,
+            )
             if matching is not None:
                 dest = merge_destinations(matching)
                 source = dest if source is None else dest.gather(1, source)

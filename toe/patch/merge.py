@@ -25,8 +25,10 @@ def check_attention(attn: nn.Module) -> None:
     qkv = getattr(attn, "qkv", None)
     heads, head_dim = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
     if not isinstance(qkv, nn.Linear) or heads is None or head_dim is None or qkv.out_features != 3 * heads * head_dim:
-        raise TypeError(f"Token Merging needs an attention with one qkv projection, num_heads and head_dim; got "
-                        f"{type(attn).__name__}")
+        raise TypeError(
+            f"Token Merging needs an attention with one qkv projection, num_heads and head_dim; got "
+            f"{type(attn).__name__}"
+        )
     if getattr(attn, "gate", None) is not None:
         raise TypeError(f"Token Merging does not run gated attention ({type(attn).__name__}.gate)")
 
@@ -48,10 +50,15 @@ def attend(attn: nn.Module, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tu
     return out, k.mean(dim=1)
 
 
-def merge_block(block: nn.Module, index: int, op: TokenMerging, x: torch.Tensor, size: Optional[torch.Tensor],
-                attn_branch: Callable[[torch.Tensor], torch.Tensor],
-                mlp_branch: Callable[[torch.Tensor], torch.Tensor],
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Matching]]:
+def merge_block(
+    block: nn.Module,
+    index: int,
+    op: TokenMerging,
+    x: torch.Tensor,
+    size: Optional[torch.Tensor],
+    attn_branch: Callable[[torch.Tensor], torch.Tensor],
+    mlp_branch: Callable[[torch.Tensor], torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Matching]]:
     """Block ``index``, pre-norm, with ToMe between its branches: ``x + attn_branch(attn(norm1 x))``, merge,
     ``+ mlp_branch(x)``. Returns ``(x, size, matching)``."""
     out, keys = attend(block.attn, block.norm1(x), size if op.prop_attn else None)

@@ -58,14 +58,25 @@ class MergeInBlock(nn.Module):
     _tome_op: TokenMerging
     _tome_index: int
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("Token Merging does not take attention masks")
         op, index = self._tome_op, self._tome_index
         size = op.sizes.get(index) if index else None
-        x, size, _ = merge_block(self, index, op, x, size, lambda y: self.drop_path1(self.ls1(y)),
-                                 lambda y: self.drop_path2(self.ls2(self.mlp(self.norm2(y)))))
+        x, size, _ = merge_block(
+            self,
+            index,
+            op,
+            x,
+            size,
+            lambda y: self.drop_path1(self.ls1(y)),
+            lambda y: self.drop_path2(self.ls2(self.mlp(self.norm2(y)))),
+        )
         op.sizes[index + 1] = size
         return x
 
@@ -74,8 +85,10 @@ def apply_merging(model: nn.Module, op: TokenMerging) -> None:
     for block in model.blocks:
         missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
         if missing:
-            raise TypeError(f"Token Merging on timm models needs pre-norm blocks like timm's Block; "
-                            f"{type(block).__name__} has no {', '.join(missing)}")
+            raise TypeError(
+                f"Token Merging on timm models needs pre-norm blocks like timm's Block; "
+                f"{type(block).__name__} has no {', '.join(missing)}"
+            )
         check_attention(block.attn)
     model.token_merging = op
     for index, block in enumerate(model.blocks):
@@ -87,6 +100,8 @@ def apply_merging(model: nn.Module, op: TokenMerging) -> None:
 
 def apply_patch_dropout(model: nn.Module, op: ScheduledPatchDropout) -> None:
     if not isinstance(getattr(model, "patch_drop", None), nn.Module):
-        raise TypeError(f"PatchDropout needs a timm vision transformer (its patch_drop slot, which timm calls after "
-                        f"the position embedding); got {type(model).__name__}")
+        raise TypeError(
+            f"PatchDropout needs a timm vision transformer (its patch_drop slot, which timm calls after "
+            f"the position embedding); got {type(model).__name__}"
+        )
     model.patch_drop = op
