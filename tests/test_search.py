@@ -126,3 +126,12 @@ def test_a_search_whose_fixed_settings_cannot_work_stops_before_any_trial(tmp_pa
     proc = _toe_train(*SEARCH, "data=imagenet", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2 and "missing value for data.root" in proc.stdout + proc.stderr
     assert not (tmp_path / STUDY_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_is_pruned_says_so_and_fails(tmp_path):
+    proc = _toe_train("-m", *SEARCH, "budget=100", "logger=none", f"hydra.sweep.dir={tmp_path}", timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "trained no trial: every one was pruned" in output, output[-2000:]
+    assert "below the budget 100x" in output and "Traceback" not in output
+    assert not [p for p in tmp_path.iterdir() if p.is_dir() and (p / "summary.json").exists()]
