@@ -125,6 +125,22 @@ def build_datasets(cfg: Any) -> Tuple[Dataset, Dataset]:
     raise DataRootError(f"unknown data.name={name!r}: expected digits, imagefolder, imagenet, cifar10 or cifar100")
 
 
+KNOWN_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+def class_count(cfg: Any) -> int:
+    """The classes the run's head will have, without reading the images: ``data.num_classes``, the count of a data
+    set toe knows, or the class folders of an image folder's training split (what :func:`build_datasets` finds)."""
+    if cfg.data.num_classes:
+        return int(cfg.data.num_classes)
+    if cfg.data.name in KNOWN_CLASS_COUNTS:
+        return KNOWN_CLASS_COUNTS[cfg.data.name]
+    folder = _require_dir(cfg.data.root, cfg.data.name, "an image folder") / cfg.data.train_split
+    if not folder.is_dir():
+        raise DataRootError(f"data.root={cfg.data.root} has no {cfg.data.train_split}/ folder")
+    return len([p for p in folder.iterdir() if p.is_dir()])
+
+
 def build_transforms(data_config: dict, recipe: Any) -> Tuple[Callable, Callable]:
     """timm train/eval transforms from the model's data config and the recipe's augmentation settings."""
     from timm.data import create_transform

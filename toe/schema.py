@@ -703,7 +703,9 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 def config_error_message(err: BaseException) -> Optional[str]:
     """What to say of a config that cannot work: a :class:`ConfigError`'s text, or Hydra's or OmegaConf's
     composition error in one line (:func:`compose_error_line`); ``None`` for any other error, to be raised."""
-    if isinstance(err, ConfigError):
+    from .data import DataRootError
+
+    if isinstance(err, (ConfigError, DataRootError)):
         return str(err)
     return compose_error_line(err) if is_compose_error(err) else None
 

@@ -85,7 +85,10 @@ def flop_ratio(cfg: Any) -> float:
     plan = plan_schedule(cfg)
     if not any(cfg[node].enabled for node in REDUCTION_NODES):
         return 1.0
-    shape = ViTShape.from_model(create_model(cfg, int(cfg.data.num_classes or 10)))
+    from .data import class_count
+
+    # the head the run will train (its FLOPs count): the data's class count, as toe-train sizes it
+    shape = ViTShape.from_model(create_model(cfg, class_count(cfg)))
     schedule = build_expansion_schedule(cfg, plan.stage_starts, matching=True)
     return toe_flop_ratio(shape, schedule, plan.epochs)
 
