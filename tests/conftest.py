@@ -15,6 +15,25 @@ TINY_RUN = [
 ]
 
 
+def toe_train_cli(run_dir: Path, *extra: str, epochs: int = 3, length: int = 3) -> List[str]:
+    """The command line of a tiny ``toe-train`` run (2 blocks, stages at 0/1/2 of ``length`` epochs) into
+    ``run_dir``, for tests that run the real command."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "toe.cli.train",
+        "logger=none",
+        f"schedule.epochs={epochs}",
+        f"schedule.length={length}",
+        "schedule.stage_starts=[0,1,2]",
+        "model.kwargs.depth=2",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
 def compose_cfg(overrides: List[str]) -> DictConfig:
     with initialize_config_module(config_module="toe.conf", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)

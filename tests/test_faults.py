@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toe_train_cli
 
 from toe.checkpoint import CheckpointUnreadable
 from toe.lock import LOCK_FILE, RunDirBusy
@@ -170,18 +171,7 @@ def test_a_full_disk_ends_the_run_in_one_line_with_true_records_and_a_rerun_resu
 
 
 def _cli(run_dir: Path, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "toe.cli.train",
-        "logger=none",
-        "schedule.epochs=3",
-        "schedule.length=3",
-        "schedule.stage_starts=[0,1,2]",
-        "model.kwargs.depth=2",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return toe_train_cli(run_dir, *extra)
 
 
 def _wait_for(path: Path, timeout: float = 240) -> None:

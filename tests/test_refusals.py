@@ -3,26 +3,15 @@ says why in one line; a refused single run in a new dir leaves no dir behind."""
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import toe_train_cli
 
 
 def _cli(run_dir: Path, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "toe.cli.train",
-        "logger=none",
-        "schedule.epochs=1",
-        "schedule.length=1",
-        "schedule.stage_starts=[0,1,2]",
-        "model.kwargs.depth=2",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return toe_train_cli(run_dir, *extra, epochs=1, length=1)
 
 
 def _tree(run_dir: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import compose_cfg, write_image_folder
+from conftest import compose_cfg, toe_train_cli, write_image_folder
 
 from toe.data import DataRootError
 from toe.flops import ViTShape
@@ -152,17 +152,7 @@ def test_wandb_offline_run_is_written_and_a_broken_wandb_never_stops_training(ti
 
 
 def _cli(run_dir: Path, epochs: int = 3):
-    return [
-        sys.executable,
-        "-m",
-        "toe.cli.train",
-        "logger=none",
-        f"schedule.epochs={epochs}",
-        "schedule.length=3",
-        "schedule.stage_starts=[0,1,2]",
-        "model.kwargs.depth=2",
-        f"hydra.run.dir={run_dir}",
-    ]
+    return toe_train_cli(run_dir, epochs=epochs)
 
 
 @pytest.mark.slow
