@@ -317,7 +317,7 @@ def test_toe_label_maps_refuses_bad_flags_and_a_cut_checkpoint_in_one_line(tiny_
     cases = [
         ([str(tmp_path / "teacher"), str(tmp_path / "maps"), "--batch-size", "0"], "argument --batch-size"),
         ([str(tmp_path / "teacher"), str(tmp_path / "maps"), "--topk", "20"], "--topk 20: the run's data has only 10"),
-        ([str(tmp_path / "nothing"), str(tmp_path / "maps")], "is not a toe-train run directory"),
+        ([str(tmp_path / "nothing"), str(tmp_path / "maps")], "nothing does not exist"),
     ]
     checkpoint = tmp_path / "teacher" / "checkpoint.pth"
     for argv, message in cases:

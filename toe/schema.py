@@ -479,6 +479,11 @@ def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) ->
     if "Unknown model" in text:
         return f"model.name={name}: not one of timm's models ({text})"
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if unexpected and unexpected.group(1) == "dynamic_img_size" and "dynamic_img_size" not in kwargs:
+        return (
+            f"model.name={name} has a fixed position embedding and does not take the changing resolution of "
+            f"method={cfg.method_name}'s curriculum (timm's dynamic_img_size)"
+        )
     if unexpected and unexpected.group(1) in kwargs:
         key = unexpected.group(1)
         return f"model.kwargs.{key}={_show(kwargs[key])}: model.name={name} takes no such argument"
