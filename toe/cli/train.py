@@ -126,16 +126,23 @@ def _task(cfg: DictConfig) -> Optional[float]:
         sys.exit(2)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     fresh = run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra made it for this start and wrote nothing yet
+    has_record = any((run_dir / name).exists() for name in ("summary.json", "checkpoint.pth", "checkpoint.prev.pth"))
     logs, config_before = _job_logs(run_dir), _stamp(run_dir / "config.yaml")
     try:
         summary = train(cfg, run_dir, list(hydra_cfg.overrides.task), started_at, _hydra_files(cfg))
     except _one_line_errors() as err:
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         # the start was accepted when the run wrote its config.yaml (atomically: a new file); a refused one leaves
-        # an existing run's dir as it was, and a single run's new dir not at all
+        # an existing run's dir as it was, and a single run's new dir not at all; a multirun job without a record
+        # keeps the line in its log, which toe-sweep status reads as the job's error
         refused = _stamp(run_dir / "config.yaml") == config_before
-        if refused and not (multirun and fresh):
+        if refused and (has_record or not multirun):
             _restore_job_logs(logs)
+        elif refused:  # the job's overrides beside its error, so that toe-sweep lists the job and can retry it
+            from toe.record import write_hydra_files
+
+            with contextlib.suppress(OSError):
+                write_hydra_files(run_dir, _hydra_files(cfg))
         log.error("%s", str(err).splitlines()[0])
         if multirun:
             raise  # this job fails (its new dir says so) and the sweep goes on with the others
