@@ -105,6 +105,7 @@ def _one_line_errors() -> tuple:
 def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     from toe.train import train
 
@@ -118,11 +119,12 @@ def _task(cfg: DictConfig) -> Optional[float]:
         # of a multirun leave it as it is, so that each job's own garbage stays collectable.
         gc.freeze()
     _first_job = False
-    key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
-    if not str(hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.run.dir).strip():
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    key = "sweep.dir" if multirun else "run.dir"
+    if not str(OmegaConf.select(hydra_cfg, key)).strip():
         # Hydra would take the working directory itself as the run dir
         _restore_job_logs(_job_logs(Path(hydra_cfg.runtime.output_dir)))
-        log.error("%s is empty: name a directory for the run (or leave it out: runs/<task_name>/<time>)", key)
+        log.error("hydra.%s is empty: name a directory for the run (or leave it out: runs/<task_name>/<time>)", key)
         sys.exit(2)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     fresh = run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra made it for this start and wrote nothing yet
@@ -131,7 +133,6 @@ def _task(cfg: DictConfig) -> Optional[float]:
     try:
         summary = train(cfg, run_dir, list(hydra_cfg.overrides.task), started_at, _hydra_files(cfg))
     except _one_line_errors() as err:
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         # the start was accepted when the run wrote its config.yaml (atomically: a new file); a refused one leaves
         # an existing run's dir as it was, and a single run's new dir not at all; a multirun job without a record
         # keeps the line in its log, which toe-sweep status reads as the job's error
