@@ -1,5 +1,5 @@
 """Analysis of toe runs: collect run records into pandas, rebuild the paper's tables and plots, write reports."""
 
-from .collect import Runs, collect, collect_wandb
+from toe.analysis.collect import Runs, collect, collect_wandb
 
 __all__ = ["Runs", "collect", "collect_wandb"]

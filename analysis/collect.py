@@ -1,6 +1,6 @@
 """Collect runs into tidy pandas tables, from run dirs on disk or from a W&B project.
 
-Only the run record is read, through :func:`toe.record.read_run_dir` (the reader ``toe-sweep`` uses too):
+Only the run record is read, through :func:`toe.train.record.read_run_dir` (the reader ``toe-sweep`` uses too):
 ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and Hydra's ``overrides.yaml``, the contract between training
 and analysis. Runs that failed, are still running, have no summary or an unreadable file are kept and flagged,
 never dropped.
@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import pandas as pd
 
-from toe.record import EpochRow, Summary, find_run_dirs, parse_overrides, read_run_dir
+from toe.train.record import EpochRow, Summary, find_run_dirs, parse_overrides, read_run_dir
 
 
 @dataclass
@@ -33,7 +33,7 @@ def record_to_row(
     state: Optional[str] = None,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """One run's row and epoch rows from its record; the same mapping serves run dirs and W&B runs. ``state`` is
-    the reader's (:data:`toe.record.RUN_STATES`); W&B runs give none and their summary's status is used."""
+    the reader's (:data:`toe.train.record.RUN_STATES`); W&B runs give none and their summary's status is used."""
     config = config or {}
     toe_cfg, schedule = config.get("toe") or {}, config.get("schedule") or {}
     row: Dict[str, Any] = {

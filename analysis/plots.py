@@ -13,9 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from toe.schedule import scale_epoch  # noqa: E402
-
-from .tables import device_kind  # noqa: E402
+from toe.analysis.tables import device_kind  # noqa: E402
+from toe.ops.schedule import scale_epoch  # noqa: E402
 
 
 def _label(run: pd.Series, rows: List[str]) -> str:

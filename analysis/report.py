@@ -1,19 +1,19 @@
-"""``toe-report <sweep dir | wandb:entity/project> [-o out/]``: every table the runs allow, the plots, the flagged
-runs, and a one-line verdict per setting against its reference row. Markdown plus PNGs, or one HTML file."""
+"""The comparison report: every table the runs allow, the plots, the flagged runs, and a one-line verdict per setting
+against its reference row; Markdown plus PNGs, or one HTML file. ``toe-report`` (:mod:`toe.cli.report`) writes it."""
 
 from __future__ import annotations
 
-import argparse
 import base64
-import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import pandas as pd
 
-from .collect import Runs, collect, collect_wandb
-from .plots import plot_runs
-from .tables import build_table, format_table, spec_for, time_split, write_table
+from toe.analysis.collect import Runs
+from toe.analysis.plots import plot_runs
+from toe.analysis.tables import build_table, format_table, spec_for, time_split, write_table
+from toe.ops.methods import REDUCING_METHODS
+from toe.train.record import CHECKPOINT_FILE
 
 
 def verdicts(table: pd.DataFrame) -> List[str]:
@@ -54,13 +54,10 @@ def read_reference(path: Path) -> pd.DataFrame:
     return reference
 
 
-REDUCING_METHODS = ("toe", "efficienttrain_toe", "patchdropout", "tome")
-
-
 def token_pictures(subset: pd.DataFrame, root: Path, rows: List[str], out_dir: Path) -> List[Tuple[str, Path]]:
-    """``toe-vis`` grids (:func:`toe.vis.draw_run`) of one completed run with a checkpoint per setting of a
+    """``toe-vis`` grids (:func:`toe.vis.draw.draw_run`) of one completed run with a checkpoint per setting of a
     token-reduction method; a run that cannot be drawn (e.g. its data is not on this machine) is named, not fatal."""
-    from toe.vis import draw_run
+    from toe.vis.draw import draw_run
 
     done = subset[(subset["status"] == "completed") & subset["method"].isin(REDUCING_METHODS)]
     pictures = []
@@ -69,7 +66,7 @@ def token_pictures(subset: pd.DataFrame, root: Path, rows: List[str], out_dir: P
         name = "_".join(str(v) for v in setting)
         for run in sorted(group["run"]):
             run_dir = root / run if (root / run).is_dir() else root  # a single run dir reports itself
-            if not (run_dir / "checkpoint.pth").is_file():
+            if not (run_dir / CHECKPOINT_FILE).is_file():
                 continue
             out = out_dir / f"tokens_{name}.png".replace("/", "-")
             try:
@@ -85,9 +82,8 @@ def token_pictures(subset: pd.DataFrame, root: Path, rows: List[str], out_dir: P
 def search_section(root: Path, out_dir: Path) -> Tuple[List[str], List[str]]:
     """A budgeted search's trials (from its Optuna study, ``optuna.db`` in the sweep dir, pruned trials included):
     the trials table, the best trial, and top-1 vs train-FLOP speed-up with the Pareto front."""
-    from toe.search import load_trials
-
-    from .plots import plot_search
+    from toe.analysis.plots import plot_search
+    from toe.sweep.search import load_trials
 
     trials = load_trials(root)
     if trials is None or not len(trials):
@@ -236,50 +232,3 @@ def build_report(
         )
         return page
     return markdown
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="toe-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a sweep or runs directory, or wandb:<entity>/<project>")
-    parser.add_argument("-o", "--out", type=Path, default=Path("report"), help="output directory (default: report)")
-    parser.add_argument("--reference", type=Path, help="CSV of reference numbers keyed by the table's row columns")
-    parser.add_argument("--html", action="store_true", help="also write one self-contained report.html")
-    args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"-o {args.out}: a file, not a directory")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        parser.error(f"-o {args.out}: cannot make the directory ({err.strerror})")
-    try:
-        if args.source.startswith("wandb:"):
-            collected = collect_wandb(args.source[len("wandb:") :])
-        else:
-            collected = collect(Path(args.source))
-    except FileNotFoundError as err:
-        print(f"toe-report: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - wandb raises its own types for a missing login or network
-        if not type(err).__module__.startswith("wandb"):
-            raise
-        print(
-            f"toe-report: {args.source}: W&B cannot be read ({str(err).splitlines()[0]}; `wandb login`, or "
-            "report the run dirs instead)",
-            file=sys.stderr,
-        )
-        return 2
-    reference = None
-    if args.reference:
-        try:
-            reference = read_reference(args.reference)
-        except (OSError, ValueError) as err:
-            parser.error(f"--reference {args.reference}: {str(err).splitlines()[0]}")
-    root = None if args.source.startswith("wandb:") else Path(args.source)
-    path = build_report(collected, args.out, args.source, reference, html=args.html, root=root)
-    flagged = collected.runs["flag"].notna().sum()
-    print(f"toe-report: wrote {path} ({len(collected.runs)} runs, {flagged} flagged)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from toe.flops import TRAIN_TO_FORWARD
+from toe.cost.flops import TRAIN_TO_FORWARD
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
     return table
 
 
-# Where a command's time went (toe.record.Summary), in the order it passes
+# Where a command's time went (toe.train.record.Summary), in the order it passes
 TIME_PARTS = {
     "startup_seconds": "start-up",
     "total_train_seconds": "train",

@@ -66,7 +66,7 @@ def digits_teacher(tmp_path_factory) -> Path:
     """The run dir of one full-token training of the default model on digits (2 epochs), trained once for the whole
     test session: pretrained weights for fine-tuning and the experiments that start from them, and the teacher of
     token labeling's label maps."""
-    from toe.train import train
+    from toe.train.task import train
 
     run_dir = tmp_path_factory.mktemp("teacher") / "run"
     train(compose_cfg(["logger=none", "method=baseline", "schedule.epochs=2", "schedule.length=2"]), run_dir)

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.collect import collect, collect_wandb, load_run_dir
-from analysis.report import main as report_main
-from analysis.tables import TABLES, TIME_PARTS, build_table, spec_for, time_split, write_table
+from toe.analysis.collect import collect, collect_wandb, load_run_dir
+from toe.analysis.tables import TABLES, TIME_PARTS, build_table, spec_for, time_split, write_table
+from toe.cli.report import main as report_main
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def test_one_bad_file_flags_its_run_and_the_readers_report_the_rest(sweep, tmp_p
 
 
 def test_verdicts_say_faster_or_slower_and_judge_the_top1_change_by_the_seed_spread():
-    from analysis.report import verdicts
+    from toe.analysis.report import verdicts
 
     table = pd.DataFrame(
         {

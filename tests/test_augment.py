@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from toe.augment import BatchAugment, TensorImages, random_resized_crop_boxes
-from toe.schema import ConfigError
-from toe.train import train
+from toe.config.schema import ConfigError
+from toe.data.augment import BatchAugment, TensorImages, random_resized_crop_boxes
+from toe.train.task import train
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -74,8 +74,8 @@ def test_tensor_images_serve_a_batch_by_indices():
 def test_the_pipeline_is_chosen_from_the_recipe_and_a_forced_tensor_pipeline_says_why_not(tiny_cfg, tmp_path):
     from conftest import write_image_folder
 
-    from toe.distributed import DistInfo
-    from toe.run import build_run
+    from toe.train.build import build_run
+    from toe.train.distributed import DistInfo
 
     assert build_run(tiny_cfg(), DistInfo()).pipeline == "tensor"  # digits with the CPU recipe
     assert build_run(tiny_cfg("train.pipeline=pil"), DistInfo()).pipeline == "pil"
@@ -109,7 +109,7 @@ def test_both_pipelines_train_the_default_model(tiny_cfg, tmp_path):
 
 
 def test_loader_settings_follow_the_pipeline_the_device_and_the_cores(monkeypatch):
-    from toe import run
+    from toe.train import build as run
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert run.loader_settings("auto", "tensor", cuda, 1) == {"num_workers": 0, "pin_memory": True}
@@ -153,9 +153,9 @@ def test_the_tensor_pipeline_gives_the_default_run_the_images_of_timms_pil_path(
     pipeline and timm's PIL train transform agree to within a level or two of 8 bits (the bicubic kernels differ)."""
     from conftest import compose_cfg
 
-    import toe.augment as augment
-    from toe.data import build_datasets, build_transforms
-    from toe.run import create_model, model_data_config
+    import toe.data.augment as augment
+    from toe.data.datasets import build_datasets, build_transforms
+    from toe.train.build import create_model, model_data_config
 
     cfg = compose_cfg([])
     train_set, _ = build_datasets(cfg)

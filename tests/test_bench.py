@@ -138,7 +138,7 @@ def test_e2e_bench_times_loader_step_and_loop_of_a_real_run_per_stage(tmp_path, 
 def test_capacity_bench_times_real_jpeg_decoding_and_augmentation_and_counts_cores(tmp_path, capsys):
     import math
 
-    from toe.bench import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, deit_s_stage1_flop_ratio
+    from toe.bench.benchmarks import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, deit_s_stage1_flop_ratio
 
     out = tmp_path / "capacity.json"
     main(["--json", str(out), "capacity", "--images", "6", "--repeats", "1"])
@@ -197,7 +197,7 @@ def test_train_bench_alternates_two_whole_runs_each_as_it_trains_alone(tiny_cfg,
     exactly where `toe-train` ends them alone (same loss, same top-1), and the bench says how much faster ToE was."""
     from conftest import TINY_RUN
 
-    from toe.train import train
+    from toe.train.task import train
 
     out = tmp_path / "train.json"
     overrides = [o for o in TINY_RUN if o != "logger=none"] + ["train.eval_every=2"]

@@ -1,4 +1,4 @@
-"""The config schema (toe/schema.py): every bad config is refused before training, in one line naming the key."""
+"""The config schema (toe/config/): every bad config is refused before training, in one line naming the key."""
 
 import json
 import subprocess
@@ -8,7 +8,9 @@ import pytest
 from conftest import TINY_RUN
 from hydra import compose, initialize_config_module
 
-from toe.schema import ConfigError, compose_error_line, is_compose_error, validate
+from toe.config.compose import compose_error_line, is_compose_error
+from toe.config.schema import ConfigError
+from toe.config.validate import validate
 
 # (overrides, what the one-line refusal must contain). Each is composed as toe-train composes it and checked by
 # validate(), the function train() and the sweep check call before anything is written.
@@ -132,6 +134,26 @@ def test_the_operator_settings_are_their_own_group():
     assert (et.init_keep_rate, list(et.keep_rates), et.enabled) == (0.3, [0.6, 0.8, 1.0], True)
     assert (lvvit.init_keep_rate, list(lvvit.keep_rates)) == (0.2, [0.4, 0.7, 1.0])
     assert list(chosen.keep_rates) == [0.4, 0.7, 1.0]  # the command line beats a method's choice
+
+
+def test_every_method_file_is_the_registry_entry_of_its_name():
+    """conf/method/<name>.yaml sets method_name <name>, enables the registry's reducer (and no other) and the
+    curriculum exactly when the registry says so; the registry has no method without a file."""
+    from pathlib import Path
+
+    from toe.ops.methods import METHODS, REDUCTION_NODES
+
+    files = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "method").glob("*.yaml"))
+    assert files == sorted(m.name for m in METHODS)
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        for method in METHODS:
+            cfg = compose(config_name="train", overrides=[f"method={method.name}"])
+            enabled = [node for node in REDUCTION_NODES if cfg[node].enabled]
+            assert (cfg.method_name, enabled, cfg.curriculum.enabled) == (
+                method.name,
+                [method.reducer] if method.reducer else [],
+                method.curriculum,
+            )
 
 
 def test_recipes_share_the_deit_base_and_keep_their_own_values():

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from toe.curriculum import build_phases, fourier_crop, phase_at
-from toe.flops import ViTShape, schedule_average_macs
-from toe.schema import build_expansion_schedule as build_schedule
-from toe.train import train
+from toe.config.stages import build_expansion_schedule as build_schedule
+from toe.cost.flops import ViTShape, schedule_average_macs
+from toe.data.curriculum import build_phases, fourier_crop, phase_at
+from toe.train.task import train
 
 
 def _grid(freq: float, size: int) -> torch.Tensor:
@@ -76,7 +76,7 @@ def test_efficienttrain_runs_through_every_phase(tmp_path, method, tokens):
 
 
 def test_a_run_too_short_for_the_phases_is_stopped_before_it_starts(tmp_path):
-    from toe.schema import ConfigError
+    from toe.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="curriculum phases start at epochs"):
         train(compose_cfg(["logger=none", "method=efficienttrain", "schedule.epochs=3"]), tmp_path)

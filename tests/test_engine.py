@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.scheduler import StepLRScheduler
 
-from toe.engine import StepConfig, train_one_epoch
+from toe.train.step import StepConfig, train_one_epoch
 
 
 def _batches(count: int):
@@ -77,7 +77,7 @@ def test_ddp_skips_the_all_reduce_on_every_micro_batch_but_the_last_of_a_window(
 def test_evaluation_counts_top1_and_top5_as_timm_does_over_uneven_batches():
     from timm.utils import accuracy
 
-    from toe.engine import evaluate
+    from toe.train.step import evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
@@ -110,7 +110,7 @@ def _three_steps(optimizer_fn, recipe_overrides=()):
 def test_adamw_runs_torchs_fused_kernel_on_cpu_with_the_same_update_and_other_optimizers_as_timm_builds_them():
     from timm.optim import create_optimizer_v2
 
-    from toe.run import create_optimizer
+    from toe.train.build import create_optimizer
 
     fused_model, fused = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2))
     plain_model, plain = _three_steps(
@@ -135,8 +135,8 @@ def test_a_checkpoint_of_a_fused_optimizer_resumes_into_one_built_without_the_ke
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    from toe.checkpoint import TrainState
-    from toe.run import create_optimizer
+    from toe.train.build import create_optimizer
+    from toe.train.checkpoint import TrainState
 
     model, fused = _three_steps(lambda m, r: create_optimizer(m, r, 1e-2))
     scheduler, _ = create_scheduler_v2(fused, sched="cosine", num_epochs=4)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from toe import ExpansionSchedule, TokenExpansion, expand_tokens
-from toe.expansion import random_seeds
-from toe.reference import reference_expand_tokens
+from toe.ops.expansion import random_seeds
+from toe.ops.reference import reference_expand_tokens
 
 # 20 cases produced by the official ToE code (TokenSelect, commit 01e52fe); format in tests/data/golden/README.md.
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "toe_official_cases.pt"
@@ -157,7 +157,7 @@ def test_works_under_autocast():
 
 
 def test_unexpand_puts_each_kept_token_back_at_its_position_and_zeros_elsewhere():
-    from toe.expansion import unexpand
+    from toe.ops.expansion import unexpand
 
     schedule = ExpansionSchedule([0, 1, 2], [0.5, 0.75, 1.0], 0.25)
     x = torch.randn(3, 1 + 16, 8)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from toe.cli.sweep import main as sweep_main
-from toe.sweep import sweep_runs
+from toe.sweep.status import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))

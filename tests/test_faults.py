@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import toe_train_cli
 
-from toe.checkpoint import CheckpointUnreadable
-from toe.lock import LOCK_FILE, RunDirBusy
-from toe.record import StartRefused
-from toe.train import train
+from toe.train.checkpoint import CheckpointUnreadable
+from toe.train.lock import LOCK_FILE, RunDirBusy
+from toe.train.record import StartRefused
+from toe.train.task import train
 
 
 def _files(run_dir: Path):
@@ -235,8 +235,8 @@ def _sweep(sweep_dir: Path, env):
 
 @pytest.mark.slow
 def test_sweep_retry_finishes_a_sweep_with_a_killed_and_a_failed_job_into_the_clean_sweeps_table(tmp_path, capsys):
-    from analysis.collect import collect
-    from analysis.tables import build_table, spec_for
+    from toe.analysis.collect import collect
+    from toe.analysis.tables import build_table, spec_for
     from toe.cli.sweep import main as sweep_main
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -278,7 +278,7 @@ def test_sweep_retry_finishes_a_sweep_with_a_killed_and_a_failed_job_into_the_cl
 
 
 def test_a_schedule_whose_last_stage_never_starts_says_so_in_the_record(tiny_cfg, tmp_path, caplog):
-    from analysis.collect import collect
+    from toe.analysis.collect import collect
 
     summary = train(
         tiny_cfg("schedule.epochs=3", "schedule.length=300", "schedule.stage_starts=[0,100,400]"), tmp_path / "run"
@@ -337,7 +337,7 @@ def test_a_run_of_an_earlier_toe_resumes_despite_keys_added_since(tiny_cfg, tmp_
     rates, resumes: neither difference changes what the run trains."""
     import torch
 
-    from toe.schema import config_changes
+    from toe.config.changes import config_changes
 
     train(tiny_cfg(), tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoint.prev.pth", weights_only=True)  # the checkpoint after epoch 1
@@ -385,7 +385,7 @@ def _interrupt_after_first_checkpoint(run_dir: Path) -> threading.Thread:
 def test_a_resume_with_other_resumable_keys_trains_exactly_as_the_uninterrupted_run(
     tiny_cfg, tmp_path, pipeline, resumed_with
 ):
-    from toe.train import Terminated
+    from toe.train.task import Terminated
 
     run = ("schedule.epochs=4", "schedule.length=4", f"train.pipeline={pipeline}", "data.val_fraction=0.5")
     straight = train(tiny_cfg(*run), tmp_path / "straight")

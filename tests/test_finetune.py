@@ -3,9 +3,9 @@ import timm
 import torch
 from conftest import write_image_folder
 
-from toe.finetune import CheckpointMismatchError, load_pretrained
-from toe.schema import ConfigError
-from toe.train import train
+from toe.config.schema import ConfigError
+from toe.models.pretrained import CheckpointMismatchError, load_pretrained
+from toe.train.task import train
 
 VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)  # the default model, conf/model/vit_cpu.yaml
 

@@ -19,7 +19,7 @@ def test_published_sizes(name, millions):
 
 
 def test_flops_count_the_conv_stem_and_dense_head_and_match_the_published_figure():
-    from toe.flops import ViTShape
+    from toe.cost.flops import ViTShape
 
     shape = ViTShape.from_model(timm.create_model("lvvit_s"))
     assert round(shape.forward_macs() / 1e9, 1) == 6.6  # TokenLabeling README: LV-ViT-S 6.6G
@@ -109,8 +109,8 @@ def test_toe_patch_keeps_weights_and_eval_and_restores_zero_padded_positions():
 
 
 def test_patching_lvvit_twice_replaces_the_schedule_and_the_model_stays_toe_agnostic():
+    from toe.hosts import expansion_ops
     from toe.models.lvvit import LVViT
-    from toe.patch import expansion_ops
 
     model = _small(mix_token=False)
     assert not hasattr(model, "token_expansion")  # the host knows nothing of ToE

@@ -7,11 +7,11 @@ from conftest import assert_bf16_autocast_trains_close_to_fp32, assert_checkpoin
 from timm.utils import ModelEmaV3
 
 import toe
-from toe.flops import TRAIN_TO_FORWARD, ViTShape
-from toe.merging import bipartite_soft_matching, merge_count, merge_destinations, merge_tokens, unmerge
+from toe.cost.flops import TRAIN_TO_FORWARD, ViTShape
+from toe.hosts.merge import attend
 from toe.models.lvvit import LVViT
-from toe.patch.merge import attend
-from toe.schedule import MergeSchedule
+from toe.ops.merging import bipartite_soft_matching, merge_count, merge_destinations, merge_tokens, unmerge
+from toe.ops.schedule import MergeSchedule
 
 SCHED = MergeSchedule((0, 10, 20), (8, 4, 0))
 SMALL_VIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, num_classes=10)
@@ -188,7 +188,7 @@ def test_lvvit_merging_and_patch_dropout_give_every_position_to_the_dense_head()
     # positions merged into one token share its dense prediction: 64 positions, 64 - 3 * 16 = 16 tokens
     assert all(len(torch.unique(dense[b], dim=0)) == 16 for b in range(2))
 
-    from toe.patch_dropout import KeptRateSchedule
+    from toe.ops.patch_dropout import KeptRateSchedule
 
     dropped = toe.patch_dropout(copy.deepcopy(plain), KeptRateSchedule((0,), (0.25,)))
     dropped.train()
@@ -201,7 +201,7 @@ def test_lvvit_merging_and_patch_dropout_give_every_position_to_the_dense_head()
 
 
 def test_a_fractional_r_spreads_its_tokens_over_the_blocks():
-    from toe.merging import block_r, merging_block_tokens
+    from toe.ops.merging import block_r, merging_block_tokens
 
     assert [block_r(4, i) for i in range(4)] == [4, 4, 4, 4]
     assert [block_r(4.5, i) for i in range(4)] == [4, 5, 4, 5]
@@ -211,7 +211,7 @@ def test_a_fractional_r_spreads_its_tokens_over_the_blocks():
 
 
 def test_planner_matches_patchdropout_and_tome_to_each_toe_stage_within_two_percent():
-    from toe.plan import match_stages
+    from toe.cost.plan import match_stages
 
     toe_stages = toe.ExpansionSchedule((0, 100, 200), (0.5, 0.75, 1.0), 0.25)
     for shape in (
@@ -227,7 +227,7 @@ def test_planner_matches_patchdropout_and_tome_to_each_toe_stage_within_two_perc
     first = match_stages(ViTShape.deit(384), toe_stages)[0]
     assert first.toe_tokens == 99 and shape.num_prefix_tokens == 1
     # PatchDropout's matched rate keeps the number of tokens whose FLOPs it matched, as timm's PatchDropout counts
-    from toe.patch_dropout import KeptRateSchedule
+    from toe.ops.patch_dropout import KeptRateSchedule
 
     kept = KeptRateSchedule((0,), (first.kept_rate,)).kept_tokens(196, 1)
     assert kept > 98 and ViTShape.deit(384).train_macs(kept, first_block_reduced=True) == first.dropout_macs
@@ -236,8 +236,8 @@ def test_planner_matches_patchdropout_and_tome_to_each_toe_stage_within_two_perc
 def test_a_tome_run_records_its_stages_tokens_and_matched_flops(tiny_cfg, tmp_path):
     import json
 
-    from toe.schema import ConfigError
-    from toe.train import train
+    from toe.config.schema import ConfigError
+    from toe.train.task import train
 
     summary = train(
         tiny_cfg("method=tome", "schedule.epochs=3", "schedule.stage_starts=[0,1,2]", "model.kwargs.depth=4"), tmp_path
@@ -247,7 +247,7 @@ def test_a_tome_run_records_its_stages_tokens_and_matched_flops(tiny_cfg, tmp_pa
     shape = ViTShape(64, 4, 256, 64, 1, 3 * 4 * 4 * 64, 10)
     toe_stage = [shape.train_macs(32), shape.train_macs(48), shape.train_macs(64)]
     before = [{"train_flops_total": 0.0, "images_seen": 0}] + rows
-    for prev, row, target in zip(before, rows, toe_stage):  # each stage at the ToE stage's train FLOPs (toe.plan)
+    for prev, row, target in zip(before, rows, toe_stage):  # each stage at the ToE stage's train FLOPs (toe.cost.plan)
         per_image = (row["train_flops_total"] - prev["train_flops_total"]) / (row["images_seen"] - prev["images_seen"])
         assert per_image == pytest.approx(target, rel=0.02)
     assert [r["stage"] for r in rows] == [1, 2, 3] and rows[0]["tokens_after_first_block"] < 65
@@ -264,7 +264,7 @@ def test_a_tome_run_records_its_stages_tokens_and_matched_flops(tiny_cfg, tmp_pa
 def test_the_other_token_reducers_learn_the_embedded_default(method, tmp_path):
     from conftest import compose_cfg
 
-    from toe.train import train
+    from toe.train.task import train
 
     summary = train(compose_cfg([f"method={method}", "logger=none"]), tmp_path)
     assert summary.status == "completed" and summary.final_top1 >= 0.90

@@ -6,10 +6,10 @@ import timm
 import torch
 
 import toe
-from toe.flops import TRAIN_TO_FORWARD, ViTShape
-from toe.patch_dropout import KeptRateSchedule, ScheduledPatchDropout
-from toe.schema import ConfigError
-from toe.train import train
+from toe.config.schema import ConfigError
+from toe.cost.flops import TRAIN_TO_FORWARD, ViTShape
+from toe.ops.patch_dropout import KeptRateSchedule, ScheduledPatchDropout
+from toe.train.task import train
 
 SCHEDULE = KeptRateSchedule((0, 10, 20), (0.5, 0.75, 1.0))
 
@@ -91,7 +91,7 @@ def test_a_patchdropout_run_records_its_stages_tokens_and_flops(tiny_cfg, tmp_pa
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary.method == "patchdropout" and summary.status == "completed"
-    # kept rates matched to ToE's train FLOPs per stage (toe.plan): 0.625, 0.8125, 1.0 of 64 patches
+    # kept rates matched to ToE's train FLOPs per stage (toe.cost.plan): 0.625, 0.8125, 1.0 of 64 patches
     assert [r["stage"] for r in rows] == [1, 2, 3] and [r["tokens_after_first_block"] for r in rows] == [41, 53, 65]
     shape = ViTShape(64, 4, 256, 64, 1, 3 * 4 * 4 * 64, 10)
     assert rows[0]["train_flops_total"] == pytest.approx(

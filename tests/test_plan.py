@@ -4,8 +4,8 @@ import pytest
 
 from toe import ExpansionSchedule
 from toe.cli.plan import main
-from toe.flops import ViTShape
-from toe.plan import plan_keep_rates, plan_stage_split, rates_from_first, toe_flop_ratio
+from toe.cost.flops import ViTShape
+from toe.cost.plan import plan_keep_rates, plan_stage_split, rates_from_first, toe_flop_ratio
 
 DEIT_S = ViTShape.deit(384)
 OFFICIAL = ExpansionSchedule((0, 100, 200), (0.5, 0.75, 1.0), 0.25)

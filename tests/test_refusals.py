@@ -115,9 +115,9 @@ def test_toe_plan_refuses_what_it_cannot_plan_in_one_line(argv, says, capsys):
 
 
 def test_the_other_commands_refuse_bad_paths_and_files_in_one_line(finished_run, tmp_path, capsys):
-    from analysis.report import main as report_main
     from toe.cli.bench import main as bench_main
     from toe.cli.label_maps import main as label_maps_main
+    from toe.cli.report import main as report_main
     from toe.cli.sweep import main as sweep_main
     from toe.cli.vis import main as vis_main
 

@@ -8,9 +8,9 @@ import time
 import optuna
 import pytest
 
-from analysis.report import main as report_main
-from toe.record import read_run_dir
-from toe.search import STUDY_FILE, SearchSpaceError, load_trials, parse_params, trial_overrides
+from toe.cli.report import main as report_main
+from toe.sweep.search import STUDY_FILE, SearchSpaceError, load_trials, parse_params, trial_overrides
+from toe.train.record import read_run_dir
 
 SEARCH = ["hparams_search=toe_budget", "smoke=on"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toe.sweep import sweep_runs
+from toe.sweep.status import sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def _toe_train(*args):
 
 
 def test_budgeted_search_runs_its_trials_as_slurm_jobs(tmp_path, env):
-    from toe.search import load_trials
+    from toe.sweep.search import load_trials
 
     proc = subprocess.run(
         _toe_train(
@@ -208,7 +208,7 @@ def test_sweep_retry_finishes_a_slurm_sweep_with_a_cancelled_and_a_failed_job(tm
     import socket
 
     from toe.cli.sweep import main as sweep_main
-    from toe.lock import LOCK_FILE
+    from toe.train.lock import LOCK_FILE
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"])
     (tmp_path / "1").mkdir()

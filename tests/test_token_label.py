@@ -11,9 +11,9 @@ import torch
 from conftest import compose_cfg, write_image_folder
 from PIL import Image
 
-from toe.label_maps import dense_logits, write_label_maps
-from toe.schema import ConfigError
-from toe.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss, smoothing_values, token_label_targets
+from toe.config.schema import ConfigError
+from toe.data.label_maps import dense_logits, write_label_maps
+from toe.data.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss, smoothing_values, token_label_targets
 
 NUM_CLASSES = 6
 
@@ -193,7 +193,7 @@ def test_loss_is_class_token_ce_plus_dense_ce_with_mixtoken_mixing():
 
 
 def test_label_maps_written_from_a_vit_and_a_cnn_hold_their_top_k_dense_logits(tmp_path):
-    from toe.data import DigitsDataset
+    from toe.data.datasets import DigitsDataset
 
     dataset = DigitsDataset(train=False, img_size=32)
     dataset.images, dataset.targets, dataset.names = dataset.images[:6], dataset.targets[:6], dataset.names[:6]
@@ -213,7 +213,7 @@ def test_label_maps_written_from_a_vit_and_a_cnn_hold_their_top_k_dense_logits(t
 
 
 def test_lvvit_trains_with_token_labels_and_toe(digits_label_maps, tmp_path):
-    from toe.train import train
+    from toe.train.task import train
 
     cfg = compose_cfg(["logger=none", "model=lvvit_cpu", "schedule.epochs=3", f"token_label.root={digits_label_maps}"])
     summary = train(cfg, tmp_path / "lvvit")
@@ -226,7 +226,7 @@ def test_lvvit_trains_with_token_labels_and_toe(digits_label_maps, tmp_path):
 
 
 def test_lvvit_without_label_maps_trains_on_the_class_token_and_says_so(tmp_path, caplog):
-    from toe.train import train
+    from toe.train.task import train
 
     summary = train(compose_cfg(["logger=none", "model=lvvit_cpu", "schedule.epochs=3"]), tmp_path / "run")
     assert summary.status == "completed" and summary.best_top1 > 0.3
@@ -244,7 +244,7 @@ def test_lvvit_without_label_maps_trains_on_the_class_token_and_says_so(tmp_path
     ],
 )
 def test_bad_token_label_settings_are_config_errors(tmp_path, overrides, message):
-    from toe.train import train
+    from toe.train.task import train
 
     with pytest.raises(ConfigError, match=message):
         train(compose_cfg(["logger=none", "schedule.epochs=3", *overrides]), tmp_path / "run")

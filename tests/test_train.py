@@ -11,12 +11,12 @@ import torch
 import yaml
 from conftest import compose_cfg, toe_train_cli, write_image_folder
 
-from toe.data import DataRootError
-from toe.flops import ViTShape
-from toe.record import METRIC_FIELDS, SUMMARY_FIELDS
-from toe.schema import ConfigError
-from toe.schema import build_expansion_schedule as build_schedule
-from toe.train import train
+from toe.config.schema import ConfigError
+from toe.config.stages import build_expansion_schedule as build_schedule
+from toe.cost.flops import ViTShape
+from toe.data.datasets import DataRootError
+from toe.train.record import METRIC_FIELDS, SUMMARY_FIELDS
+from toe.train.task import train
 
 
 def _metrics(run_dir: Path):

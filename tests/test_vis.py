@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import toe
-from toe.merging import bipartite_soft_matching, merge_destinations
-from toe.vis import MERGED, draw_grid, merging_layout, toe_layout
+from toe.ops.merging import bipartite_soft_matching, merge_destinations
+from toe.vis.draw import MERGED, draw_grid, merging_layout, toe_layout
 
 SCHED = toe.ExpansionSchedule((0, 10, 20), (0.5, 0.75, 1.0), 0.25, repeats=2)
 
@@ -64,7 +64,7 @@ def test_toe_vis_draws_a_run_an_image_folder_and_an_untrained_config(tiny_cfg, t
     from conftest import write_image_folder
 
     from toe.cli.vis import main
-    from toe.train import train
+    from toe.train.task import train
 
     run = tmp_path / "run"
     train(tiny_cfg(), run)

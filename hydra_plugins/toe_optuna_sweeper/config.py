@@ -16,7 +16,7 @@ class ToeOptunaSweeperConf:
     n_jobs: int = 1  # trials asked and launched together (one launcher batch)
     budget: Optional[float] = None  # a train-FLOP speed-up: trials below it are pruned before they train
     seed: Optional[int] = 0  # the TPE sampler's seed
-    params: Dict[str, Any] = field(default_factory=dict)  # toe.search: fixed values and distributions
+    params: Dict[str, Any] = field(default_factory=dict)  # toe.sweep.search: fixed values and distributions
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="toe_optuna", node=ToeOptunaSweeperConf, provider="toe")

@@ -1,4 +1,4 @@
-"""Hydra's ``Sweeper`` interface around :class:`toe.search.Search`: ask trials, check and prune them, launch them
+"""Hydra's ``Sweeper`` interface around :class:`toe.sweep.search.Search`: ask trials, check and prune them, launch them
 on the configured launcher (basic, submitit_local, slurm), tell their results."""
 
 import logging
@@ -11,9 +11,9 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 # the config node must be registered whenever the sweeper is
-from .config import ToeOptunaSweeperConf  # noqa: F401
+from hydra_plugins.toe_optuna_sweeper.config import ToeOptunaSweeperConf  # noqa: F401
 
-log = logging.getLogger("toe.search")
+log = logging.getLogger("toe.sweep.search")
 
 
 class ToeOptunaSweeper(Sweeper):
@@ -46,8 +46,9 @@ class ToeOptunaSweeper(Sweeper):
         return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
 
     def sweep(self, arguments: List[str]) -> Any:
-        from toe.schema import config_error_message, validate
-        from toe.search import Search, flop_ratio, parse_params, trial_overrides
+        from toe.config.compose import config_error_message
+        from toe.config.validate import validate
+        from toe.sweep.search import Search, flop_ratio, parse_params, trial_overrides
 
         fixed, space = parse_params(self.params)
         arguments = [o.input_line for o in OverridesParser.create().parse_overrides(list(arguments))]

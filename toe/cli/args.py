@@ -42,7 +42,8 @@ positive_float = _number(float, "a number", 0.0, False)
 
 def torch_device(text: str) -> str:
     """A device this machine has (``cuda`` without a GPU is refused here, not by a traceback later)."""
-    from toe.schema import ConfigError, check_device
+    from toe.config.schema import ConfigError
+    from toe.config.validate import check_device
 
     try:
         check_device(text)

@@ -1,4 +1,5 @@
-"""``toe-bench``: ToE's cost and speed-up, measured side by side in one process (the work is :mod:`toe.bench`).
+"""``toe-bench``: ToE's cost and speed-up, measured side by side in one process (the work is
+:mod:`toe.bench.benchmarks`).
 
 - ``toe-bench op``    the operator vs the plain loop-based reference (DeiT-T/S/B token shapes, every stage, k)
 - ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
@@ -22,7 +23,7 @@ from toe.cli.args import kept_rate, non_negative_int, positive_float, positive_i
 
 
 def _parser() -> argparse.ArgumentParser:
-    from toe.bench import DEIT, STEP_METHODS
+    from toe.bench.benchmarks import DEIT, STEP_METHODS
 
     parser = argparse.ArgumentParser(prog="toe-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_reporting_config_errors(parser: argparse.ArgumentParser, work: Callable[[], Any]) -> Any:
     """``work()`` that builds toe-train runs from overrides: a config that cannot work is said in one line."""
-    from toe.data import DataRootError
-    from toe.schema import config_error_message
+    from toe.config.compose import config_error_message
+    from toe.data.datasets import DataRootError
 
     try:
         return work()
@@ -124,7 +125,9 @@ def _run_reporting_config_errors(parser: argparse.ArgumentParser, work: Callable
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from toe.bench import (
+    from toe.bench.benchmarks import (
+        OpSettings,
+        StepSettings,
         bench_e2e,
         bench_flops,
         bench_op,
@@ -133,8 +136,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         default_flops_table,
         flops_markdown,
         markdown,
+        settings_from,
     )
-    from toe.schedule import ExpansionSchedule
+    from toe.ops.schedule import ExpansionSchedule
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -157,14 +161,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         f" (torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )
     if args.command == "op":
-        rows = bench_op(args, device)
+        rows = bench_op(settings_from(OpSettings, args), device)
         columns = ["dim", "k", "stage", "tokens", "op", "reference", "speedup_vs_ref", "same_selection"]
         columns += [c for c in ("step_ms", "op_share_of_step") if any(c in r for r in rows)]
         print("times in ms, median [min-max]")
         print(markdown(rows, columns))
     elif args.command == "step":
         try:
-            rows = bench_step(args, device)
+            rows = bench_step(settings_from(StepSettings, args), device)
         except (RuntimeError, TypeError) as err:  # timm: an unknown model, or a size its patch does not divide
             parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
         print(
@@ -237,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f" train FLOP ratio {ratios['flop_ratio']:.3f}"
         )
     elif args.command == "capacity":
-        from toe.bench import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity, deit_s_stage1_flop_ratio
+        from toe.bench.benchmarks import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity, deit_s_stage1_flop_ratio
 
         gpu = args.gpu_img_per_s or PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
         if gpu <= 0 or (args.stage1_speedup is not None and args.stage1_speedup <= 0):
@@ -276,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nGPU img/s: {source}.")
     else:
         try:
-            rows = bench_flops(args)
+            rows = bench_flops(args.table)
         except (ValueError, TypeError, KeyError) as err:  # a table that is not rows of shapes and schedules
             parser.error(f"--table {args.table}: not a FLOP table like conf/bench/flops_table.yaml ({err})")
         print(flops_markdown(rows))

@@ -1,5 +1,6 @@
 """``toe-label-maps <run dir> <out dir>``: TokenLabeling's label maps for the training set of a run's data, from
-the run's model as teacher (its EMA weights with ``--ema``); the work is :func:`toe.label_maps.write_label_maps`."""
+the run's model as teacher (its EMA weights with ``--ema``); the work is
+:func:`toe.data.label_maps.write_label_maps`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import List, Optional
 
 from toe.cli.args import positive_int, torch_device
 
-log = logging.getLogger("toe.label_maps")
+log = logging.getLogger("toe.data.label_maps")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,20 +28,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from toe.data import build_datasets, build_transforms
-    from toe.finetune import CheckpointMismatchError, load_pretrained
-    from toe.label_maps import write_label_maps
-    from toe.run import create_model, model_data_config
+    from toe.data.datasets import build_datasets, build_transforms
+    from toe.data.label_maps import write_label_maps
+    from toe.models.pretrained import CheckpointMismatchError, load_pretrained
+    from toe.train.build import create_model, model_data_config
+    from toe.train.record import CHECKPOINT_FILE, CONFIG_FILE
 
     if not args.run.exists():
         parser.error(f"{args.run} does not exist (a toe-train run dir, or its checkpoint.pth)")
     run_dir = args.run if args.run.is_dir() else args.run.parent
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoint.pth").is_file():
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / CHECKPOINT_FILE).is_file():
         parser.error(f"{args.run} is not a toe-train run directory (config.yaml and checkpoint.pth)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"{args.out}: a file, not a directory for the label maps")
     try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg = OmegaConf.load(run_dir / CONFIG_FILE)
         cfg.model.name, cfg.data.name  # noqa: B018 - a config without them is no run's
     except Exception as err:  # noqa: BLE001 - OmegaConf and YAML raise several types
         parser.error(f"{run_dir / 'config.yaml'}: not a toe-train run config ({str(err).splitlines()[0]})")
@@ -50,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--topk {args.topk}: the run's data has only {num_classes} classes")
     model = create_model(cfg, num_classes)
     try:
-        load_pretrained(model, run_dir / "checkpoint.pth", use_ema=args.ema)
+        load_pretrained(model, run_dir / CHECKPOINT_FILE, use_ema=args.ema)
     except (CheckpointMismatchError, RuntimeError, OSError, EOFError, ValueError) as err:
         parser.error(
             f"{run_dir / 'checkpoint.pth'} is unreadable or does not fit the run's model: {str(err).splitlines()[0]}"

@@ -1,5 +1,5 @@
 """``toe-plan``: ToE settings for a train-FLOP speed-up, and the PatchDropout and Token Merging settings of the same
-train FLOPs (the planning is :mod:`toe.plan`).
+train FLOPs (the planning is :mod:`toe.cost.plan`).
 
 - ``toe-plan --speedup 1.31``                    kept rates and r_0 (the paper's ToE_r1 family) for a stage split
 - ``toe-plan --speedup 1.44 --keep-rates 0.5 0.75 1.0``   a stage split for fixed kept rates
@@ -69,7 +69,7 @@ def _shape(parser: argparse.ArgumentParser, args: argparse.Namespace):
     import timm
 
     import toe.models  # noqa: F401 - registers LV-ViT with timm
-    from toe.flops import ViTShape
+    from toe.cost.flops import ViTShape
 
     try:
         model = timm.create_model(args.model, img_size=args.img_size)
@@ -83,7 +83,7 @@ def _shape(parser: argparse.ArgumentParser, args: argparse.Namespace):
         return ViTShape.from_model(model)
     except AttributeError:
         parser.error(
-            f"--model {args.model}: not a vision transformer with blocks (toe.flops reads blocks, "
+            f"--model {args.model}: not a vision transformer with blocks (toe.cost.flops reads blocks, "
             "patch_embed and embed_dim)"
         )
 
@@ -96,8 +96,15 @@ def _default_starts(epochs: int, stages: int) -> List[int]:
 
 
 def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
-    from toe.plan import match_stages, plan_keep_rates, plan_stage_split, rates_from_first, stage_epochs, toe_flop_ratio
-    from toe.schedule import ExpansionSchedule
+    from toe.cost.plan import (
+        match_stages,
+        plan_keep_rates,
+        plan_stage_split,
+        rates_from_first,
+        stage_epochs,
+        toe_flop_ratio,
+    )
+    from toe.ops.schedule import ExpansionSchedule
 
     shape = _shape(parser, args)
     attention = not args.linear_only
@@ -237,10 +244,10 @@ def measure(args: argparse.Namespace, result: Dict[str, Any]) -> List[Dict[str, 
     """Predicted and measured speed-up per stage, from ``toe-bench step`` on the plan."""
     import torch
 
-    from toe.bench import bench_step
+    from toe.bench.benchmarks import StepSettings, bench_step
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bench_args = argparse.Namespace(
+    settings = StepSettings(
         model=args.model,
         img_size=args.img_size,
         batch=args.batch or (128 if device.type == "cuda" else 16),
@@ -253,9 +260,8 @@ def measure(args: argparse.Namespace, result: Dict[str, Any]) -> List[Dict[str, 
         repeats=args.repeats,
         amp=device.type == "cuda",
         compile=False,
-        methods=["toe", "patchdropout", "tome"],
     )
-    return bench_step(bench_args, device)
+    return bench_step(settings, device)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -266,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = plan(parser, args)
     print(report(result))
     if args.measure:
-        from toe.bench import markdown
+        from toe.bench.benchmarks import markdown
 
         rows = measure(args, result)
         result["measured"] = rows

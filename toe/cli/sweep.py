@@ -15,8 +15,8 @@ from typing import List, Optional
 def status(sweep_dir: Path) -> int:
     import pandas as pd
 
-    from toe.record import SUMMARY_FILE
-    from toe.sweep import sweep_runs
+    from toe.sweep.status import sweep_runs
+    from toe.train.record import SUMMARY_FILE
 
     runs = sweep_runs(sweep_dir)
     if not runs:
@@ -59,7 +59,7 @@ def status(sweep_dir: Path) -> int:
 def retry(sweep_dir: Path, launcher: Optional[str], dry_run: bool) -> int:
     import subprocess
 
-    from toe.sweep import RETRY_STATES, retry_command, sweep_runs
+    from toe.sweep.status import RETRY_STATES, retry_command, sweep_runs
 
     runs = sweep_runs(sweep_dir)
     if not runs:

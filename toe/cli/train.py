@@ -1,9 +1,10 @@
-"""``toe-train``: the Hydra entry of :func:`toe.train.train` (a run, a multirun job, a SLURM job or its requeue).
+"""``toe-train``: the Hydra entry of :func:`toe.train.task.train` (a run, a multirun job, a SLURM job or its requeue).
 
 The configs are the package ``toe.conf`` (``pkg://toe.conf``), so the command works from any directory, in a
 clone, an editable install or a wheel. A config that cannot work is refused with one line naming the key and
 the value, before anything is written: Hydra refuses unknown keys and wrong types while composing (the schema of
-:mod:`toe.schema`), :func:`toe.schema.validate` refuses the rest. ``HYDRA_FULL_ERROR=1`` shows Hydra's own report.
+:mod:`toe.config.schema`), :func:`toe.config.validate.validate` refuses the rest. ``HYDRA_FULL_ERROR=1`` shows
+Hydra's own report.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig
 
-log = logging.getLogger("toe.train")
+log = logging.getLogger("toe.train.task")
 # what making or writing a run dir can run into: no such parent, a name too long, a read-only file system, a file
 # where the dir should be, no permission
 RUN_DIR_ERRNOS = (errno.ENOENT, errno.ENAMETOOLONG, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EPERM)
@@ -93,11 +94,11 @@ def _one_line_errors() -> tuple:
     """What ends a run with one line and its record, not a traceback: a refused start (a config or data that cannot
     work, a busy or unresumable run dir) and the failures the record names (a full disk, a non-finite loss, label
     maps that do not fit)."""
-    from toe.data import DataRootError
-    from toe.record import StartRefused
-    from toe.schema import ConfigError
-    from toe.token_label import LabelMapError
-    from toe.train import DiskFull
+    from toe.config.schema import ConfigError
+    from toe.data.datasets import DataRootError
+    from toe.data.token_label import LabelMapError
+    from toe.train.record import StartRefused
+    from toe.train.task import DiskFull
 
     return ConfigError, DataRootError, StartRefused, DiskFull, FloatingPointError, LabelMapError
 
@@ -107,7 +108,9 @@ def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from toe.train import train
+    from toe.train.checkpoint import previous_path
+    from toe.train.record import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE
+    from toe.train.task import train
 
     global _first_job
     hydra_cfg = HydraConfig.get()
@@ -128,19 +131,21 @@ def _task(cfg: DictConfig) -> Optional[float]:
         sys.exit(2)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     fresh = run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra made it for this start and wrote nothing yet
-    has_record = any((run_dir / name).exists() for name in ("summary.json", "checkpoint.pth", "checkpoint.prev.pth"))
-    logs, config_before = _job_logs(run_dir), _stamp(run_dir / "config.yaml")
+    has_record = any(
+        (run_dir / name).exists() for name in (SUMMARY_FILE, CHECKPOINT_FILE, previous_path(Path(CHECKPOINT_FILE)).name)
+    )
+    logs, config_before = _job_logs(run_dir), _stamp(run_dir / CONFIG_FILE)
     try:
         summary = train(cfg, run_dir, list(hydra_cfg.overrides.task), started_at, _hydra_files(cfg))
     except _one_line_errors() as err:
         # the start was accepted when the run wrote its config.yaml (atomically: a new file); a refused one leaves
         # an existing run's dir as it was, and a single run's new dir not at all; a multirun job without a record
         # keeps the line in its log, which toe-sweep status reads as the job's error
-        refused = _stamp(run_dir / "config.yaml") == config_before
+        refused = _stamp(run_dir / CONFIG_FILE) == config_before
         if refused and (has_record or not multirun):
             _restore_job_logs(logs)
         elif refused:  # the job's overrides beside its error, so that toe-sweep lists the job and can retry it
-            from toe.record import write_hydra_files
+            from toe.train.record import write_hydra_files
 
             with contextlib.suppress(OSError):
                 write_hydra_files(run_dir, _hydra_files(cfg))
@@ -156,8 +161,9 @@ def _task(cfg: DictConfig) -> Optional[float]:
 def main() -> Optional[float]:
     import hydra
 
-    from toe.schema import compose_error_line, is_compose_error
+    from toe.config.compose import compose_error_line, is_compose_error, make_sweeper_findable
 
+    make_sweeper_findable()
     wants_hydra_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints composition errors over several lines and exits; with HYDRA_FULL_ERROR it raises them instead,
     # so that they can be said in one line here.

@@ -1,5 +1,5 @@
 """``toe-vis``: a PNG grid of what a run's token-reduction op keeps, per image and stage (the drawing is
-:mod:`toe.vis`).
+:mod:`toe.vis.draw`).
 
 - ``toe-vis runs/train/<run>``                          a trained run (its checkpoint), digits validation images
 - ``toe-vis runs/train/<run> --images my_images/ -n 6``  any image folder (files found recursively)
@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give a run dir or --config overrides (one of them)")
     if args.images is not None and not args.images.is_dir():
         parser.error(f"--images {args.images}: no such folder")
-    from toe.vis import draw_run
+    from toe.vis.draw import draw_run
 
     out = args.out or ((args.run_dir / "token_vis.png") if args.run_dir is not None else Path("token_vis.png"))
     if out.suffix.lower() != ".png":
@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - sorted here: what a bad input raises gets one line
         import yaml
 
-        from toe.schema import config_error_message
+        from toe.config.compose import config_error_message
 
         message = config_error_message(err)
         if message is None and isinstance(err, (OSError, ValueError, KeyError, RuntimeError, yaml.YAMLError)):

@@ -1,3 +1,3 @@
 """Hosts beyond timm's own: importing this package registers them with timm (``timm.create_model("lvvit_s")``)."""
 
-from . import lvvit  # noqa: F401
+from toe.models import lvvit  # noqa: F401

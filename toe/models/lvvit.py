@@ -5,7 +5,7 @@ Convolutional 4_2 patch stem, pre-LN blocks whose residual branches are divided 
 the CLS token and an auxiliary dense head on every patch token, MixToken on the stem's feature map in training.
 Training returns ``(cls_logits, dense_logits [B, N, C], mix_box)`` (``dense_logits`` is None once the dense head
 is dropped, for training without label maps); evaluation returns ``cls_logits + 0.5 * dense_logits.max(1)``.
-The model knows nothing of ToE: :mod:`toe.patch.lvvit` adds it.
+The model knows nothing of ToE: :mod:`toe.hosts.lvvit` adds it.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _mix_box(height: int, width: int, lam: float) -> Tuple[int, int, int, int]:
 
 
 class LVViT(nn.Module):
-    """LV-ViT with the attributes ``toe.patch`` and ``toe.flops`` read (``blocks``, ``num_prefix_tokens``,
+    """LV-ViT with the attributes ``toe.patch`` and ``toe.cost.flops`` read (``blocks``, ``num_prefix_tokens``,
     ``embed_dim``, ``patch_embed``)."""
 
     def __init__(

@@ -1,0 +1,315 @@
+"""What types cannot say about a config: ranges, choices, an image size the patch size must divide, a device that
+must exist, a model timm can build with these keys. :func:`validate` runs right after composition, before anything
+is written; the sweep pre-check runs it for every job of a multirun."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+from toe.config.schema import EXPERIMENT_INPUTS, ConfigError, RunConfig, show_value
+from toe.config.stages import SchedulePlan, plan_schedule
+from toe.ops.methods import REDUCTION_NODES
+
+# --- checks that types cannot express ----------------------------------------------------------------------------
+
+
+def _check_rules(key: str, value: Any, rules: Dict[str, Any], shown: Any) -> None:
+    if value is None:
+        return
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{key}={show_value(shown)}: expected one of {', '.join(map(str, rules['choices']))}")
+    bounds = (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    )
+    for name, holds, _ in bounds:
+        if name in rules and not (math.isfinite(value) and holds(value, rules[name])):
+            wanted = " and ".join(f"{s} {rules[n]:g}" for n, _, s in bounds if n in rules)
+            raise ConfigError(f"{key}={show_value(shown)}: must be {wanted}")
+
+
+def _check_node(schema: type, node: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        key, kind = f"{prefix}{spec.name}", hints[spec.name]
+        value = node.get(spec.name) if isinstance(node, dict) else None
+        if dataclasses.is_dataclass(kind):
+            _check_node(kind, value, key + ".")
+            continue
+        item_kind = (typing.get_args(kind) or (None,))[0]
+        if dataclasses.is_dataclass(item_kind):
+            for i, item in enumerate(value or []):
+                _check_node(item_kind, item, f"{key}[{i}].")
+            continue
+        if spec.metadata:
+            for item in value if isinstance(value, list) else [value]:
+                _check_rules(key, item, dict(spec.metadata), value)
+
+
+def check_device(name: str) -> None:
+    """``train.device`` must name a device this machine has (``auto`` always does)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device={name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={name}: this machine has no CUDA device; use train.device=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name}: this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"train.device={name}: toe trains on cpu or cuda (or auto)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}: MPS is not available on this machine")
+
+
+def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
+    """Every range, choice and cross-key rule of a composed run config; raises :class:`ConfigError` (one line).
+    Returns the run's :class:`SchedulePlan`, which the checks computed anyway.
+
+    ``devices=False`` skips the check that ``train.device`` exists here (a sweep checked on a login node runs on
+    other machines). Missing values (``???``) are named as such.
+    """
+    values = _resolved(cfg)
+    missing = [
+        key for key in sorted(OmegaConf.missing_keys(cfg)) if key.split(".")[0] not in ("hydra",) + EXPERIMENT_INPUTS
+    ]
+    if missing:
+        raise ConfigError(f"missing value for {missing[0]}: set it on the command line, e.g. {missing[0]}=<value>")
+    if OmegaConf.is_missing(cfg, "label_maps"):
+        values["label_maps"] = None
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}={show_value(values[unknown[0]])}: no such key in the run config (toe/config/schema.py)"
+        )
+    _check_node(RunConfig, values, "")
+    if cfg.model.img_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"model.img_size={cfg.model.img_size}: the patch size {cfg.model.patch_size} "
+            f"(model.patch_size) does not divide it"
+        )
+    if cfg.token_label.root and (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0):
+        raise ConfigError(
+            f"token_label.root={cfg.token_label.root} with recipe.mixup={cfg.recipe.mixup} / "
+            f"recipe.cutmix={cfg.recipe.cutmix}: MixToken replaces Mixup and CutMix in LV-ViT "
+            "(recipe=lvvit sets both to 0)"
+        )
+    if cfg.finetune.path is not None:
+        from pathlib import Path
+
+        from toe.models.pretrained import looks_like_weights
+
+        if not Path(str(cfg.finetune.path)).expanduser().is_file():
+            raise ConfigError(f"finetune.path={cfg.finetune.path}: no such file")
+        why = looks_like_weights(Path(str(cfg.finetune.path)))
+        if why:
+            raise ConfigError(f"finetune.path={cfg.finetune.path}: {why}")
+    enabled = [f"{node}.enabled=true" for node in REDUCTION_NODES if cfg[node].enabled]
+    if len(enabled) > 1:
+        raise ConfigError(
+            f"{' and '.join(enabled)}: one token-reduction method per run (method=toe, "
+            "method=patchdropout or method=tome)"
+        )
+    for key, values in (("patch_dropout.keep_rates", cfg.patch_dropout.keep_rates), ("tome.r", cfg.tome.r)):
+        if cfg[key.split(".")[0]].enabled and values is not None and len(values) != len(cfg.schedule.stage_starts):
+            raise ConfigError(
+                f"{key}={show_value(list(values))}: one value per stage of "
+                f"schedule.stage_starts={show_value(list(cfg.schedule.stage_starts))} (or null: matched to "
+                "the ToE operator's train FLOPs)"
+            )
+    scale = list(cfg.recipe.scale)
+    if len(scale) != 2 or scale[0] > scale[1]:
+        raise ConfigError(
+            f"recipe.scale={show_value(scale)}: the crop's area share as [low, high], low <= high "
+            "(the DeiT recipe: [0.08,1.0])"
+        )
+    if (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0) and cfg.recipe.batch_size % 2:
+        raise ConfigError(
+            f"recipe.batch_size={cfg.recipe.batch_size} with recipe.mixup={cfg.recipe.mixup} / "
+            f"recipe.cutmix={cfg.recipe.cutmix}: timm's Mixup mixes a batch with its reverse and needs "
+            "an even batch"
+        )
+    _check_digits_split(cfg)
+    workers = cfg.train.workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"train.workers={show_value(workers)}: expected auto or a number of processes >= 0")
+    _check_timm_names(cfg)
+    plan = plan_schedule(cfg)
+    check_model(cfg, plan)
+    if devices:
+        check_device(cfg.train.device)
+    return plan
+
+
+DIGITS_IMAGES, DIGITS_CLASSES = 1797, 10  # scikit-learn's load_digits
+
+
+def _check_digits_split(cfg: DictConfig) -> None:
+    """The embedded digits set is split with stratification: each side needs an image of every class."""
+    if cfg.data.name != "digits" or cfg.data.val_fraction is None:
+        return
+    val = math.ceil(cfg.data.val_fraction * DIGITS_IMAGES)
+    if min(val, DIGITS_IMAGES - val) < DIGITS_CLASSES:
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction}: {val} of the {DIGITS_IMAGES} digits for "
+            f"validation leaves a side with fewer images than the {DIGITS_CLASSES} classes"
+        )
+
+
+MIN_PATCH_TOKENS = 4  # a 2 x 2 grid: ToE keeps a share of the patches, ToMe merges pairs of them
+
+
+def check_model(cfg: DictConfig, plan: "SchedulePlan") -> None:
+    """Build the run's model on the ``meta`` device (no memory, no weights: well under a second for a ViT-B), so
+    that a model timm cannot build with these settings is refused naming its key before any data is read."""
+    import timm
+    import torch
+
+    import toe.models  # noqa: F401 - registers LV-ViT with timm
+
+    name, kwargs = cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    if plan.phases and "dynamic_img_size" in kwargs:
+        raise ConfigError(
+            f"model.kwargs.dynamic_img_size={kwargs['dynamic_img_size']}: method={cfg.method_name} "
+            "sets it itself (the curriculum's changing resolution); leave it out"
+        )
+    extra = {"dynamic_img_size": True} if plan.phases else {}
+    settings = dict(
+        num_classes=cfg.data.num_classes or 2,
+        img_size=cfg.model.img_size,
+        patch_size=cfg.model.patch_size,
+        drop_path_rate=cfg.model.drop_path,
+        **kwargs,
+        **extra,
+    )
+    try:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, **settings)
+        except (RuntimeError, NotImplementedError) as err:
+            if "meta" not in str(err):
+                raise
+            model = timm.create_model(name, **settings)  # an init that copies real data (LV-ViT): build it here
+    except Exception as err:  # noqa: BLE001 - timm and the model classes raise any type for a bad argument
+        raise ConfigError(_model_error(cfg, kwargs, err)) from None
+    blocks, grid = getattr(model, "blocks", None), getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if blocks is None or grid is None:
+        raise ConfigError(f"model.name={name}: not a vision transformer toe can train (no blocks or patch_embed)")
+    if len(blocks) < (2 if plan.toe_enabled else 1):
+        depth = f"model.kwargs.depth={kwargs['depth']}" if "depth" in kwargs else f"model.name={name}"
+        raise ConfigError(
+            f"{depth}: {len(blocks)} block(s); "
+            + (
+                f"method={cfg.method_name} reduces the tokens after the first block and needs at least two"
+                if plan.toe_enabled
+                else "a model needs at least one"
+            )
+        )
+    if grid < MIN_PATCH_TOKENS:
+        raise ConfigError(
+            f"model.patch_size={cfg.model.patch_size} with model.img_size={cfg.model.img_size}: "
+            f"{grid} patch token(s); toe needs at least {MIN_PATCH_TOKENS} (a 2 x 2 grid)"
+        )
+
+
+def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) -> str:
+    """One line for a model timm cannot build, naming the key that most likely caused it."""
+    name, text = cfg.model.name, str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Unknown model" in text:
+        return f"model.name={name}: not one of timm's models ({text})"
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if unexpected and unexpected.group(1) == "dynamic_img_size" and "dynamic_img_size" not in kwargs:
+        return (
+            f"model.name={name} has a fixed position embedding and does not take the changing resolution of "
+            f"method={cfg.method_name}'s curriculum (timm's dynamic_img_size)"
+        )
+    if unexpected and unexpected.group(1) in kwargs:
+        key = unexpected.group(1)
+        return f"model.kwargs.{key}={show_value(kwargs[key])}: model.name={name} takes no such argument"
+    if unexpected:
+        return (
+            f"model.name={name}: not a vision transformer toe can train (it takes no "
+            f"{unexpected.group(1)}; toe sets img_size, patch_size and drop_path_rate)"
+        )
+    named = (
+        [key for key in kwargs if key in text]
+        or [
+            key
+            for key, value in kwargs.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0
+        ]
+        or [key for key, value in kwargs.items() if isinstance(err, TypeError) and isinstance(value, str)]
+    )
+    subject = ", ".join(f"model.kwargs.{key}={show_value(kwargs[key])}" for key in named) or f"model.name={name}"
+    return f"{subject}: timm cannot build the model ({text})"
+
+
+def _check_timm_names(cfg: DictConfig) -> None:
+    """The optimizer and RandAugment strings timm will parse, parsed now rather than after the data is loaded."""
+    import timm.optim
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    list_optimizers = getattr(timm.optim, "list_optimizers", None)
+    if list_optimizers is not None and cfg.recipe.opt.lower() not in list_optimizers():
+        raise ConfigError(f"recipe.opt={cfg.recipe.opt}: not one of timm's optimizers (timm.optim.list_optimizers())")
+    policies = [("recipe.auto_augment", cfg.recipe.auto_augment)]
+    if cfg.curriculum.enabled:
+        policies += [
+            ("curriculum.auto_augment", cfg.curriculum.auto_augment.format(magnitude=p.magnitude))
+            for p in cfg.curriculum.phases
+        ]
+    for key, policy in policies:
+        if not policy:
+            continue
+        build = (
+            rand_augment_transform
+            if policy.startswith("rand")
+            else augment_and_mix_transform
+            if policy.startswith("augmix")
+            else auto_augment_transform
+        )
+        try:
+            build(policy, {})
+        except (AssertionError, ValueError, KeyError, IndexError) as err:
+            raise ConfigError(f"{key}={policy}: timm cannot parse this augmentation policy ({err})") from None
+        # timm skips a part without a number (rand-m9-foo trains as rand-m9): refuse it rather than ignore it
+        ignored = [
+            part
+            for part in policy.split("-")[1:]
+            if not re.search(r"\d", part) and not (policy.startswith("rand") and part.startswith("t"))
+        ]
+        if ignored:
+            raise ConfigError(
+                f"{key}={policy}: timm would ignore {ignored[0]!r} (each part after the policy's name "
+                "is a setting and its number, e.g. m9, mstd0.5, inc1)"
+            )
+
+
+def _resolved(cfg: DictConfig) -> Dict[str, Any]:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as err:  # an interpolation to a missing value: token_label.root: ${label_maps}
+        reason = str(err).splitlines()[0]
+        missing = re.search(r"Missing mandatory value: (\S+)", reason)
+        if missing:
+            raise ConfigError(
+                f"missing value for {missing.group(1)} (used by {err.full_key}): set it on the "
+                f"command line, e.g. {missing.group(1)}=<value>"
+            ) from None
+        raise ConfigError(f"{err.full_key}: {reason}") from None

@@ -1,0 +1,538 @@
+"""Build a run from its config: the ToE schedule, the model, data, optimizer, scheduler, EMA and loss, in timm's
+order (create_model -> toe.patch -> resolve_model_data_config -> create_transform -> .to(device) ->
+create_optimizer_v2 -> ModelEmaV3 -> compile -> DDP -> create_scheduler_v2). ``toe.train.task`` drives the epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import toe.models  # noqa: F401 - registers LV-ViT with timm
+from toe.config.schema import ConfigError
+from toe.config.stages import SchedulePlan, build_expansion_schedule, plan_schedule
+from toe.cost.flops import ViTShape
+from toe.data.augment import (
+    BatchAugment,
+    InMemoryImages,
+    TensorImages,
+    as_batch,
+    cached_images,
+    tensor_pipeline_blockers,
+    uint8_images,
+)
+from toe.data.datasets import SeededSamples, SeededTransforms, build_datasets, build_transforms
+from toe.data.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
+from toe.hosts import patch_method, reduction_op
+from toe.models.pretrained import CheckpointMismatchError, load_pretrained
+from toe.ops.methods import REDUCER_METHOD, REDUCTION_NODES
+from toe.train.distributed import DistInfo, all_reduce_sum
+from toe.train.step import StepConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
+    """timm's Mixup/CutMix and loss; LV-ViT hosts (``token_label``) get the token-labeling loss, which takes
+    their ``(cls, dense, box)`` training output."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup = None
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=recipe.mixup,
+            cutmix_alpha=recipe.cutmix,
+            prob=recipe.mixup_prob,
+            switch_prob=recipe.mixup_switch_prob,
+            label_smoothing=recipe.smoothing,
+            num_classes=num_classes,
+        )
+    if token_label is not None:
+        return token_label, mixup
+    if mixup is not None:
+        return SoftTargetCrossEntropy(), mixup
+    if recipe.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=recipe.smoothing), None
+    return torch.nn.CrossEntropyLoss(), None
+
+
+def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Module:
+    """The run's model as timm builds it from ``cfg.model`` (LV-ViT included: importing toe.models registers it)."""
+    import timm
+
+    try:
+        return timm.create_model(
+            cfg.model.name,
+            num_classes=num_classes,
+            img_size=cfg.model.img_size,
+            patch_size=cfg.model.patch_size,
+            drop_path_rate=cfg.model.drop_path,
+            **cfg.model.kwargs,
+            **extra,
+        )
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
+    except TypeError as err:  # a keyword the model class does not take
+        raise ConfigError(f"model.kwargs={OmegaConf.to_container(cfg.model.kwargs)}: {err}") from None
+
+
+def model_data_config(model: torch.nn.Module, cfg: DictConfig) -> Dict[str, Any]:
+    """timm's data config of ``model`` at the run's image size."""
+    from timm.data import resolve_model_data_config
+
+    return dict(resolve_model_data_config(model), input_size=(3, cfg.model.img_size, cfg.model.img_size))
+
+
+@dataclass
+class Run:
+    """Everything one run trains with, built in timm's order by :func:`build_run`."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as called in training (compiled or not)
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any  # timm's NativeScaler under fp16 autocast, else None
+    criterion: Any
+    mixup: Any
+    train_loader: Any
+    val_loader: Any
+    sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
+    train_loaders: "TrainLoaders"  # one per curriculum phase
+    shape: ViTShape
+    device: torch.device
+    autocast: Any
+    lr: float
+    dist: DistInfo
+    plan: SchedulePlan  # epochs, ToE stage starts, EfficientTrain phases (empty without a curriculum)
+    local_batch: int
+    img_size: int
+    patch_size: int
+    clip_grad: Optional[float]
+    pipeline: str  # tensor | pil: how training images load and augment (train.pipeline resolved)
+    batch_augment: Optional[torch.nn.Module]  # the tensor pipeline's augmentation, on the device; None for pil
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor, self.dist)
+
+    def step_config(self, accumulation: int = 1, batch_transform: Any = None) -> StepConfig:
+        """The training step; ``batch_transform`` (the curriculum's crop) or else the tensor pipeline's
+        augmentation runs on each batch on the device."""
+        return StepConfig(
+            self.criterion,
+            self.optimizer,
+            self.scheduler,
+            self.device,
+            autocast=self.autocast,
+            loss_scaler=self.scaler,
+            ema=self.ema,
+            mixup=self.mixup,
+            clip_grad=self.clip_grad,
+            reduce=self.reduce,
+            accumulation=accumulation,
+            batch_transform=batch_transform or self.batch_augment,
+        )
+
+
+class TrainLoaders:
+    """The training loader for the (micro-batch, RandAugment magnitude) the curriculum asks for, kept while it is
+    asked for. A phase's loader has its own shallow copy of the training set with its own transform, so no
+    loader's transform changes under it (or under its workers)."""
+
+    def __init__(
+        self, dataset, sampler, data_config: Dict[str, Any], recipe: DictConfig, auto_augment: str, **loader_kwargs: Any
+    ):
+        self.dataset, self.sampler, self.data_config, self.recipe = dataset, sampler, data_config, recipe
+        self.auto_augment, self.loader_kwargs = auto_augment, loader_kwargs
+        self._loaders: Dict[Tuple[int, Optional[int]], Any] = {}
+
+    def get(self, micro_batch: int, magnitude: Optional[int] = None):
+        """The loader of ``micro_batch`` images per step, with RandAugment at ``magnitude`` (``None``: the
+        recipe's own policy, on the training set itself)."""
+        key = (micro_batch, magnitude)
+        if key not in self._loaders:
+            self._loaders.clear()  # curriculum phases do not come back: let the last one's workers go
+            dataset = self.dataset
+            if magnitude is not None:
+                dataset = copy.copy(self.dataset)
+                dataset.transform = build_transforms(
+                    self.data_config,
+                    OmegaConf.merge(self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}),
+                )[0]
+            if isinstance(self.sampler, SeededSamples):
+                dataset = SeededTransforms(dataset)
+            self._loaders[key] = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=micro_batch,
+                drop_last=True,
+                sampler=self.sampler,
+                **_collate(dataset),
+                generator=own_generator(),
+                **self.loader_kwargs,
+            )
+        return self._loaders[key]
+
+
+class _EpochSampler(torch.utils.data.RandomSampler):
+    """A RandomSampler whose shuffle is a function of (seed, epoch), like DistributedSampler's: a resumed run
+    draws the same batches as an uninterrupted one."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+def own_generator() -> torch.Generator:
+    """A DataLoader's own generator: its iterators draw their workers' base seed from it, not from the global RNG
+    that the training step (the tensor pipeline's crops, dropout, Mixup) draws from, so that how often a loader
+    starts (evaluation every N epochs) does not move the training's draws."""
+    return torch.Generator().manual_seed(0)
+
+
+def _collate(dataset) -> Dict[str, Any]:
+    """Datasets served a batch at a time (``__getitems__`` returning a batch) pass through the DataLoader as they
+    are; a Subset of one too."""
+    inner = getattr(dataset, "dataset", dataset)
+    return {"collate_fn": as_batch} if isinstance(inner, InMemoryImages) else {}
+
+
+CACHE_BYTES = 256 * 2**20  # the most a cached evaluation set may take
+
+
+def available_cores() -> int:
+    """The cores this process may run on (SLURM's and taskset's limits included)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_settings(workers: Any, pipeline: str, device: torch.device, processes_per_node: int) -> Dict[str, Any]:
+    """DataLoader keywords from ``train.workers`` (auto: none for the tensor pipeline, whose loader only indexes
+    memory, nor on a CPU device, whose training uses every core; else this process's share of the cores less one
+    for itself, up to 16), with persistent workers (no respawn per epoch), pinned memory on CUDA and a deeper
+    prefetch there."""
+    if workers == "auto":
+        workers = (
+            0
+            if pipeline == "tensor" or device.type == "cpu"
+            else min(16, max(1, available_cores() // max(1, processes_per_node) - 1))
+        )
+    settings: Dict[str, Any] = {"num_workers": int(workers), "pin_memory": device.type == "cuda"}
+    if workers:
+        settings.update(persistent_workers=True, prefetch_factor=4 if device.type == "cuda" else 2)
+    return settings
+
+
+def choose_pipeline(cfg: DictConfig, in_memory: bool, interpolation: str, plan: SchedulePlan) -> str:
+    """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
+    that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at hand."""
+    reasons = [f"{key}={value}" for key, value in tensor_pipeline_blockers(cfg.recipe, interpolation).items()]
+    if not in_memory:
+        reasons.append(
+            f"data={cfg.data.name} is read from files (the tensor pipeline holds digits and CIFAR in memory)"
+        )
+    if plan.phases:
+        reasons.append("the EfficientTrain curriculum changes RandAugment per phase")
+    if cfg.token_label.root:
+        reasons.append("token labeling crops each image's label map with it")
+    if cfg.train.pipeline == "tensor" and reasons:
+        raise ConfigError(
+            f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or "
+            "auto runs it on timm's PIL path)"
+        )
+    return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
+
+
+def _processes_per_node(info: DistInfo) -> int:
+    import os
+
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):  # torchrun; SLURM
+        value = os.environ.get(name, "")
+        if value.split("(")[0].isdigit():
+            return int(value.split("(")[0])
+    return info.world_size
+
+
+def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
+    if not info.enabled:
+        return _EpochSampler(dataset, cfg.seed)
+    if cfg.recipe.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        return RepeatAugSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
+    return torch.utils.data.DistributedSampler(
+        dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+
+
+def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: SchedulePlan) -> None:
+    """Patch the run's token-reduction method into ``model`` (ToE, PatchDropout or Token Merging; at most one, as
+    :func:`toe.config.validate.validate` checks) through :func:`toe.patch_method`: PatchDropout's kept rates and Token
+    Merging's ``r`` left null are matched, stage by stage, to the train FLOPs of the ``toe:`` operator's schedule."""
+    node = next((n for n in REDUCTION_NODES if cfg[n].enabled), None)
+    if node is None:
+        return
+    settings = {
+        "toe": {},
+        "patch_dropout": {"keep_rates": cfg.patch_dropout.keep_rates},
+        "tome": {"rs": cfg.tome.r, "prop_attn": cfg.tome.prop_attn},
+    }[node]
+    try:
+        patch_method(
+            model,
+            REDUCER_METHOD[node],
+            build_expansion_schedule(cfg, plan.stage_starts, matching=True),
+            sparse_eval=bool(cfg[node].get("sparse_eval", False)),
+            **settings,
+        )
+    except TypeError as err:  # a host the method cannot run on (fewer than two blocks, another block type)
+        raise ConfigError(f"model.name={cfg.model.name} with method={cfg.method_name}: {err}") from None
+    if node != "toe" and None in settings.values():
+        log.info("%s matched to the train FLOPs of ToE's stages: %s", cfg.method_name, reduction_op(model).schedule)
+
+
+# torch's fused (one-kernel) Adam/AdamW: on the embedded default's small model the per-parameter loop of the
+# foreach kernels costs about 1.5 ms a step, the fused kernel 0.5 ms, a share that ToE's smaller step makes larger.
+# The update is the same; torch has it on CUDA, and on CPU from 2.4.
+FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
+def timm_args(recipe: DictConfig, **values: Any) -> SimpleNamespace:
+    """The recipe as the argparse namespace of timm's train.py, whose names its keys use, with ``values`` set: what
+    timm's ``optimizer_kwargs`` and ``scheduler_kwargs`` read (a key the recipe lacks gets timm's default)."""
+    return SimpleNamespace(**{**OmegaConf.to_container(recipe, resolve=True), **values})
+
+
+def create_optimizer(model: torch.nn.Module, recipe: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer for the recipe, fused where torch has a fused kernel for it on the model's device."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    kwargs = optimizer_kwargs(timm_args(recipe, lr=lr))
+    if recipe.opt.lower() in FUSED_OPTIMIZERS:
+        try:
+            return create_optimizer_v2(model, fused=True, **kwargs)
+        except RuntimeError:  # no fused kernel for this device in this torch
+            pass
+    return create_optimizer_v2(model, **kwargs)
+
+
+def build_run(cfg: DictConfig, info: DistInfo) -> Run:
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import ModelEmaV3, NativeScaler, random_seed
+
+    device = resolve_device(cfg.train.device, info.local_rank)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
+    random_seed(cfg.seed, info.rank)
+    train_set, val_set = build_datasets(cfg)
+    num_classes = cfg.data.num_classes or len(train_set.classes)
+    if num_classes < len(train_set.classes):
+        raise ConfigError(
+            f"data.num_classes={num_classes}: data={cfg.data.name} has {len(train_set.classes)} "
+            "classes, and a head of fewer cannot score them (leave it null to count them)"
+        )
+    plan = plan_schedule(cfg)
+    # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
+    # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
+    dynamic = {"dynamic_img_size": True} if plan.phases else {}
+    try:
+        model = create_model(cfg, num_classes, **dynamic)
+    except ConfigError as err:
+        if "dynamic_img_size" not in str(err):
+            raise
+        raise ConfigError(
+            f"model.name={cfg.model.name} has a fixed position embedding and does not take the "
+            "EfficientTrain curriculum's changing resolution (timm's dynamic_img_size)"
+        ) from None
+    if cfg.finetune.path:
+        try:
+            load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
+        except (FileNotFoundError, CheckpointMismatchError) as err:
+            raise ConfigError(str(err)) from None
+    train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
+    apply_token_reduction(model, cfg, plan)
+    data_config = model_data_config(model, cfg)
+    train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
+    images = uint8_images(train_set) if cfg.train.pipeline != "pil" else None
+    interpolation = cfg.recipe.get("train_interpolation") or data_config["interpolation"]
+    pipeline, batch_augment = choose_pipeline(cfg, images is not None, interpolation, plan), None
+    if pipeline == "tensor":
+        batch_augment = BatchAugment(
+            cfg.model.img_size,
+            tuple(cfg.recipe.scale),
+            (3 / 4, 4 / 3),
+            cfg.recipe.hflip,
+            interpolation,
+            data_config["mean"],
+            data_config["std"],
+        ).to(device)
+        train_set = TensorImages(images, train_set.targets, list(train_set.classes))
+    if len(val_set) * 3 * cfg.model.img_size**2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
+        val_set = cached_images(val_set)
+    log.info(
+        "training images: %s pipeline (train.pipeline=%s)%s",
+        pipeline,
+        cfg.train.pipeline,
+        f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms",
+    )
+    model.to(device)
+
+    batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
+    if batch_size % info.world_size:
+        raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
+    local_batch = batch_size // info.world_size
+    lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
+    optimizer = create_optimizer(model, cfg.recipe, lr)
+    log.info(
+        "optimizer: %s%s, lr %.3g",
+        type(optimizer).__name__,
+        " (torch's fused kernel)" if optimizer.defaults.get("fused") else "",
+        lr,
+    )
+    ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
+    net = torch.compile(model) if cfg.train.compile else model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sampler = _train_sampler(train_set, cfg, info)
+    if (
+        pipeline == "pil"
+    ):  # timm's per-image transforms: their draws seeded per sample (toe.data.datasets.SeededSamples)
+        sampler = SeededSamples(sampler, cfg.seed, info.rank)
+    loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, _processes_per_node(info))
+    log.info(
+        "data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)",
+        loader_kwargs["num_workers"],
+        ", persistent, prefetch %d" % loader_kwargs["prefetch_factor"] if loader_kwargs["num_workers"] else "",
+        loader_kwargs["pin_memory"],
+        cfg.train.workers,
+        available_cores(),
+    )
+    train_loaders = TrainLoaders(
+        train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment, **loader_kwargs
+    )
+    train_loader = train_loaders.get(local_batch)
+    if plan.phases:
+        if any(local_batch % p.accumulation for p in plan.phases):
+            raise ConfigError(
+                f"recipe.batch_size={batch_size} per process ({local_batch}) does not split into "
+                f"the curriculum's accumulation steps {[p.accumulation for p in plan.phases]}"
+            )
+    # Every process evaluates its own slice of the val set; the counts are summed, so top-1 is exact.
+    val_shard = torch.utils.data.Subset(val_set, range(info.rank, len(val_set), info.world_size))
+    val_loader = torch.utils.data.DataLoader(
+        val_shard,
+        batch_size=local_batch,
+        shuffle=False,
+        **_collate(val_shard),
+        generator=own_generator(),
+        **loader_kwargs,
+    )
+    if len(train_loader) == 0:
+        raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
+    min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(timm_args(cfg.recipe, epochs=plan.epochs, min_lr=min_lr)),
+        updates_per_epoch=len(train_loader),
+    )
+    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
+    return Run(
+        model,
+        net,
+        ema,
+        optimizer,
+        scheduler,
+        scaler,
+        criterion,
+        mixup,
+        train_loader,
+        val_loader,
+        sampler,
+        train_loaders,
+        ViTShape.from_model(model),
+        device,
+        autocast,
+        lr,
+        info,
+        plan,
+        local_batch,
+        cfg.model.img_size,
+        cfg.model.patch_size,
+        cfg.recipe.clip_grad,
+        pipeline,
+        batch_augment,
+    )
+
+
+def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
+    """LV-ViT hosts (a dense head, ``drop_dense_head``) train with token labels from ``token_label.root``, or
+    with the class-token loss alone when no root is given. Returns the training set (wrapped to carry label maps)
+    and the loss, or ``(train_set, None)`` for other models."""
+    node = cfg.token_label
+    root = node.root
+    if not hasattr(model, "drop_dense_head"):
+        if root:
+            raise ConfigError(
+                f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
+                "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)"
+            )
+        return train_set, None
+    try:
+        loss = TokenLabelLoss(
+            num_classes,
+            tuple(model.patch_embed.grid_size),
+            smoothing=cfg.recipe.smoothing,
+            dense_weight=node.dense_weight,
+            cls_weight=node.cls_weight,
+            ground_truth=bool(node.ground_truth),
+            box_order=node.box_order,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if root:  # with Mixup/CutMix off: toe.config.validate.validate refuses them beside label maps
+        try:
+            train_set = LabelMapDataset(train_set, Path(str(root)).expanduser(), num_classes)
+        except LabelMapError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        log.warning(
+            "LV-ViT without label maps (token_label.root is not set): training with the class-token loss "
+            "alone, the dense head dropped"
+        )
+        model.drop_dense_head()
+    return train_set, loss
