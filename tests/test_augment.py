@@ -74,18 +74,23 @@ def test_tensor_images_serve_a_batch_by_indices():
 def test_the_pipeline_is_chosen_from_the_recipe_and_a_forced_tensor_pipeline_says_why_not(tiny_cfg, tmp_path):
     from conftest import write_image_folder
 
+    from toe.config.validate import checked_config
     from toe.train.build import build_run
     from toe.train.distributed import DistInfo
 
-    assert build_run(tiny_cfg(), DistInfo()).pipeline == "tensor"  # digits with the CPU recipe
-    assert build_run(tiny_cfg("train.pipeline=pil"), DistInfo()).pipeline == "pil"
-    assert build_run(tiny_cfg("recipe.reprob=0.25"), DistInfo()).pipeline == "pil"
+    assert build_run(*checked_config(tiny_cfg()), DistInfo()).pipeline == "tensor"  # digits with the CPU recipe
+    assert build_run(*checked_config(tiny_cfg("train.pipeline=pil")), DistInfo()).pipeline == "pil"
+    assert build_run(*checked_config(tiny_cfg("recipe.reprob=0.25")), DistInfo()).pipeline == "pil"
     with pytest.raises(ConfigError, match=r"train.pipeline=tensor cannot run this run: recipe.auto_augment=rand-m9"):
-        build_run(tiny_cfg("train.pipeline=tensor", "recipe.auto_augment=rand-m9-mstd0.5-inc1"), DistInfo())
+        build_run(
+            *checked_config(tiny_cfg("train.pipeline=tensor", "recipe.auto_augment=rand-m9-mstd0.5-inc1")), DistInfo()
+        )
     root = write_image_folder(tmp_path / "imgs")
     with pytest.raises(ConfigError, match="is read from files"):
         build_run(
-            tiny_cfg("train.pipeline=tensor", "data=imagefolder", f"data.root={root}", "recipe.batch_size=4"),
+            *checked_config(
+                tiny_cfg("train.pipeline=tensor", "data=imagefolder", f"data.root={root}", "recipe.batch_size=4")
+            ),
             DistInfo(),
         )
 
@@ -154,10 +159,11 @@ def test_the_tensor_pipeline_gives_the_default_run_the_images_of_timms_pil_path(
     from conftest import compose_cfg
 
     import toe.data.augment as augment
+    from toe.config.schema import typed_config
     from toe.data.datasets import build_datasets, build_transforms
     from toe.train.build import create_model, model_data_config
 
-    cfg = compose_cfg([])
+    cfg = typed_config(compose_cfg([]))
     train_set, _ = build_datasets(cfg)
     data_config = model_data_config(create_model(cfg, 10), cfg)
     pil_transform = build_transforms(data_config, cfg.recipe)[0]

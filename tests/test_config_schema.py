@@ -30,6 +30,13 @@ BAD_CONFIGS = [
         "model.kwargs.dynamic_img_size=True: method=efficienttrain sets it itself",
     ),
     (["recipe.sched=plateau"], "recipe.sched=plateau: expected one of"),
+    # what the model and the pipeline need of each other, refused before any data is read (the sweep pre-check too)
+    (
+        ["train.pipeline=tensor", "recipe.auto_augment=rand-m9-mstd0.5-inc1"],
+        "train.pipeline=tensor cannot run this run: recipe.auto_augment=rand-m9-mstd0.5-inc1",
+    ),
+    (["train.pipeline=tensor", "data=imagefolder", "data.root=/nonexistent"], "data=imagefolder is read from files"),
+    (["token_label.root=/tmp"], "token_label.root is set, but model.name=vit_tiny_patch16_224 has no dense head"),
     (["recipe.mixup=0.8", "recipe.batch_size=63"], "recipe.batch_size=63 with recipe.mixup=0.8"),
     (["recipe.scale=[1.0,0.5]"], "recipe.scale=[1.0,0.5]: the crop's area share as [low, high]"),
     (["recipe.scale=[0.5]"], "recipe.scale=[0.5]: the crop's area share"),

@@ -430,13 +430,15 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
 def _build_run(overrides: List[str]) -> Any:
     """The config and the run ``toe-train <overrides>`` would train (without W&B), built in this process."""
     from toe.config.compose import compose_config
+    from toe.config.schema import typed_config
     from toe.config.validate import validate
     from toe.train.build import build_run
     from toe.train.distributed import DistInfo
 
     cfg = compose_config(["logger=none", *overrides])
-    validate(cfg)
-    return cfg, build_run(cfg, DistInfo())
+    plan = validate(cfg)
+    cfg = typed_config(cfg)
+    return cfg, build_run(cfg, plan, DistInfo())
 
 
 def bench_train(overrides: List[str], against: List[str], progress: bool = False) -> Dict[str, Any]:

@@ -5,6 +5,7 @@ the run's model as teacher (its EMA weights with ``--ema``); the work is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from omegaconf import OmegaConf
 
+    from toe.config.compose import compose_config
+    from toe.config.schema import typed_config
     from toe.data.datasets import build_datasets, build_transforms
     from toe.data.label_maps import write_label_maps
     from toe.models.pretrained import CheckpointMismatchError, load_pretrained
@@ -42,10 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"{args.out}: a file, not a directory for the label maps")
     try:
-        cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-        cfg.model.name, cfg.data.name  # noqa: B018 - a config without them is no run's
+        # the run's resolved config over today's defaults: a run written before a key existed gets its default
+        cfg = typed_config(OmegaConf.merge(compose_config([]), OmegaConf.load(run_dir / CONFIG_FILE)))
     except Exception as err:  # noqa: BLE001 - OmegaConf and YAML raise several types
-        parser.error(f"{run_dir / 'config.yaml'}: not a toe-train run config ({str(err).splitlines()[0]})")
+        parser.error(f"{run_dir / CONFIG_FILE}: not a toe-train run config ({str(err).splitlines()[0]})")
     train_set, _ = build_datasets(cfg)
     num_classes = cfg.data.num_classes or len(train_set.classes)
     if args.topk > num_classes:
@@ -60,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     data_config = model_data_config(model, cfg)
     # The whole image, resized (official generator: --crop-pct 1.0)
     train_set.transform = build_transforms(
-        dict(data_config, crop_pct=1.0), OmegaConf.merge(cfg.recipe, {"eval_crop_pct": 1.0})
+        dict(data_config, crop_pct=1.0), dataclasses.replace(cfg.recipe, eval_crop_pct=1.0)
     )[1]
     written = write_label_maps(
         model, train_set, args.out, args.topk, args.batch_size, args.device, progress=sys.stderr.isatty()

@@ -11,6 +11,7 @@ types, ranges and choices only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -251,6 +252,34 @@ class RunConfig:
     label_maps: Optional[str] = MISSING
     pretrained: Dict[str, Optional[str]] = field(default_factory=dict)
     pretrained_from: Optional[str] = None
+
+
+def typed_config(cfg: Any) -> RunConfig:
+    """The composed config as the schema's dataclasses (``OmegaConf.to_object``), every interpolation resolved: what
+    the code below the entry reads, once :func:`toe.config.validate.validate` has accepted ``cfg``. An experiment
+    input left unset (``???``, see :data:`EXPERIMENT_INPUTS`) is ``None``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is not RunConfig:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)  # a config read from a file, not composed
+    cfg = cfg.copy()
+    for key in EXPERIMENT_INPUTS:
+        if OmegaConf.is_missing(cfg, key):
+            cfg[key] = None
+    return OmegaConf.to_object(cfg)
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python values (a resolved container, or a schema dataclass as dicts and lists)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return dataclasses.asdict(node)
+    return node
 
 
 def register() -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
-from toe.config.schema import ConfigError, show_value
+from toe.config.schema import ConfigError, plain, show_value
 from toe.ops.methods import REDUCTION_NODES
 from toe.ops.schedule import scale_epoch
 
@@ -31,7 +29,7 @@ class SchedulePlan:
         return [stage for stage, start in enumerate(self.stage_starts, 1) if start >= self.epochs]
 
 
-def stage_start_epochs(cfg: DictConfig, check: bool = True) -> List[int]:
+def stage_start_epochs(cfg: Any, check: bool = True) -> List[int]:
     """``schedule.stage_starts`` are epochs of a ``schedule.length``-epoch run, scaled to ``schedule.epochs`` and
     rounded half up (the official 0/100/200 of 300 gives 0/10/20 over 30 epochs); ``check``: refuse starts that
     are not strictly increasing after the scaling."""
@@ -45,11 +43,12 @@ def stage_start_epochs(cfg: DictConfig, check: bool = True) -> List[int]:
     return starts
 
 
-def plan_schedule(cfg: DictConfig) -> SchedulePlan:
-    """The schedule of a run, with the ToE schedule and curriculum checked; raises :class:`ConfigError`."""
+def plan_schedule(cfg: Any) -> SchedulePlan:
+    """The schedule of a run, with the ToE schedule and curriculum checked; raises :class:`ConfigError`. ``cfg``:
+    the composed config or its typed form (the two read alike here)."""
     from toe.data.curriculum import build_phases
 
-    staged = any(cfg[node].enabled for node in REDUCTION_NODES)
+    staged = any(getattr(cfg, node).enabled for node in REDUCTION_NODES)
     # a run without stages (baseline, EfficientTrain alone) has no stage split that could fail to fit its epochs
     starts = stage_start_epochs(cfg, check=staged)
     if cfg.toe.enabled:
@@ -69,7 +68,7 @@ def plan_schedule(cfg: DictConfig) -> SchedulePlan:
     return SchedulePlan(int(cfg.schedule.epochs), starts, phases, staged)
 
 
-def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None, matching: bool = False):
+def build_expansion_schedule(cfg: Any, starts: Optional[List[int]] = None, matching: bool = False):
     """The run's :class:`toe.ExpansionSchedule`, or ``None`` with ToE off; with ``matching``, the schedule of the
     ``toe:`` node even with ToE off (PatchDropout and Token Merging match its train FLOPs)."""
     from toe.ops.schedule import ExpansionSchedule
@@ -92,4 +91,4 @@ def build_expansion_schedule(cfg: DictConfig, starts: Optional[List[int]] = None
         if "expansion_steps" in str(err):
             raise ConfigError(f"schedule.stage_starts={show_value(list(cfg.schedule.stage_starts))}: {err}") from None
         key = next((k for k in ("init_keep_rate", "keep_rates", "repeats") if k in str(err)), "keep_rates")
-        raise ConfigError(f"toe.{key}={show_value(OmegaConf.to_container(node, resolve=True)[key])}: {err}") from None
+        raise ConfigError(f"toe.{key}={show_value(plain(node)[key])}: {err}") from None

@@ -8,11 +8,11 @@ import dataclasses
 import math
 import re
 import typing
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from toe.config.schema import EXPERIMENT_INPUTS, ConfigError, RunConfig, show_value
+from toe.config.schema import EXPERIMENT_INPUTS, ConfigError, RunConfig, show_value, typed_config
 from toe.config.stages import SchedulePlan, plan_schedule
 from toe.ops.methods import REDUCTION_NODES
 
@@ -149,10 +149,17 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
         raise ConfigError(f"train.workers={show_value(workers)}: expected auto or a number of processes >= 0")
     _check_timm_names(cfg)
     plan = plan_schedule(cfg)
-    check_model(cfg, plan)
+    model = check_model(cfg, plan)
+    _check_model_needs(cfg, model, plan)
     if devices:
         check_device(cfg.train.device)
     return plan
+
+
+def checked_config(cfg: DictConfig, devices: bool = True) -> Tuple[RunConfig, SchedulePlan]:
+    """:func:`validate`, then the config in the schema's typed objects: what an entry hands to the code below it."""
+    plan = validate(cfg, devices)
+    return typed_config(cfg), plan
 
 
 DIGITS_IMAGES, DIGITS_CLASSES = 1797, 10  # scikit-learn's load_digits
@@ -173,9 +180,10 @@ def _check_digits_split(cfg: DictConfig) -> None:
 MIN_PATCH_TOKENS = 4  # a 2 x 2 grid: ToE keeps a share of the patches, ToMe merges pairs of them
 
 
-def check_model(cfg: DictConfig, plan: "SchedulePlan") -> None:
+def check_model(cfg: DictConfig, plan: "SchedulePlan") -> Any:
     """Build the run's model on the ``meta`` device (no memory, no weights: well under a second for a ViT-B), so
-    that a model timm cannot build with these settings is refused naming its key before any data is read."""
+    that a model timm cannot build with these settings is refused naming its key before any data is read; returns
+    the model."""
     import timm
     import torch
 
@@ -224,6 +232,29 @@ def check_model(cfg: DictConfig, plan: "SchedulePlan") -> None:
             f"model.patch_size={cfg.model.patch_size} with model.img_size={cfg.model.img_size}: "
             f"{grid} patch token(s); toe needs at least {MIN_PATCH_TOKENS} (a 2 x 2 grid)"
         )
+    return model
+
+
+def _check_model_needs(cfg: DictConfig, model: Any, plan: "SchedulePlan") -> None:
+    """What the model and the settings around it need of each other: token labels a dense head, a forced tensor
+    pipeline what it can run (the model gives the interpolation the recipe leaves to it)."""
+    from timm.data import resolve_model_data_config
+
+    from toe.data.augment import IN_MEMORY_DATASETS, tensor_pipeline_reasons, tensor_refusal
+
+    if cfg.token_label.root and not hasattr(model, "drop_dense_head"):
+        raise ConfigError(
+            f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
+            "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)"
+        )
+    if cfg.train.pipeline == "tensor":
+        interpolation = cfg.recipe.train_interpolation or resolve_model_data_config(model)["interpolation"]
+        in_memory = cfg.data.name in IN_MEMORY_DATASETS
+        reasons = tensor_pipeline_reasons(
+            cfg.recipe, interpolation, cfg.data.name, in_memory, bool(plan.phases), bool(cfg.token_label.root)
+        )
+        if reasons:
+            raise ConfigError(tensor_refusal(reasons))
 
 
 def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) -> str:

@@ -170,6 +170,31 @@ def uint8_images(dataset: Dataset) -> Optional[torch.Tensor]:
     return None
 
 
+IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # decoded images at hand (uint8_images), not read from files
+
+
+def tensor_pipeline_reasons(
+    recipe: Any, train_interpolation: str, data_name: str, in_memory: bool, curriculum: bool, token_labels: bool
+) -> List[str]:
+    """Why the batched tensor pipeline cannot run a run (empty when it can): the recipe settings it lacks, images
+    read from files, the curriculum's RandAugment per phase, token labels cropped with each image."""
+    reasons = [f"{key}={value}" for key, value in tensor_pipeline_blockers(recipe, train_interpolation).items()]
+    if not in_memory:
+        reasons.append(f"data={data_name} is read from files (the tensor pipeline holds digits and CIFAR in memory)")
+    if curriculum:
+        reasons.append("the EfficientTrain curriculum changes RandAugment per phase")
+    if token_labels:
+        reasons.append("token labeling crops each image's label map with it")
+    return reasons
+
+
+def tensor_refusal(reasons: List[str]) -> str:
+    return (
+        f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or auto runs it on "
+        "timm's PIL path)"
+    )
+
+
 def tensor_pipeline_blockers(recipe: Any, train_interpolation: str) -> Dict[str, Any]:
     """The recipe settings the batched tensor pipeline cannot run (empty when it can run the recipe)."""
     blockers = {}

@@ -145,7 +145,7 @@ def build_transforms(data_config: dict, recipe: Any) -> Tuple[Callable, Callable
     """timm train/eval transforms from the model's data config and the recipe's augmentation settings."""
     from timm.data import create_transform
 
-    train_interpolation = recipe.get("train_interpolation") or data_config["interpolation"]
+    train_interpolation = recipe.train_interpolation or data_config["interpolation"]
     train = create_transform(
         **dict(data_config, interpolation=train_interpolation),
         is_training=True,

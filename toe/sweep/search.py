@@ -78,14 +78,15 @@ def flop_ratio(cfg: Any) -> float:
     """The run's train-FLOP speed-up over full tokens (1.0 for a run without token reduction), from its model's
     shape and its schedule (:func:`toe.cost.plan.toe_flop_ratio`; PatchDropout and ToMe match ToE's, see
     toe.cost.plan)."""
+    from toe.config.schema import typed_config
     from toe.config.stages import build_expansion_schedule, plan_schedule
     from toe.cost.flops import ViTShape
     from toe.cost.plan import toe_flop_ratio
     from toe.ops.methods import REDUCTION_NODES
     from toe.train.build import create_model
 
-    plan = plan_schedule(cfg)
-    if not any(cfg[node].enabled for node in REDUCTION_NODES):
+    plan, cfg = plan_schedule(cfg), typed_config(cfg)
+    if not any(getattr(cfg, node).enabled for node in REDUCTION_NODES):
         return 1.0
     from toe.data.datasets import class_count
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -15,11 +16,10 @@ from types import SimpleNamespace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 import toe.models  # noqa: F401 - registers LV-ViT with timm
-from toe.config.schema import ConfigError
-from toe.config.stages import SchedulePlan, build_expansion_schedule, plan_schedule
+from toe.config.schema import ConfigError, RecipeConfig, RunConfig, plain
+from toe.config.stages import SchedulePlan, build_expansion_schedule
 from toe.cost.flops import ViTShape
 from toe.data.augment import (
     BatchAugment,
@@ -27,7 +27,8 @@ from toe.data.augment import (
     TensorImages,
     as_batch,
     cached_images,
-    tensor_pipeline_blockers,
+    tensor_pipeline_reasons,
+    tensor_refusal,
     uint8_images,
 )
 from toe.data.datasets import SeededSamples, SeededTransforms, build_datasets, build_transforms
@@ -57,7 +58,7 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
+def build_loss_and_mixup(recipe: RecipeConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
     """timm's Mixup/CutMix and loss; LV-ViT hosts (``token_label``) get the token-labeling loss, which takes
     their ``(cls, dense, box)`` training output."""
     from timm.data import Mixup
@@ -82,7 +83,7 @@ def build_loss_and_mixup(recipe: DictConfig, num_classes: int, token_label: Opti
     return torch.nn.CrossEntropyLoss(), None
 
 
-def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Module:
+def create_model(cfg: RunConfig, num_classes: int, **extra: Any) -> torch.nn.Module:
     """The run's model as timm builds it from ``cfg.model`` (LV-ViT included: importing toe.models registers it)."""
     import timm
 
@@ -99,10 +100,10 @@ def create_model(cfg: DictConfig, num_classes: int, **extra: Any) -> torch.nn.Mo
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
     except TypeError as err:  # a keyword the model class does not take
-        raise ConfigError(f"model.kwargs={OmegaConf.to_container(cfg.model.kwargs)}: {err}") from None
+        raise ConfigError(f"model.kwargs={dict(cfg.model.kwargs)}: {err}") from None
 
 
-def model_data_config(model: torch.nn.Module, cfg: DictConfig) -> Dict[str, Any]:
+def model_data_config(model: torch.nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     """timm's data config of ``model`` at the run's image size."""
     from timm.data import resolve_model_data_config
 
@@ -166,7 +167,13 @@ class TrainLoaders:
     loader's transform changes under it (or under its workers)."""
 
     def __init__(
-        self, dataset, sampler, data_config: Dict[str, Any], recipe: DictConfig, auto_augment: str, **loader_kwargs: Any
+        self,
+        dataset,
+        sampler,
+        data_config: Dict[str, Any],
+        recipe: RecipeConfig,
+        auto_augment: str,
+        **loader_kwargs: Any,
     ):
         self.dataset, self.sampler, self.data_config, self.recipe = dataset, sampler, data_config, recipe
         self.auto_augment, self.loader_kwargs = auto_augment, loader_kwargs
@@ -183,7 +190,7 @@ class TrainLoaders:
                 dataset = copy.copy(self.dataset)
                 dataset.transform = build_transforms(
                     self.data_config,
-                    OmegaConf.merge(self.recipe, {"auto_augment": self.auto_augment.format(magnitude=magnitude)}),
+                    dataclasses.replace(self.recipe, auto_augment=self.auto_augment.format(magnitude=magnitude)),
                 )[0]
             if isinstance(self.sampler, SeededSamples):
                 dataset = SeededTransforms(dataset)
@@ -255,23 +262,14 @@ def loader_settings(workers: Any, pipeline: str, device: torch.device, processes
     return settings
 
 
-def choose_pipeline(cfg: DictConfig, in_memory: bool, interpolation: str, plan: SchedulePlan) -> str:
+def choose_pipeline(cfg: RunConfig, in_memory: bool, interpolation: str, plan: SchedulePlan) -> str:
     """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
     that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at hand."""
-    reasons = [f"{key}={value}" for key, value in tensor_pipeline_blockers(cfg.recipe, interpolation).items()]
-    if not in_memory:
-        reasons.append(
-            f"data={cfg.data.name} is read from files (the tensor pipeline holds digits and CIFAR in memory)"
-        )
-    if plan.phases:
-        reasons.append("the EfficientTrain curriculum changes RandAugment per phase")
-    if cfg.token_label.root:
-        reasons.append("token labeling crops each image's label map with it")
-    if cfg.train.pipeline == "tensor" and reasons:
-        raise ConfigError(
-            f"train.pipeline=tensor cannot run this run: {'; '.join(reasons)} (train.pipeline=pil or "
-            "auto runs it on timm's PIL path)"
-        )
+    reasons = tensor_pipeline_reasons(
+        cfg.recipe, interpolation, cfg.data.name, in_memory, bool(plan.phases), bool(cfg.token_label.root)
+    )
+    if cfg.train.pipeline == "tensor" and reasons:  # validate() refuses this before the data is read
+        raise ConfigError(tensor_refusal(reasons))
     return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
 
 
@@ -285,7 +283,7 @@ def _processes_per_node(info: DistInfo) -> int:
     return info.world_size
 
 
-def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
+def _train_sampler(dataset, cfg: RunConfig, info: DistInfo):
     if not info.enabled:
         return _EpochSampler(dataset, cfg.seed)
     if cfg.recipe.repeated_aug:
@@ -297,11 +295,11 @@ def _train_sampler(dataset, cfg: DictConfig, info: DistInfo):
     )
 
 
-def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: SchedulePlan) -> None:
+def apply_token_reduction(model: torch.nn.Module, cfg: RunConfig, plan: SchedulePlan) -> None:
     """Patch the run's token-reduction method into ``model`` (ToE, PatchDropout or Token Merging; at most one, as
     :func:`toe.config.validate.validate` checks) through :func:`toe.patch_method`: PatchDropout's kept rates and Token
     Merging's ``r`` left null are matched, stage by stage, to the train FLOPs of the ``toe:`` operator's schedule."""
-    node = next((n for n in REDUCTION_NODES if cfg[n].enabled), None)
+    node = next((n for n in REDUCTION_NODES if getattr(cfg, n).enabled), None)
     if node is None:
         return
     settings = {
@@ -314,7 +312,7 @@ def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: Schedul
             model,
             REDUCER_METHOD[node],
             build_expansion_schedule(cfg, plan.stage_starts, matching=True),
-            sparse_eval=bool(cfg[node].get("sparse_eval", False)),
+            sparse_eval=bool(getattr(getattr(cfg, node), "sparse_eval", False)),
             **settings,
         )
     except TypeError as err:  # a host the method cannot run on (fewer than two blocks, another block type)
@@ -329,13 +327,13 @@ def apply_token_reduction(model: torch.nn.Module, cfg: DictConfig, plan: Schedul
 FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
-def timm_args(recipe: DictConfig, **values: Any) -> SimpleNamespace:
+def timm_args(recipe: RecipeConfig, **values: Any) -> SimpleNamespace:
     """The recipe as the argparse namespace of timm's train.py, whose names its keys use, with ``values`` set: what
     timm's ``optimizer_kwargs`` and ``scheduler_kwargs`` read (a key the recipe lacks gets timm's default)."""
-    return SimpleNamespace(**{**OmegaConf.to_container(recipe, resolve=True), **values})
+    return SimpleNamespace(**{**plain(recipe), **values})
 
 
-def create_optimizer(model: torch.nn.Module, recipe: DictConfig, lr: float) -> torch.optim.Optimizer:
+def create_optimizer(model: torch.nn.Module, recipe: RecipeConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer for the recipe, fused where torch has a fused kernel for it on the model's device."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
 
@@ -348,7 +346,9 @@ def create_optimizer(model: torch.nn.Module, recipe: DictConfig, lr: float) -> t
     return create_optimizer_v2(model, **kwargs)
 
 
-def build_run(cfg: DictConfig, info: DistInfo) -> Run:
+def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
+    """The run of the typed config ``cfg`` (:func:`toe.config.schema.typed_config`) and its schedule ``plan`` (what
+    :func:`toe.config.validate.validate` returned), on this process of ``info``."""
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
@@ -363,7 +363,6 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
             f"data.num_classes={num_classes}: data={cfg.data.name} has {len(train_set.classes)} "
             "classes, and a head of fewer cannot score them (leave it null to count them)"
         )
-    plan = plan_schedule(cfg)
     # Under the curriculum the resolution changes every phase: timm resamples the position embedding to the
     # input's grid on the fly (the official code re-creates the model per phase and interpolates the table).
     dynamic = {"dynamic_img_size": True} if plan.phases else {}
@@ -386,7 +385,7 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     data_config = model_data_config(model, cfg)
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     images = uint8_images(train_set) if cfg.train.pipeline != "pil" else None
-    interpolation = cfg.recipe.get("train_interpolation") or data_config["interpolation"]
+    interpolation = cfg.recipe.train_interpolation or data_config["interpolation"]
     pipeline, batch_augment = choose_pipeline(cfg, images is not None, interpolation, plan), None
     if pipeline == "tensor":
         batch_augment = BatchAugment(
@@ -499,18 +498,13 @@ def build_run(cfg: DictConfig, info: DistInfo) -> Run:
     )
 
 
-def _token_labeling(cfg: DictConfig, model: torch.nn.Module, train_set, num_classes: int):
+def _token_labeling(cfg: RunConfig, model: torch.nn.Module, train_set, num_classes: int):
     """LV-ViT hosts (a dense head, ``drop_dense_head``) train with token labels from ``token_label.root``, or
     with the class-token loss alone when no root is given. Returns the training set (wrapped to carry label maps)
     and the loss, or ``(train_set, None)`` for other models."""
     node = cfg.token_label
     root = node.root
-    if not hasattr(model, "drop_dense_head"):
-        if root:
-            raise ConfigError(
-                f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "
-                "labeling is for LV-ViT (model=lvvit_t, lvvit_s or lvvit_cpu)"
-            )
+    if not hasattr(model, "drop_dense_head"):  # token_label.root set for such a model: refused by validate()
         return train_set, None
     try:
         loss = TokenLabelLoss(

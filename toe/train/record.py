@@ -16,7 +16,10 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+
+if TYPE_CHECKING:
+    from toe.config.schema import WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +216,13 @@ def write_hydra_files(run_dir: Path, hydra_files: Optional[Dict[str, str]]) -> N
 class RunRecord:
     """Local files of one run, plus an optional W&B run that mirrors them."""
 
-    def __init__(self, run_dir: Path, wandb_cfg: Optional[Dict[str, Any]] = None, enabled: bool = True):
+    def __init__(self, run_dir: Path, wandb: Optional[WandbConfig] = None, enabled: bool = True):
         """``enabled=False`` (processes other than rank 0 of a DDP run) makes every method a no-op."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.wandb_cfg = wandb_cfg or {}
+        self.wandb_settings = wandb  # the logger.wandb node; None: W&B off
         self._wandb = None
 
     def write_config(self, yaml_text: str, hydra_files: Optional[Dict[str, str]] = None) -> None:
@@ -256,17 +259,17 @@ class RunRecord:
     # --- W&B ------------------------------------------------------------------------------------------------
     def start_wandb(self, config: Dict[str, Any], run_id: Optional[str], name: str) -> Optional[str]:
         """Start (or resume, with ``run_id``) the W&B run; returns its id, or ``None`` when W&B is off or failed."""
-        mode = self.wandb_cfg.get("mode", "disabled")
+        mode = self.wandb_settings.mode if self.wandb_settings is not None else "disabled"
         if mode == "disabled" or not self.enabled:
             return None
         try:
             import wandb
 
             self._wandb = wandb.init(
-                project=self.wandb_cfg.get("project", "toe"),
-                entity=self.wandb_cfg.get("entity"),
-                group=self.wandb_cfg.get("group"),
-                tags=list(self.wandb_cfg.get("tags") or []),
+                project=self.wandb_settings.project,
+                entity=self.wandb_settings.entity,
+                group=self.wandb_settings.group,
+                tags=list(self.wandb_settings.tags),
                 name=name,
                 mode=mode,
                 dir=str(self.run_dir),

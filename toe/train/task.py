@@ -20,8 +20,8 @@ from typing import Any, Dict, Iterator, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from toe.config.changes import config_changes
-from toe.config.schema import ConfigError
-from toe.config.stages import plan_schedule
+from toe.config.schema import ConfigError, RunConfig, typed_config
+from toe.config.stages import SchedulePlan, plan_schedule
 from toe.config.validate import validate
 from toe.data.datasets import DataRootError
 from toe.train.build import Run, build_run, resolve_device
@@ -102,6 +102,13 @@ def train(
     except ConfigError as err:
         _note_refused_start(cfg, run_dir, err, hydra_files)
         raise
+    # the composed config's three uses: the record's YAML and plain dict (as written, as compared on a resume), and
+    # the schema's typed objects, which is all that the run reads from here on
+    config_yaml, plain_cfg, cfg = (
+        OmegaConf.to_yaml(cfg, resolve=True),
+        OmegaConf.to_container(cfg, resolve=True),
+        typed_config(cfg),
+    )
     if plan.unreached_stages:
         log.warning(
             "ToE stage(s) %s start at or after epoch %d, the end of this run: they never run, and the "
@@ -114,7 +121,6 @@ def train(
         run_dir = Path(gather_objects(str(run_dir), info)[0])
     try:
         with locked(run_dir, enabled=info.is_main):
-            plain_cfg = OmegaConf.to_container(cfg, resolve=True)
             checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
             progress = Progress.from_checkpoint(checkpoint)
             if checkpoint is not None:
@@ -122,21 +128,21 @@ def train(
                 if progress.epoch >= plan.epochs:
                     log.info("%s has completed all %d epochs; nothing to do", run_dir, progress.epoch)
                     summary = read_run_dir(run_dir).summary
-                    return summary if summary.status else summarize(cfg, progress, status="completed")
+                    return summary if summary.status else summarize(cfg, plan, progress, status="completed")
             try:  # reads the data and builds the model: what cannot work with them is refused here, unwritten
-                run = build_run(cfg, info)
+                run = build_run(cfg, plan, info)
             except (ConfigError, DataRootError) as err:
-                _note_refused_start(cfg, run_dir, err, hydra_files)
+                _note_refused_start(cfg, run_dir, err, hydra_files, plan)
                 raise
-            record = RunRecord(run_dir, plain_cfg["logger"]["wandb"], enabled=info.is_main)
-            record.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_files)
+            record = RunRecord(run_dir, cfg.logger.wandb, enabled=info.is_main)
+            record.write_config(config_yaml, hydra_files)
             try:
                 with _sigterm_interrupts():
                     summary = _fit(
                         cfg, plain_cfg, run, run_dir, record, progress, checkpoint, overrides or [], started_at
                     )
             except BaseException as err:
-                _record_ending(cfg, run_dir, record, progress, err)
+                _record_ending(cfg, plan, run_dir, record, progress, err)
                 raise
             record.finish(0)
             return summary
@@ -145,7 +151,7 @@ def train(
 
 
 def _fit(
-    cfg: DictConfig,
+    cfg: RunConfig,
     plain_cfg: Dict[str, Any],
     run: Run,
     run_dir: Path,
@@ -177,8 +183,8 @@ def _fit(
         progress.wall_seconds = wall_before + time.time() - started_at  # the record's, with the write counted
         record.log_epoch(row)
         _log_epoch(row, epochs)
-        record.write_summary(summarize(cfg, progress, status="running", run=run))
-    summary = summarize(cfg, progress, status="completed", run=run)
+        record.write_summary(summarize(cfg, run.plan, progress, status="running", run=run))
+    summary = summarize(cfg, run.plan, progress, status="completed", run=run)
     record.write_summary(summary)
     return summary
 
@@ -202,7 +208,7 @@ def _log_epoch(row: EpochRow, epochs: int) -> None:
 
 
 def _check_resume(
-    cfg: DictConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[str, Any], progress: Progress, run_dir: Path
+    cfg: RunConfig, plain_cfg: Dict[str, Any], checkpoint: Dict[str, Any], progress: Progress, run_dir: Path
 ) -> None:
     """Refuse a resume whose config differs from the checkpoint's in anything that changes the training, unless
     ``resume.allow_changes``; then note the change at this epoch."""
@@ -223,7 +229,11 @@ def _check_resume(
 
 
 def _note_refused_start(
-    cfg: DictConfig, run_dir: Path, err: BaseException, hydra_files: Optional[Dict[str, str]] = None
+    cfg: Any,
+    run_dir: Path,
+    err: BaseException,
+    hydra_files: Optional[Dict[str, str]] = None,
+    plan: Optional[SchedulePlan] = None,
 ) -> None:
     """A config refused in a run dir that has no record yet still leaves a ``failed`` summary and the job's
     overrides (a sweep's status then shows the job as failed, ``toe-sweep retry`` can rerun it); an existing
@@ -234,13 +244,15 @@ def _note_refused_start(
         write_hydra_files(run_dir, hydra_files)
     summary = Summary(status="failed")
     with contextlib.suppress(Exception):  # a config too broken to summarise still gets its error written
-        summary = summarize(cfg, Progress(), status="failed")
+        summary = summarize(cfg, plan or plan_schedule(cfg), Progress(), status="failed")
     summary.error = f"{type(err).__name__}: {err}"
     with contextlib.suppress(OSError):
         write_json_atomic(run_dir / SUMMARY_FILE, summary.to_dict())
 
 
-def _record_ending(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: Progress, err: BaseException) -> None:
+def _record_ending(
+    cfg: RunConfig, plan: SchedulePlan, run_dir: Path, record: RunRecord, progress: Progress, err: BaseException
+) -> None:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         record.finish(1)
         epoch = _checkpoint_epoch(run_dir)
@@ -253,13 +265,13 @@ def _record_ending(cfg: DictConfig, run_dir: Path, record: RunRecord, progress: 
         # at the epoch of the checkpoint that a rerun resumes from (else it stays as the last epoch left it)
         with contextlib.suppress(Exception):
             saved = Progress.from_checkpoint(load_checkpoint(run_dir / CHECKPOINT_FILE))
-            summary = summarize(cfg, saved, status="interrupted")
+            summary = summarize(cfg, plan, saved, status="interrupted")
             summary.error = f"DiskFull: {disk_full}"
             summary.resumed_at = saved.resumed_at[:-1]  # from_checkpoint counts a resume that this is not
             record.write_summary(summary)
         raise disk_full from None
     interrupted = isinstance(err, (SystemExit, KeyboardInterrupt))
-    summary = summarize(cfg, progress, status="interrupted" if interrupted else "failed")
+    summary = summarize(cfg, plan, progress, status="interrupted" if interrupted else "failed")
     summary.error = f"{type(err).__name__}: {err}"
     record.write_summary(summary)
     record.finish(1)
@@ -271,7 +283,8 @@ def _checkpoint_epoch(run_dir: Path) -> Any:
     return "none"
 
 
-def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Run] = None) -> Summary:
+def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run: Optional[Run] = None) -> Summary:
+    """The run's summary from its progress; ``cfg`` is the typed config, or the composed one of a refused start."""
     history, last = progress.history, progress.last or EpochRow(epoch=-1)
     top1 = [row.val_top1 for row in history if row.val_top1 is not None]
     ema = [row.ema_top1 for row in history if row.ema_top1 is not None]
@@ -307,5 +320,5 @@ def summarize(cfg: DictConfig, progress: Progress, status: str, run: Optional[Ru
         lr=run.lr if run else None,
         resumed_at=progress.resumed_at,
         config_changes=progress.config_changes,
-        unreached_stages=(run.plan if run else plan_schedule(cfg)).unreached_stages,
+        unreached_stages=plan.unreached_stages,
     )

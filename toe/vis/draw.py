@@ -290,6 +290,7 @@ def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema:
     from timm.models import clean_state_dict
 
     from toe.config.compose import compose_config
+    from toe.config.schema import typed_config
     from toe.config.validate import validate
     from toe.data.datasets import build_datasets
     from toe.train.build import apply_token_reduction, create_model
@@ -304,6 +305,7 @@ def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema:
         # the run's resolved config over today's defaults: a run written before a key existed gets its default
         cfg = OmegaConf.merge(cfg, OmegaConf.load(config))
     plan = validate(cfg, devices=False)
+    cfg = typed_config(cfg)
     train_set, val_set = build_datasets(cfg)
     model = create_model(cfg, cfg.data.num_classes or len(train_set.classes))
     apply_token_reduction(model, cfg, plan)
@@ -360,7 +362,7 @@ def draw_run(
     grid = tuple(model.patch_embed.grid_size)
     layouts = capture_layouts(model, inputs, grid)
     title = (
-        f"{cfg.method_name} on {cfg.model.get('label') or cfg.model.name} ({grid[0]}x{grid[1]} patches): "
+        f"{cfg.method_name} on {cfg.model.label or cfg.model.name} ({grid[0]}x{grid[1]} patches): "
         f"{type(reduction_op(model)).__name__}"
     )
     figure = draw_grid(pictures, layouts, title)
