@@ -114,7 +114,7 @@ def test_both_pipelines_train_the_default_model(tiny_cfg, tmp_path):
 
 
 def test_loader_settings_follow_the_pipeline_the_device_and_the_cores(monkeypatch):
-    from toe.train import build as run
+    from toe.train import loaders as run
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert run.loader_settings("auto", "tensor", cuda, 1) == {"num_workers": 0, "pin_memory": True}

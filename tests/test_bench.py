@@ -138,7 +138,8 @@ def test_e2e_bench_times_loader_step_and_loop_of_a_real_run_per_stage(tmp_path, 
 def test_capacity_bench_times_real_jpeg_decoding_and_augmentation_and_counts_cores(tmp_path, capsys):
     import math
 
-    from toe.bench.benchmarks import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, deit_s_stage1_flop_ratio
+    from toe.bench.capacity import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
+    from toe.bench.flops import deit_s_stage1_flop_ratio
 
     out = tmp_path / "capacity.json"
     main(["--json", str(out), "capacity", "--images", "6", "--repeats", "1"])

@@ -32,7 +32,7 @@ def _random_schedule(gen: torch.Generator):
     r1 = [0.3, 0.4, 0.5, 0.6][int(torch.randint(4, (1,), generator=gen))]
     last = [1.0, 0.9][int(torch.randint(2, (1,), generator=gen))]
     return dict(
-        expansion_steps=[0, 10, 20],
+        stage_starts=[0, 10, 20],
         keep_rates=[r1, (r1 + last) / 2, last],
         init_keep_rate=r1 / 2,
         repeats=int(torch.randint(1, 5, (1,), generator=gen)),

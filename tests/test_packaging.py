@@ -68,8 +68,11 @@ def _run(env, *command, timeout=600):
 @pytest.mark.slow
 def test_the_wheel_carries_its_configs_and_runs_from_an_empty_directory(wheel_env):
     bin_dir, empty = wheel_env
-    where = _run(wheel_env, "python", "-c", "import toe, toe.conf, analysis; print(toe.__file__)")
+    where = _run(wheel_env, "python", "-c", "import toe, toe.conf, toe.analysis; print(toe.__file__)")
     assert where.returncode == 0 and str(bin_dir.parent) in where.stdout, where.stdout + where.stderr
+    # no top-level package of a generic name: analysis/ is toe.analysis in the wheel
+    generic = _run(wheel_env, "python", "-c", "import importlib.util as u; print(u.find_spec('analysis'))")
+    assert generic.stdout.strip() == "None", generic.stdout + generic.stderr
 
     run = _run(wheel_env, "toe-train", "logger=none", "schedule.epochs=3", "model.kwargs.depth=2", "hydra.run.dir=run")
     assert run.returncode == 0, run.stderr[-2000:]
@@ -114,7 +117,7 @@ def test_every_config_group_and_python_package_is_a_package_of_the_wheel():
     }
     modules = {
         ".".join(p.parent.relative_to(ROOT).parts)
-        for top in ("toe", "analysis", "hydra_plugins")
+        for top in ("toe", "hydra_plugins")
         for p in (ROOT / top).rglob("__init__.py")
-    }
+    } | {"toe.analysis"}  # analysis/ installs as toe.analysis (pyproject's package-dir)
     assert groups | modules <= packages, f"add to pyproject.toml's packages: {sorted((groups | modules) - packages)}"

@@ -33,7 +33,7 @@ def test_the_planner_finds_the_papers_settings_from_their_flop_ratios():
     schedule, ratio = plan_keep_rates(DEIT_S, (0, 100, 200), 300, target=1.31)
     assert (schedule.init_keep_rate, schedule.keep_rates) == (0.25, (0.5, 0.75, 1.0))
     schedule, _ = plan_stage_split(DEIT_S, (0.5, 0.75, 1.0), 0.25, 300, target=1.44)
-    assert schedule.expansion_steps == (0, 130, 260)
+    assert schedule.stage_starts == (0, 130, 260)
     # the LV-ViT-S script's 0.2; 0.4/0.7/1.0 and the EfficientTrain one's 0.3; 0.6/0.8/1.0 are of the same family
     assert rates_from_first(0.4, 3) == (0.2, (0.4, 0.7, 1.0)) and rates_from_first(0.6, 3) == (0.3, (0.6, 0.8, 1.0))
     lvvit_like = ExpansionSchedule((0, 100, 200), (0.4, 0.7, 1.0), 0.2)

@@ -2,9 +2,9 @@ import pytest
 
 from toe import ExpansionSchedule
 
-DEIT = dict(expansion_steps=[0, 100, 200], keep_rates=[0.5, 0.75, 1.0], init_keep_rate=0.25)
-LVVIT = dict(expansion_steps=[0, 100, 200], keep_rates=[0.4, 0.7, 1.0], init_keep_rate=0.2)
-ET = dict(expansion_steps=[0, 100, 200], keep_rates=[0.6, 0.8, 1.0], init_keep_rate=0.3)
+DEIT = dict(stage_starts=[0, 100, 200], keep_rates=[0.5, 0.75, 1.0], init_keep_rate=0.25)
+LVVIT = dict(stage_starts=[0, 100, 200], keep_rates=[0.4, 0.7, 1.0], init_keep_rate=0.2)
+ET = dict(stage_starts=[0, 100, 200], keep_rates=[0.6, 0.8, 1.0], init_keep_rate=0.3)
 
 
 @pytest.mark.parametrize(
@@ -59,16 +59,16 @@ def test_stage_at_uses_bisect_right():
         (dict(keep_rates=[0.0, 0.75, 1.0]), r"\(0, 1\]"),
         (dict(init_keep_rate=0.5), "below the first keep rate"),
         (dict(init_keep_rate=0.0), "init_keep_rate"),
-        (dict(expansion_steps=[0, 200, 100]), "strictly increasing"),
-        (dict(expansion_steps=[0, 100]), "one start epoch per stage"),
-        (dict(expansion_steps=[-1, 100, 200]), "non-negative"),
+        (dict(stage_starts=[0, 200, 100]), "strictly increasing"),
+        (dict(stage_starts=[0, 100]), "one start epoch per stage"),
+        (dict(stage_starts=[-1, 100, 200]), "non-negative"),
         (dict(repeats=0), "repeats"),
         (dict(repeats=1.5), "repeats"),
         (dict(distance="chebyshev"), "unknown distance 'chebyshev'"),
         (dict(init="grid"), "unknown init"),
         (dict(expand="greedy"), "unknown expand"),
         (dict(merge="max"), "unknown merge"),
-        (dict(keep_rates=[], expansion_steps=[]), "empty"),
+        (dict(keep_rates=[], stage_starts=[]), "empty"),
     ],
 )
 def test_invalid_schedules_raise_clear_errors(kwargs, message):

@@ -1,5 +1,5 @@
 """``toe-bench``: ToE's cost and speed-up, measured side by side in one process (the work is
-:mod:`toe.bench.benchmarks`).
+:mod:`toe.bench`).
 
 - ``toe-bench op``    the operator vs the plain loop-based reference (DeiT-T/S/B token shapes, every stage, k)
 - ``toe-bench step``  train-step throughput of every ToE stage vs full tokens, next to the analytic FLOP ratio
@@ -23,7 +23,7 @@ from toe.cli.args import kept_rate, non_negative_int, positive_float, positive_i
 
 
 def _parser() -> argparse.ArgumentParser:
-    from toe.bench.benchmarks import DEIT, STEP_METHODS
+    from toe.bench.step import DEIT, STEP_METHODS
 
     parser = argparse.ArgumentParser(prog="toe-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,19 +125,10 @@ def _run_reporting_config_errors(parser: argparse.ArgumentParser, work: Callable
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from toe.bench.benchmarks import (
-        OpSettings,
-        StepSettings,
-        bench_e2e,
-        bench_flops,
-        bench_op,
-        bench_step,
-        bench_train,
-        default_flops_table,
-        flops_markdown,
-        markdown,
-        settings_from,
-    )
+    from toe.bench.flops import bench_flops, default_flops_table, flops_markdown
+    from toe.bench.step import OpSettings, StepSettings, bench_op, bench_step, settings_from
+    from toe.bench.timing import markdown
+    from toe.bench.train import bench_e2e, bench_train
     from toe.ops.schedule import ExpansionSchedule
 
     parser = _parser()
@@ -241,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             f" train FLOP ratio {ratios['flop_ratio']:.3f}"
         )
     elif args.command == "capacity":
-        from toe.bench.benchmarks import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity, deit_s_stage1_flop_ratio
+        from toe.bench.capacity import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity
+        from toe.bench.flops import deit_s_stage1_flop_ratio
 
         gpu = args.gpu_img_per_s or PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
         if gpu <= 0 or (args.stage1_speedup is not None and args.stage1_speedup <= 0):

@@ -136,7 +136,7 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
     except ValueError as err:
         hint = (
             f" (the stage split of {args.epochs} epoch(s): give more --epochs or --stage-starts)"
-            if "expansion_steps" in str(err)
+            if "stage_starts" in str(err)
             else ""
         )
         parser.error(f"{err}{hint}")
@@ -147,11 +147,11 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
                 f"a train-FLOP speed-up of {target:.3g}x cannot be reached with {mode}: the nearest plan "
                 f"gives {reached:.3g}x (change the split, the kept rates or the epochs)"
             )
-    if schedule.expansion_steps[-1] >= args.epochs:
+    if schedule.stage_starts[-1] >= args.epochs:
         parser.error(
-            f"--stage-starts {list(schedule.expansion_steps)}: the last stage starts after --epochs {args.epochs}"
+            f"--stage-starts {list(schedule.stage_starts)}: the last stage starts after --epochs {args.epochs}"
         )
-    spent = stage_epochs(schedule.expansion_steps, args.epochs)
+    spent = stage_epochs(schedule.stage_starts, args.epochs)
     matches = match_stages(shape, schedule, attention)
     stages = [
         {
@@ -167,7 +167,7 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
             "tome_r": m.merge_r,
             "tome_gflops": m.merge_macs / 1e9,
         }
-        for m, start, e, rate in zip(matches, schedule.expansion_steps, spent, schedule.keep_rates)
+        for m, start, e, rate in zip(matches, schedule.stage_starts, spent, schedule.keep_rates)
     ]
     return {
         "model": args.model,
@@ -181,7 +181,7 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str,
         "full_train_gflops_per_img": full / 1e9,
         "init_keep_rate": schedule.init_keep_rate,
         "keep_rates": list(schedule.keep_rates),
-        "stage_starts": list(schedule.expansion_steps),
+        "stage_starts": list(schedule.stage_starts),
         "repeats": schedule.repeats,
         "flop_ratio": toe_flop_ratio(shape, schedule, args.epochs, attention),
         "stages": stages,
@@ -244,7 +244,7 @@ def measure(args: argparse.Namespace, result: Dict[str, Any]) -> List[Dict[str, 
     """Predicted and measured speed-up per stage, from ``toe-bench step`` on the plan."""
     import torch
 
-    from toe.bench.benchmarks import StepSettings, bench_step
+    from toe.bench.step import StepSettings, bench_step
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = StepSettings(
@@ -272,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = plan(parser, args)
     print(report(result))
     if args.measure:
-        from toe.bench.benchmarks import markdown
+        from toe.bench.timing import markdown
 
         rows = measure(args, result)
         result["measured"] = rows

@@ -78,7 +78,7 @@ def build_expansion_schedule(cfg: Any, starts: Optional[List[int]] = None, match
     node = cfg.toe
     try:
         return ExpansionSchedule(
-            expansion_steps=starts if starts is not None else stage_start_epochs(cfg),
+            stage_starts=starts if starts is not None else stage_start_epochs(cfg),
             keep_rates=list(node.keep_rates),
             init_keep_rate=node.init_keep_rate,
             repeats=node.repeats,
@@ -88,7 +88,7 @@ def build_expansion_schedule(cfg: Any, starts: Optional[List[int]] = None, match
             merge=node.merge,
         )
     except ValueError as err:
-        if "expansion_steps" in str(err):
+        if "stage_starts" in str(err):
             raise ConfigError(f"schedule.stage_starts={show_value(list(cfg.schedule.stage_starts))}: {err}") from None
         key = next((k for k in ("init_keep_rate", "keep_rates", "repeats") if k in str(err)), "keep_rates")
         raise ConfigError(f"toe.{key}={show_value(plain(node)[key])}: {err}") from None

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toe.config.schema import EXPERIMENT_INPUTS, ConfigError, RunConfig, show_value, typed_config
 from toe.config.stages import SchedulePlan, plan_schedule
+from toe.models.settings import model_settings
 from toe.ops.methods import REDUCTION_NODES
 
 # --- checks that types cannot express ----------------------------------------------------------------------------
@@ -196,14 +197,7 @@ def check_model(cfg: DictConfig, plan: "SchedulePlan") -> Any:
             "sets it itself (the curriculum's changing resolution); leave it out"
         )
     extra = {"dynamic_img_size": True} if plan.phases else {}
-    settings = dict(
-        num_classes=cfg.data.num_classes or 2,
-        img_size=cfg.model.img_size,
-        patch_size=cfg.model.patch_size,
-        drop_path_rate=cfg.model.drop_path,
-        **kwargs,
-        **extra,
-    )
+    settings = model_settings(cfg.model, cfg.data.num_classes or 2, kwargs, **extra)
     try:
         try:
             with torch.device("meta"):

@@ -119,12 +119,12 @@ def toe_flop_ratio(shape: ViTShape, schedule: ExpansionSchedule, epochs: int, at
     """Full-token train FLOPs of a run over its train FLOPs under ``schedule`` (epochs before the first stage start
     at full tokens), as ``toe-bench flops`` and the paper's speed-up count them."""
     full = shape.train_macs_blocks(shape.full_block_tokens(), attention)
-    spent = stage_epochs(schedule.expansion_steps, epochs)
+    spent = stage_epochs(schedule.stage_starts, epochs)
     stage_macs = [
         shape.train_macs_blocks(toe_block_tokens(shape, schedule, s), attention)
         for s in range(1, schedule.num_stages + 1)
     ]
-    before = min(schedule.expansion_steps[0], epochs)  # epochs at full tokens
+    before = min(schedule.stage_starts[0], epochs)  # epochs at full tokens
     spent_macs = full * before + sum(e * m for e, m in zip(spent, stage_macs))
     return full * epochs / spent_macs if epochs else 1.0
 

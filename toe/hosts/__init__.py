@@ -98,7 +98,7 @@ def patch_method(
 
         matches = match_stages(ViTShape.from_model(model), schedule)
         keep_rates, rs = [m.kept_rate for m in matches], [m.merge_r for m in matches]
-    starts = schedule.expansion_steps
+    starts = schedule.stage_starts
     if method == "patchdropout":
         return patch_dropout(model, KeptRateSchedule(starts, tuple(keep_rates)))
     return patch_merging(model, MergeSchedule(starts, tuple(rs)), prop_attn=prop_attn, sparse_eval=sparse_eval)

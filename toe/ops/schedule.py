@@ -36,7 +36,8 @@ class ExpansionSchedule:
     """Stages of Token Expansion and the operator's ablation switches.
 
     Args:
-     - expansion_steps: epoch at which each stage starts (``--expansion-step``); epochs before the first are stage 0.
+     - stage_starts: epoch at which each stage starts (the official code's ``--expansion-step``); epochs before the
+       first are stage 0.
      - keep_rates: kept rate r_1..r_Δ of each stage (``--keep-rate``); a last rate of 1.0 switches ToE off.
      - init_keep_rate: r_0, the share of patch tokens taken as spatial seeds (``--initialization-keep-rate``).
      - repeats: k, sub-steps per stage's expansion (``--expansion-multiple-stage``).
@@ -45,7 +46,7 @@ class ExpansionSchedule:
      - init / expand / merge: ablation switches; the defaults are the official pipeline.
     """
 
-    expansion_steps: Tuple[int, ...] = (0, 100, 200)
+    stage_starts: Tuple[int, ...] = (0, 100, 200)
     keep_rates: Tuple[float, ...] = (0.5, 0.75, 1.0)
     init_keep_rate: float = 0.25
     repeats: int = 2
@@ -56,21 +57,20 @@ class ExpansionSchedule:
     _increments: Tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        steps = tuple(int(s) for s in self.expansion_steps)
+        steps = tuple(int(s) for s in self.stage_starts)
         rates = tuple(float(r) for r in self.keep_rates)
-        object.__setattr__(self, "expansion_steps", steps)
+        object.__setattr__(self, "stage_starts", steps)
         object.__setattr__(self, "keep_rates", rates)
         if not rates:
             raise ValueError("keep_rates is empty: give one kept rate per stage, e.g. [0.5, 0.75, 1.0]")
         if len(steps) != len(rates):
             raise ValueError(
-                f"expansion_steps has {len(steps)} entries but keep_rates has {len(rates)}: "
-                "give one start epoch per stage"
+                f"stage_starts has {len(steps)} entries but keep_rates has {len(rates)}: give one start epoch per stage"
             )
         if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"expansion_steps must be strictly increasing, got {list(steps)}")
+            raise ValueError(f"stage_starts must be strictly increasing, got {list(steps)}")
         if any(s < 0 for s in steps):
-            raise ValueError(f"expansion_steps must be non-negative epochs, got {list(steps)}")
+            raise ValueError(f"stage_starts must be non-negative epochs, got {list(steps)}")
         if any(not 0.0 < r <= 1.0 for r in rates):
             raise ValueError(f"keep_rates must lie in (0, 1], got {list(rates)}")
         if any(b <= a for a, b in zip(rates, rates[1:])):
@@ -95,7 +95,7 @@ class ExpansionSchedule:
 
     def stage_at(self, epoch: int) -> int:
         """Stage of an epoch, ``bisect_right`` over the start epochs as the official code does (0 = before ToE)."""
-        return bisect.bisect_right(self.expansion_steps, epoch)
+        return bisect.bisect_right(self.stage_starts, epoch)
 
     def is_identity(self, stage: int) -> bool:
         """Stage 0 and a last stage with kept rate 1.0 pass all tokens through."""

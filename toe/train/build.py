@@ -6,14 +6,12 @@ create_optimizer_v2 -> ModelEmaV3 -> compile -> DDP -> create_scheduler_v2). ``t
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -23,23 +21,33 @@ from toe.config.stages import SchedulePlan, build_expansion_schedule
 from toe.cost.flops import ViTShape
 from toe.data.augment import (
     BatchAugment,
-    InMemoryImages,
     TensorImages,
-    as_batch,
     cached_images,
-    tensor_pipeline_reasons,
-    tensor_refusal,
     uint8_images,
 )
-from toe.data.datasets import SeededSamples, SeededTransforms, build_datasets, build_transforms
+from toe.data.datasets import SeededSamples, build_datasets, build_transforms
 from toe.data.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 from toe.hosts import patch_method, reduction_op
 from toe.models.pretrained import CheckpointMismatchError, load_pretrained
+from toe.models.settings import model_settings
 from toe.ops.methods import REDUCER_METHOD, REDUCTION_NODES
 from toe.train.distributed import DistInfo, all_reduce_sum
+from toe.train.loaders import (
+    TrainLoaders,
+    available_cores,
+    choose_pipeline,
+    collate_settings,
+    loader_settings,
+    own_generator,
+    processes_per_node,
+    train_sampler,
+)
 from toe.train.step import StepConfig
 
 log = logging.getLogger(__name__)
+
+
+CACHE_BYTES = 256 * 2**20  # the most a cached evaluation set may take
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -88,15 +96,7 @@ def create_model(cfg: RunConfig, num_classes: int, **extra: Any) -> torch.nn.Mod
     import timm
 
     try:
-        return timm.create_model(
-            cfg.model.name,
-            num_classes=num_classes,
-            img_size=cfg.model.img_size,
-            patch_size=cfg.model.patch_size,
-            drop_path_rate=cfg.model.drop_path,
-            **cfg.model.kwargs,
-            **extra,
-        )
+        return timm.create_model(cfg.model.name, **model_settings(cfg.model, num_classes, cfg.model.kwargs, **extra))
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
     except TypeError as err:  # a keyword the model class does not take
@@ -159,140 +159,6 @@ class Run:
             accumulation=accumulation,
             batch_transform=batch_transform or self.batch_augment,
         )
-
-
-class TrainLoaders:
-    """The training loader for the (micro-batch, RandAugment magnitude) the curriculum asks for, kept while it is
-    asked for. A phase's loader has its own shallow copy of the training set with its own transform, so no
-    loader's transform changes under it (or under its workers)."""
-
-    def __init__(
-        self,
-        dataset,
-        sampler,
-        data_config: Dict[str, Any],
-        recipe: RecipeConfig,
-        auto_augment: str,
-        **loader_kwargs: Any,
-    ):
-        self.dataset, self.sampler, self.data_config, self.recipe = dataset, sampler, data_config, recipe
-        self.auto_augment, self.loader_kwargs = auto_augment, loader_kwargs
-        self._loaders: Dict[Tuple[int, Optional[int]], Any] = {}
-
-    def get(self, micro_batch: int, magnitude: Optional[int] = None):
-        """The loader of ``micro_batch`` images per step, with RandAugment at ``magnitude`` (``None``: the
-        recipe's own policy, on the training set itself)."""
-        key = (micro_batch, magnitude)
-        if key not in self._loaders:
-            self._loaders.clear()  # curriculum phases do not come back: let the last one's workers go
-            dataset = self.dataset
-            if magnitude is not None:
-                dataset = copy.copy(self.dataset)
-                dataset.transform = build_transforms(
-                    self.data_config,
-                    dataclasses.replace(self.recipe, auto_augment=self.auto_augment.format(magnitude=magnitude)),
-                )[0]
-            if isinstance(self.sampler, SeededSamples):
-                dataset = SeededTransforms(dataset)
-            self._loaders[key] = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=micro_batch,
-                drop_last=True,
-                sampler=self.sampler,
-                **_collate(dataset),
-                generator=own_generator(),
-                **self.loader_kwargs,
-            )
-        return self._loaders[key]
-
-
-class _EpochSampler(torch.utils.data.RandomSampler):
-    """A RandomSampler whose shuffle is a function of (seed, epoch), like DistributedSampler's: a resumed run
-    draws the same batches as an uninterrupted one."""
-
-    def __init__(self, data_source, seed: int):
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 100_003 + epoch)
-
-
-def own_generator() -> torch.Generator:
-    """A DataLoader's own generator: its iterators draw their workers' base seed from it, not from the global RNG
-    that the training step (the tensor pipeline's crops, dropout, Mixup) draws from, so that how often a loader
-    starts (evaluation every N epochs) does not move the training's draws."""
-    return torch.Generator().manual_seed(0)
-
-
-def _collate(dataset) -> Dict[str, Any]:
-    """Datasets served a batch at a time (``__getitems__`` returning a batch) pass through the DataLoader as they
-    are; a Subset of one too."""
-    inner = getattr(dataset, "dataset", dataset)
-    return {"collate_fn": as_batch} if isinstance(inner, InMemoryImages) else {}
-
-
-CACHE_BYTES = 256 * 2**20  # the most a cached evaluation set may take
-
-
-def available_cores() -> int:
-    """The cores this process may run on (SLURM's and taskset's limits included)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def loader_settings(workers: Any, pipeline: str, device: torch.device, processes_per_node: int) -> Dict[str, Any]:
-    """DataLoader keywords from ``train.workers`` (auto: none for the tensor pipeline, whose loader only indexes
-    memory, nor on a CPU device, whose training uses every core; else this process's share of the cores less one
-    for itself, up to 16), with persistent workers (no respawn per epoch), pinned memory on CUDA and a deeper
-    prefetch there."""
-    if workers == "auto":
-        workers = (
-            0
-            if pipeline == "tensor" or device.type == "cpu"
-            else min(16, max(1, available_cores() // max(1, processes_per_node) - 1))
-        )
-    settings: Dict[str, Any] = {"num_workers": int(workers), "pin_memory": device.type == "cuda"}
-    if workers:
-        settings.update(persistent_workers=True, prefetch_factor=4 if device.type == "cuda" else 2)
-    return settings
-
-
-def choose_pipeline(cfg: RunConfig, in_memory: bool, interpolation: str, plan: SchedulePlan) -> str:
-    """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
-    that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at hand."""
-    reasons = tensor_pipeline_reasons(
-        cfg.recipe, interpolation, cfg.data.name, in_memory, bool(plan.phases), bool(cfg.token_label.root)
-    )
-    if cfg.train.pipeline == "tensor" and reasons:  # validate() refuses this before the data is read
-        raise ConfigError(tensor_refusal(reasons))
-    return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
-
-
-def _processes_per_node(info: DistInfo) -> int:
-    import os
-
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):  # torchrun; SLURM
-        value = os.environ.get(name, "")
-        if value.split("(")[0].isdigit():
-            return int(value.split("(")[0])
-    return info.world_size
-
-
-def _train_sampler(dataset, cfg: RunConfig, info: DistInfo):
-    if not info.enabled:
-        return _EpochSampler(dataset, cfg.seed)
-    if cfg.recipe.repeated_aug:
-        from timm.data.distributed_sampler import RepeatAugSampler
-
-        return RepeatAugSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
-    return torch.utils.data.DistributedSampler(
-        dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
 
 
 def apply_token_reduction(model: torch.nn.Module, cfg: RunConfig, plan: SchedulePlan) -> None:
@@ -426,12 +292,12 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    sampler = _train_sampler(train_set, cfg, info)
+    sampler = train_sampler(train_set, cfg, info)
     if (
         pipeline == "pil"
     ):  # timm's per-image transforms: their draws seeded per sample (toe.data.datasets.SeededSamples)
         sampler = SeededSamples(sampler, cfg.seed, info.rank)
-    loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, _processes_per_node(info))
+    loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, processes_per_node(info))
     log.info(
         "data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)",
         loader_kwargs["num_workers"],
@@ -456,7 +322,7 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
         val_shard,
         batch_size=local_batch,
         shuffle=False,
-        **_collate(val_shard),
+        **collate_settings(val_shard),
         generator=own_generator(),
         **loader_kwargs,
     )

@@ -1,6 +1,6 @@
 """What the epoch loop of :mod:`toe.train.task` calls at each epoch's start and end, one small object per concern:
 
-- :class:`EpochInputs` (start of an epoch): the ToE stage of the model and its EMA, the EfficientTrain phase (its
+- :class:`EpochSetup` (start of an epoch): the ToE stage of the model and its EMA, the EfficientTrain phase (its
   loader, resolution and gradient accumulation), and the tokens and train FLOPs per image that follow from them;
 - :class:`Evaluator` (end of an epoch): val top-1/top-5 of the model and of its EMA on full tokens, when due;
 - :func:`epoch_row`: the epoch's line of the run record from the above and the step's result;
@@ -44,7 +44,7 @@ class EpochSetting:
     macs_per_image_linear: float  # the same without the attention matmuls
 
 
-class EpochInputs:
+class EpochSetup:
     """The ToE stage and the curriculum phase of each epoch, set on the run at the epoch's start."""
 
     def __init__(self, run: Any):
@@ -153,7 +153,7 @@ def epoch_row(
 
 def train_epoch(
     run: Any,
-    inputs: EpochInputs,
+    setup: EpochSetup,
     evaluator: Evaluator,
     epoch: int,
     num_updates: int,
@@ -163,7 +163,7 @@ def train_epoch(
     """Epoch ``epoch`` of ``run``: its stage and phase set, trained, the LR scheduler stepped, evaluated when due.
     Returns the record's row (``last``: the previous epoch's, for the running totals) and the optimizer updates
     made so far."""
-    setting = inputs.start(epoch)
+    setting = setup.start(epoch)
     step = run.step_config(setting.accumulation, setting.batch_transform)
     result = train_one_epoch(
         run.net, setting.loader, step, num_updates, progress, desc=f"epoch {epoch + 1}/{run.plan.epochs}"

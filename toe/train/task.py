@@ -27,7 +27,7 @@ from toe.data.datasets import DataRootError
 from toe.train.build import Run, build_run, resolve_device
 from toe.train.checkpoint import Progress, TrainState, load_checkpoint
 from toe.train.distributed import cleanup, gather_objects, init_distributed
-from toe.train.epoch import EpochInputs, Evaluator, train_epoch
+from toe.train.epoch import EpochSetup, Evaluator, train_epoch
 from toe.train.lock import locked
 from toe.train.record import (
     CHECKPOINT_FILE,
@@ -171,11 +171,11 @@ def _fit(
         dict(plain_cfg, overrides=overrides), progress.wandb_id, name=f"{cfg.method_name}-{cfg.model.name}-s{cfg.seed}"
     )
     bar = info.is_main and (sys.stderr.isatty() if cfg.train.progress == "auto" else bool(cfg.train.progress))
-    inputs, evaluator, epochs = EpochInputs(run), Evaluator(run, cfg.train.eval_every, bar), run.plan.epochs
+    setup, evaluator, epochs = EpochSetup(run), Evaluator(run, cfg.train.eval_every, bar), run.plan.epochs
     wall_before = progress.wall_seconds
     progress.startup_seconds += time.time() - started_at
     for epoch in range(progress.epoch, epochs):
-        row, num_updates = train_epoch(run, inputs, evaluator, epoch, progress.num_updates, progress.last, bar)
+        row, num_updates = train_epoch(run, setup, evaluator, epoch, progress.num_updates, progress.last, bar)
         progress.history.append(row)
         progress.epoch, progress.num_updates = epoch + 1, num_updates
         progress.wall_seconds = wall_before + time.time() - started_at

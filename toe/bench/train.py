@@ -1,0 +1,184 @@
+"""``toe-bench e2e`` and ``toe-bench train``: toe-train's own runs timed, built in this process from toe-train's
+overrides."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, List
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from toe.bench.timing import measure
+from toe.hosts import expansion_op
+from toe.ops.tokens import tokens_after_first_block
+
+
+class _FirstBatches:
+    """The first ``count`` batches of ``batches`` (a loader or a list), with a length, as train_one_epoch wants."""
+
+    def __init__(self, batches: Any, count: int):
+        self.batches, self.count = batches, count
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.batches))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), len(self))
+
+
+def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str, Any]]:
+    """Where the time of a real run goes, per ToE stage (stage 0: full tokens), side by side in one process.
+
+    The run is built as ``toe-train <overrides>`` builds it (its data, augmentations, model, optimizer, EMA, Mixup),
+    then timed over ``batches`` batches: the train loader alone, the train step alone on batches already on the
+    device, and the loop end to end (loader and step together). The slower of the first two bounds the run. On
+    the PIL pipeline the loader decodes and augments; on the tensor pipeline it only indexes, and the augmentation
+    runs in the step, on the device (``pipeline`` column).
+    """
+    from toe.train.epoch import block_tokens
+    from toe.train.step import train_one_epoch
+
+    _, run = _config_and_run(overrides)
+    op = expansion_op(run.model)
+    stages = range(0, op.schedule.num_stages + 1) if op is not None else [0]
+    step = run.step_config()
+    on_device = [
+        (inputs.to(run.device), targets.to(run.device) if torch.is_tensor(targets) else targets)
+        for inputs, targets in _FirstBatches(run.train_loader, batches)
+    ]
+    images = sum(inputs.shape[0] for inputs, _ in on_device)  # every pass below sees these many (drop_last)
+
+    def images_per_second(fn: Callable[[], Any]) -> float:
+        return images / measure(fn, run.device, warmup, 1)["median"]
+
+    loader_rate = images_per_second(lambda: list(_FirstBatches(run.train_loader, batches)))
+    rows = []
+    for stage in stages:
+        if op is not None:
+            op.stage = stage
+        run.model.train()
+        step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0))
+        loop_rate = images_per_second(
+            lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches), step, 0)
+        )
+        tokens = block_tokens(run.model, run.shape)
+        rows.append(
+            {
+                "stage": stage,
+                "tokens": tokens_after_first_block(tokens),
+                "pipeline": run.pipeline,
+                "loader_img_per_s": loader_rate,
+                "step_img_per_s": step_rate,
+                "loop_img_per_s": loop_rate,
+                "bound_by": "loader" if loader_rate < step_rate else "step",
+                "loop_vs_bound": loop_rate / min(loader_rate, step_rate),
+                "step_speedup": step_rate / rows[0]["step_img_per_s"] if rows else 1.0,
+                "loop_speedup": loop_rate / rows[0]["loop_img_per_s"] if rows else 1.0,
+                "flop_ratio": run.shape.train_macs() / run.shape.train_macs_blocks(tokens),
+            }
+        )
+    return rows
+
+
+def _config_and_run(overrides: List[str]) -> Any:
+    """The config and the run ``toe-train <overrides>`` would train (without W&B), built in this process."""
+    from toe.config.compose import compose_config
+    from toe.config.schema import typed_config
+    from toe.config.validate import validate
+    from toe.train.build import build_run
+    from toe.train.distributed import DistInfo
+
+    cfg = compose_config(["logger=none", *overrides])
+    plan = validate(cfg)
+    cfg = typed_config(cfg)
+    return cfg, build_run(cfg, plan, DistInfo())
+
+
+def bench_train(overrides: List[str], against: List[str], progress: bool = False) -> Dict[str, Any]:
+    """Train ``toe-train <overrides>`` and ``toe-train <overrides> <against>`` (the baseline: ``method=baseline``)
+    whole, in one process, an epoch of one then an epoch of the other, so that a machine whose speed drifts from
+    minute to minute (a shared host's CPU) slows both alike; separate commands run minutes apart cannot be
+    compared closer than that drift.
+
+    Each run keeps its own RNG state between its epochs, so each trains exactly as it would alone (same crops,
+    same shuffles, same final accuracy as ``toe-train``). Returns per run the train and eval seconds, the final
+    top-1 (model and EMA) and the train FLOPs, per ToE stage of the first run the seconds of both over its epochs,
+    and the speed-ups.
+    """
+    from toe.config.schema import ConfigError
+    from toe.train.checkpoint import capture_rng, restore_rng
+    from toe.train.epoch import EpochSetup, Evaluator, train_epoch
+
+    runs = []
+    for name, extra in (("run", overrides), ("against", [*overrides, *against])):
+        cfg, run = _config_and_run(extra)
+        runs.append(
+            {
+                "name": name,
+                "overrides": extra,
+                "run": run,
+                "rng": capture_rng(),
+                "setup": EpochSetup(run),
+                "evaluator": Evaluator(run, cfg.train.eval_every, False),
+                "rows": [],
+                "num_updates": 0,
+            }
+        )
+    epochs = runs[0]["run"].plan.epochs
+    if runs[1]["run"].plan.epochs != epochs:
+        raise ConfigError(f"the two runs train {epochs} and {runs[1]['run'].plan.epochs} epochs: give both the same")
+    for epoch in tqdm(range(epochs), desc="epochs (both runs)", disable=not progress):
+        for entry in runs:
+            restore_rng(entry["rng"])
+            row, entry["num_updates"] = train_epoch(
+                entry["run"],
+                entry["setup"],
+                entry["evaluator"],
+                epoch,
+                entry["num_updates"],
+                entry["rows"][-1] if entry["rows"] else None,
+            )
+            entry["rng"] = capture_rng()
+            entry["rows"].append(row)
+    totals, frames = [], []
+    for entry in runs:
+        last = entry["rows"][-1]
+        totals.append(
+            {
+                "run": entry["name"],
+                "overrides": " ".join(entry["overrides"]) or "(toe-train defaults)",
+                "train_seconds": last.train_seconds_total,
+                "eval_seconds": sum(row.eval_seconds for row in entry["rows"]),
+                "final_top1": last.val_top1,
+                "final_ema_top1": last.ema_top1,
+                "final_loss": last.train_loss,
+                "train_flops": last.train_flops_total,
+            }
+        )
+        frame = pd.DataFrame([row.to_dict() for row in entry["rows"]])
+        frames.append(frame.assign(train_flops=frame.train_flops_total.diff().fillna(frame.train_flops_total)))
+    first, second = frames
+    stages = []
+    for stage, epochs_of_stage in first.groupby("stage", sort=True):
+        other = second.loc[epochs_of_stage.index]
+        stages.append(
+            {
+                "stage": stage,
+                "tokens": int(epochs_of_stage.tokens_after_first_block.iloc[0]),
+                "epochs": len(epochs_of_stage),
+                "seconds": epochs_of_stage.epoch_seconds.sum(),
+                "against_seconds": other.epoch_seconds.sum(),
+                "speedup": other.epoch_seconds.sum() / epochs_of_stage.epoch_seconds.sum(),
+                "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum(),
+            }
+        )
+    run_total, against_total = totals
+    ratios = {
+        "train_speedup": against_total["train_seconds"] / run_total["train_seconds"],
+        "train_and_eval_speedup": (against_total["train_seconds"] + against_total["eval_seconds"])
+        / (run_total["train_seconds"] + run_total["eval_seconds"]),
+        "flop_ratio": against_total["train_flops"] / run_total["train_flops"],
+    }
+    return {"runs": totals, "stages": stages, "ratios": ratios}
