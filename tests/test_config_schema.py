@@ -36,6 +36,15 @@ BAD_CONFIGS = [
         "train.pipeline=tensor cannot run this run: recipe.auto_augment=rand-m9-mstd0.5-inc1",
     ),
     (["train.pipeline=tensor", "data=imagefolder", "data.root=/nonexistent"], "data=imagefolder is read from files"),
+    (
+        ["model.name=eva02_tiny_patch14_224"],
+        "model.name=eva02_tiny_patch14_224: method=toe cannot reduce the tokens of eva02_tiny_patch14_224 (Eva): "
+        "its blocks use rotary position embeddings",
+    ),
+    (
+        ["method=tome", "model.name=beit_base_patch16_224"],
+        "model.name=beit_base_patch16_224: method=tome cannot reduce the tokens of beit_base_patch16_224 (Beit)",
+    ),
     (["token_label.root=/tmp"], "token_label.root is set, but model.name=vit_tiny_patch16_224 has no dense head"),
     (["recipe.mixup=0.8", "recipe.batch_size=63"], "recipe.batch_size=63 with recipe.mixup=0.8"),
     (["recipe.scale=[1.0,0.5]"], "recipe.scale=[1.0,0.5]: the crop's area share as [low, high]"),
@@ -125,6 +134,8 @@ def test_a_bad_config_is_refused_in_one_line_naming_the_key(overrides, message):
         ["method=baseline", "schedule.epochs=2"],
         ["method=baseline", "schedule.epochs=1"],
         ["model.patch_size=16"],
+        # full tokens train any timm ViT, rotary embeddings included
+        ["method=baseline", "model.name=eva02_tiny_patch14_224"],
     ],
 )
 def test_good_configs_are_accepted(overrides):

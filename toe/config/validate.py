@@ -230,12 +230,19 @@ def check_model(cfg: DictConfig, plan: "SchedulePlan") -> Any:
 
 
 def _check_model_needs(cfg: DictConfig, model: Any, plan: "SchedulePlan") -> None:
-    """What the model and the settings around it need of each other: token labels a dense head, a forced tensor
-    pipeline what it can run (the model gives the interpolation the recipe leaves to it)."""
+    """What the model and the settings around it need of each other: a token reducer blocks it can reduce tokens in,
+    token labels a dense head, a forced tensor pipeline what it can run (the model gives the interpolation the recipe
+    leaves to it)."""
     from timm.data import resolve_model_data_config
 
     from toe.data.augment import IN_MEMORY_DATASETS, tensor_pipeline_reasons, tensor_refusal
+    from toe.hosts import check_host
 
+    if any(cfg[node].enabled for node in REDUCTION_NODES) and getattr(model, "blocks", None) is not None:
+        try:  # a model whose blocks need each token's place on the grid (rotary, relative bias, XCiT)
+            check_host(model, f"method={cfg.method_name}")
+        except TypeError as err:
+            raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
     if cfg.token_label.root and not hasattr(model, "drop_dense_head"):
         raise ConfigError(
             f"token_label.root is set, but model.name={cfg.model.name} has no dense head: token "

@@ -32,10 +32,32 @@ def hosts() -> List[Tuple[Type[nn.Module], ModuleType]]:
 
 
 def _host(model: nn.Module, method: str) -> ModuleType:
+    check_host(model, method)
+    return next(module for host, module in hosts() if isinstance(model, host))
+
+
+def model_name(model: nn.Module) -> str:
+    """timm's name of ``model`` (its pretrained config's architecture), else its class."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+
+def check_host(model: nn.Module, method: str) -> None:
+    """Refuse, in one line naming the model, the part and why, a model that ``method`` (ToE, Token Merging,
+    PatchDropout) cannot reduce tokens in: fewer than two blocks, or blocks that depend on each token's place on
+    the patch grid (rotary embeddings, relative position biases, XCiT's local patch interaction), which toe does
+    not yet hand the kept tokens' positions."""
+    from toe.hosts.timm import position_parts
+
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) < 2:
         raise TypeError(f"{method} needs a vision transformer with at least two `blocks`; got {type(model).__name__}")
-    return next(module for host, module in hosts() if isinstance(model, host))
+    part = position_parts(model)
+    if part is not None:
+        raise TypeError(
+            f"{method} cannot reduce the tokens of {model_name(model)} ({type(model).__name__}): its blocks use "
+            f"{part}, which needs every token's place on the grid after the first block; toe reduces tokens in "
+            "ViTs whose positions are added before the first block (timm's VisionTransformer, DeiT, CaiT, LV-ViT)"
+        )
 
 
 def _prefix(model: nn.Module) -> int:
@@ -90,6 +112,8 @@ def patch_method(
     train FLOPs match ``schedule``'s stage by stage (:func:`toe.cost.plan.match_stages`)."""
     if method == "toe":
         return patch(model, schedule, sparse_eval=sparse_eval)
+    if method in METHODS:
+        check_host(model, {"patchdropout": "PatchDropout", "tome": "Token Merging"}[method])
     if method not in METHODS:
         raise ValueError(f"unknown token-reduction method {method!r}: expected one of {', '.join(METHODS)}")
     if (keep_rates if method == "patchdropout" else rs) is None:

@@ -21,6 +21,26 @@ from toe.ops.merging import TokenMerging
 from toe.ops.patch_dropout import ScheduledPatchDropout
 
 
+def position_parts(model: nn.Module) -> Optional[str]:
+    """What in ``model``'s blocks depends on where each token sits on the patch grid, in words (``None`` for a plain
+    ViT, whose position embedding is added before the first block): a token reducer that keeps a subset after the
+    first block must hand those parts the kept tokens' positions, or the whole grid."""
+    blocks = list(getattr(model, "blocks", []))
+    if getattr(model, "rope", None) is not None:  # timm's Eva: EVA-02, PE; rotary embeddings passed to every block
+        return "rotary position embeddings (model.rope), applied in every block's attention"
+    if getattr(model, "rel_pos_bias", None) is not None or any(
+        getattr(getattr(b, "attn", None), "relative_position_bias_table", None) is not None for b in blocks
+    ):  # BEiT, BEiTv2
+        return "a relative position bias over the whole patch grid in every block's attention"
+    if getattr(model, "shared_rel_pos", None) is not None or any(
+        getattr(getattr(b, "attn", None), "rel_pos", None) is not None for b in blocks
+    ):  # vit_relpos_*, vit_srelpos_*
+        return "a relative position bias (rel_pos) over the whole patch grid in every block's attention"
+    if any(hasattr(b, "local_mp") for b in blocks):  # XCiT
+        return "local patch interaction (a depth-wise convolution over the H x W token grid) in every block"
+    return None
+
+
 class ExpandAfterBlock(nn.Module):
     """Mixin for the host's block: Token Expansion on its output tokens.
 
