@@ -3,7 +3,9 @@
 ``conf/train.yaml`` starts its defaults list with ``toe_schema``, so Hydra composes every option file onto these
 types: an unknown key or a value of the wrong type is refused while the config is composed. What types cannot say
 (ranges, choices, an image size the patch size must divide, a device that must exist) is checked by
-:func:`validate` right after, before anything is written; the sweep check runs the same function for every job.
+:func:`toe.config.validate.validate` right after, before anything is written; the sweep check runs the same function
+for every job. The ranges and choices are field metadata here, read by that check, because OmegaConf's structured
+configs check types only (they have no value validators).
 
 The values live in the YAML files, never here (every field is ``???`` until a config sets it): this module holds
 types, ranges and choices only.
