@@ -185,7 +185,11 @@ def _wait_for(path: Path, timeout: float = 240) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_run_says_interrupted_and_a_rerun_finishes_it(tmp_path, sig):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(_cli(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    # 8 epochs: the signal must find the run still training after its first checkpoint (3 could all end first)
+    longer = ("schedule.epochs=8", "schedule.length=8")
+    proc = subprocess.Popen(
+        _cli(tmp_path, *longer), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+    )
     _wait_for(tmp_path / "checkpoint.pth")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -195,8 +199,8 @@ def test_a_signalled_run_says_interrupted_and_a_rerun_finishes_it(tmp_path, sig)
     summary = _summary(tmp_path)
     assert summary["status"] == "interrupted" and summary["epochs"] >= 1, err[-2000:]
     assert not (tmp_path / LOCK_FILE).exists()
-    subprocess.run(_cli(tmp_path), check=True, capture_output=True, env=env, timeout=300)
-    assert _summary(tmp_path)["status"] == "completed" and _epochs(tmp_path) == [0, 1, 2]
+    subprocess.run(_cli(tmp_path, *longer), check=True, capture_output=True, env=env, timeout=300)
+    assert _summary(tmp_path)["status"] == "completed" and _epochs(tmp_path) == list(range(8))
 
 
 @pytest.mark.slow
