@@ -111,8 +111,12 @@ POSITION_DEPENDENT = [case for case in POSITION_DEPENDENT if timm.is_model(case[
 def test_a_model_whose_blocks_need_token_positions_is_refused_in_one_line_naming_it_and_the_part(name, part, method):
     """Before any class is swapped: the model stays as it was, and the error names the model, the part and why
     (these crashed on a tensor-size mismatch in the second block before)."""
-    with torch.device("meta"):  # the architecture is all that the check reads
-        model = timm.create_model(name)
+    try:
+        with torch.device("meta"):  # the architecture is all that the check reads
+            model = timm.create_model(name)
+    except RuntimeError as err:  # timm 1.0.15's init calls .item() on its drop-path rates: a real, shallow one
+        assert "meta" in str(err), err
+        model = timm.create_model(name, depth=2)
     classes = {type(m) for m in model.modules()}
     pattern = rf"cannot reduce the tokens of {name} \(\w+\): its blocks use (a )?{re.escape(part)}"
     with pytest.raises(TypeError, match=pattern) as err:
