@@ -85,14 +85,11 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
 def _config_and_run(overrides: List[str]) -> Any:
     """The config and the run ``toe-train <overrides>`` would train (without W&B), built in this process."""
     from toe.config.compose import compose_config
-    from toe.config.schema import typed_config
-    from toe.config.validate import validate
+    from toe.config.validate import checked_config
     from toe.train.build import build_run
     from toe.train.distributed import DistInfo
 
-    cfg = compose_config(["logger=none", *overrides])
-    plan = validate(cfg)
-    cfg = typed_config(cfg)
+    cfg, plan = checked_config(compose_config(["logger=none", *overrides]))
     return cfg, build_run(cfg, plan, DistInfo())
 
 

@@ -238,7 +238,7 @@ def _check_model_needs(cfg: DictConfig, model: Any, plan: "SchedulePlan") -> Non
     from toe.data.augment import IN_MEMORY_DATASETS, tensor_pipeline_reasons, tensor_refusal
     from toe.hosts import check_host
 
-    if any(cfg[node].enabled for node in REDUCTION_NODES) and getattr(model, "blocks", None) is not None:
+    if any(cfg[node].enabled for node in REDUCTION_NODES):  # check_model made sure the model has blocks
         try:  # a model whose blocks need each token's place on the grid (rotary, relative bias, XCiT)
             check_host(model, f"method={cfg.method_name}")
         except TypeError as err:

@@ -60,6 +60,10 @@ def check_host(model: nn.Module, method: str) -> None:
         )
 
 
+# how errors name each method's patch
+LABELS = {"toe": "toe.patch", "patchdropout": "PatchDropout", "tome": "Token Merging"}
+
+
 def _prefix(model: nn.Module) -> int:
     return int(getattr(model, "num_prefix_tokens", 1))
 
@@ -71,7 +75,7 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
     ``VisionTransformer`` or an LV-ViT. Patching twice replaces the schedule. Drive the stage with
     :func:`set_epoch`; evaluation uses all tokens unless ``sparse_eval``.
     """
-    host = _host(model, "toe.patch")
+    host = _host(model, LABELS["toe"])
     host.apply(model, TokenExpansion(schedule, num_prefix_tokens=_prefix(model), sparse_eval=sparse_eval))
     return model
 
@@ -82,7 +86,7 @@ def patch_merging(
     """Token Merging (ToMe) in every block of ``model``, in place: ``r`` tokens per block per stage of
     ``schedule``, size-weighted attention with ``prop_attn``; evaluation uses all tokens unless ``sparse_eval``.
     Drive the stage with :func:`set_epoch`. At ``r = 0`` the model computes what the unpatched one does."""
-    host = _host(model, "Token Merging")
+    host = _host(model, LABELS["tome"])
     host.apply_merging(model, TokenMerging(schedule, _prefix(model), prop_attn=prop_attn, sparse_eval=sparse_eval))
     return model
 
@@ -90,7 +94,7 @@ def patch_merging(
 def patch_dropout(model: nn.Module, schedule: KeptRateSchedule) -> nn.Module:
     """A :class:`toe.ops.patch_dropout.ScheduledPatchDropout` before the first block of ``model``, in place (timm's
     ViTs: their ``patch_drop`` slot, after the position embedding); drive it with :func:`set_epoch`."""
-    host = _host(model, "PatchDropout")
+    host = _host(model, LABELS["patchdropout"])
     host.apply_patch_dropout(model, ScheduledPatchDropout(schedule, num_prefix_tokens=_prefix(model)))
     return model
 
@@ -112,13 +116,13 @@ def patch_method(
     train FLOPs match ``schedule``'s stage by stage (:func:`toe.cost.plan.match_stages`)."""
     if method == "toe":
         return patch(model, schedule, sparse_eval=sparse_eval)
-    if method in METHODS:
-        check_host(model, {"patchdropout": "PatchDropout", "tome": "Token Merging"}[method])
     if method not in METHODS:
         raise ValueError(f"unknown token-reduction method {method!r}: expected one of {', '.join(METHODS)}")
     if (keep_rates if method == "patchdropout" else rs) is None:
         from toe.cost.flops import ViTShape
         from toe.cost.plan import match_stages
+
+        check_host(model, LABELS[method])  # the matching reads the model's shape before the patch checks it
 
         matches = match_stages(ViTShape.from_model(model), schedule)
         keep_rates, rs = [m.kept_rate for m in matches], [m.merge_r for m in matches]

@@ -290,8 +290,7 @@ def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema:
     from timm.models import clean_state_dict
 
     from toe.config.compose import compose_config
-    from toe.config.schema import typed_config
-    from toe.config.validate import validate
+    from toe.config.validate import checked_config
     from toe.data.datasets import build_datasets
     from toe.train.build import apply_token_reduction, create_model
     from toe.train.checkpoint import load_checkpoint
@@ -304,8 +303,7 @@ def load_model(run_dir: Optional[Path], overrides: Optional[List[str]], use_ema:
             raise FileNotFoundError(f"{run_dir}: no {CONFIG_FILE} (not a toe-train run dir)")
         # the run's resolved config over today's defaults: a run written before a key existed gets its default
         cfg = OmegaConf.merge(cfg, OmegaConf.load(config))
-    plan = validate(cfg, devices=False)
-    cfg = typed_config(cfg)
+    cfg, plan = checked_config(cfg, devices=False)
     train_set, val_set = build_datasets(cfg)
     model = create_model(cfg, cfg.data.num_classes or len(train_set.classes))
     apply_token_reduction(model, cfg, plan)
