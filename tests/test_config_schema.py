@@ -37,13 +37,13 @@ BAD_CONFIGS = [
     ),
     (["train.pipeline=tensor", "data=imagefolder", "data.root=/nonexistent"], "data=imagefolder is read from files"),
     (
-        ["model.name=eva02_tiny_patch14_224"],
-        "model.name=eva02_tiny_patch14_224: method=toe cannot reduce the tokens of eva02_tiny_patch14_224 (Eva): "
-        "its blocks use rotary position embeddings",
+        ["model.name=xcit_nano_12_p16_224", "model.patch_size=16"],
+        "model.name=xcit_nano_12_p16_224: method=toe cannot reduce the tokens of xcit_nano_12_p16_224 (Xcit): "
+        "its blocks use local patch interaction",
     ),
     (
-        ["method=tome", "model.name=beit_base_patch16_224"],
-        "model.name=beit_base_patch16_224: method=tome cannot reduce the tokens of beit_base_patch16_224 (Beit)",
+        ["method=tome", "model.name=xcit_nano_12_p16_224", "model.patch_size=16"],
+        "model.name=xcit_nano_12_p16_224: method=tome cannot reduce the tokens of xcit_nano_12_p16_224 (Xcit)",
     ),
     (["token_label.root=/tmp"], "token_label.root is set, but model.name=vit_tiny_patch16_224 has no dense head"),
     (["recipe.mixup=0.8", "recipe.batch_size=63"], "recipe.batch_size=63 with recipe.mixup=0.8"),
@@ -134,8 +134,11 @@ def test_a_bad_config_is_refused_in_one_line_naming_the_key(overrides, message):
         ["method=baseline", "schedule.epochs=2"],
         ["method=baseline", "schedule.epochs=1"],
         ["model.patch_size=16"],
-        # full tokens train any timm ViT, rotary embeddings included
+        # full tokens train any timm ViT; every reducer hands rotary embeddings and relative biases their positions
         ["method=baseline", "model.name=eva02_tiny_patch14_224"],
+        ["model.name=eva02_tiny_patch14_224"],
+        ["method=tome", "model.name=beit_base_patch16_224"],
+        ["method=patchdropout", "model.name=vit_relpos_small_patch16_224"],
     ],
 )
 def test_good_configs_are_accepted(overrides):

@@ -43,20 +43,20 @@ def model_name(model: nn.Module) -> str:
 
 def check_host(model: nn.Module, method: str) -> None:
     """Refuse, in one line naming the model, the part and why, a model that ``method`` (ToE, Token Merging,
-    PatchDropout) cannot reduce tokens in: fewer than two blocks, or blocks that depend on each token's place on
-    the patch grid (rotary embeddings, relative position biases, XCiT's local patch interaction), which toe does
-    not yet hand the kept tokens' positions."""
+    PatchDropout) cannot reduce tokens in: fewer than two blocks, or blocks that need the whole token grid (XCiT's
+    convolution over it). Rotary embeddings and relative position biases are no reason: every method hands them
+    the kept tokens' positions (:mod:`toe.hosts.positions`)."""
     from toe.hosts.timm import position_parts
 
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) < 2:
         raise TypeError(f"{method} needs a vision transformer with at least two `blocks`; got {type(model).__name__}")
     part = position_parts(model)
-    if part is not None:
+    if part is not None and any(hasattr(b, "local_mp") for b in blocks):
         raise TypeError(
             f"{method} cannot reduce the tokens of {model_name(model)} ({type(model).__name__}): its blocks use "
-            f"{part}, which needs every token's place on the grid after the first block; toe reduces tokens in "
-            "ViTs whose positions are added before the first block (timm's VisionTransformer, DeiT, CaiT, LV-ViT)"
+            f"{part}, which needs the whole token grid in every block; toe hands the kept tokens' positions to "
+            "rotary embeddings and relative position biases, not to an operation over the grid"
         )
 
 
@@ -68,6 +68,11 @@ def _prefix(model: nn.Module) -> int:
     return int(getattr(model, "num_prefix_tokens", 1))
 
 
+def _like(model: nn.Module, op: nn.Module) -> nn.Module:
+    """``op`` in ``model``'s mode: a model patched in eval mode evaluates with all tokens until ``.train()``."""
+    return op.train(model.training)
+
+
 def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = False) -> nn.Module:
     """Make ``model`` a ToE model in place and return it.
 
@@ -76,7 +81,7 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
     :func:`set_epoch`; evaluation uses all tokens unless ``sparse_eval``.
     """
     host = _host(model, LABELS["toe"])
-    host.apply(model, TokenExpansion(schedule, num_prefix_tokens=_prefix(model), sparse_eval=sparse_eval))
+    host.apply(model, _like(model, TokenExpansion(schedule, num_prefix_tokens=_prefix(model), sparse_eval=sparse_eval)))
     return model
 
 
@@ -87,7 +92,8 @@ def patch_merging(
     ``schedule``, size-weighted attention with ``prop_attn``; evaluation uses all tokens unless ``sparse_eval``.
     Drive the stage with :func:`set_epoch`. At ``r = 0`` the model computes what the unpatched one does."""
     host = _host(model, LABELS["tome"])
-    host.apply_merging(model, TokenMerging(schedule, _prefix(model), prop_attn=prop_attn, sparse_eval=sparse_eval))
+    op = TokenMerging(schedule, _prefix(model), prop_attn=prop_attn, sparse_eval=sparse_eval)
+    host.apply_merging(model, _like(model, op))
     return model
 
 
@@ -95,7 +101,7 @@ def patch_dropout(model: nn.Module, schedule: KeptRateSchedule) -> nn.Module:
     """A :class:`toe.ops.patch_dropout.ScheduledPatchDropout` before the first block of ``model``, in place (timm's
     ViTs: their ``patch_drop`` slot, after the position embedding); drive it with :func:`set_epoch`."""
     host = _host(model, LABELS["patchdropout"])
-    host.apply_patch_dropout(model, ScheduledPatchDropout(schedule, num_prefix_tokens=_prefix(model)))
+    host.apply_patch_dropout(model, _like(model, ScheduledPatchDropout(schedule, num_prefix_tokens=_prefix(model))))
     return model
 
 

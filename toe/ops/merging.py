@@ -119,6 +119,17 @@ def merge_destinations(matching: Matching) -> torch.Tensor:
     return dest
 
 
+@torch.no_grad()
+def merged_positions(positions: torch.Tensor, matching: Matching) -> torch.Tensor:
+    """Token-space positions ``[B, p + n - r]`` (:mod:`toe.ops.positions`) of the merged tokens, in the order
+    :func:`merge_tokens` returns them, from those of its input ``positions [B, p + n]``: a merged token keeps its
+    destination's position (ToMe merges A into B), every other token its own."""
+    p = matching.num_prefix_tokens
+    positions = positions.contiguous()
+    staying = positions.gather(1, matching.unmerged * 2 + p)
+    return torch.cat([positions[:, :p], staying, positions[:, p + 1 :: 2]], dim=1)
+
+
 def unmerge(x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
     """Tokens back at every original position: position ``i`` gets the token ``source[:, i]`` that holds it
     (ToMe's ``unmerge``, for dense heads); ``source`` ``None`` means nothing was merged."""
