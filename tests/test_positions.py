@@ -224,3 +224,37 @@ def test_xcit_whose_blocks_convolve_over_the_grid_is_refused_in_one_line_naming_
         toe.patch_method(model, method, TOE)
     assert "\n" not in str(err.value) and "whole token grid" in str(err.value)
     assert {type(m) for m in model.modules()} == classes
+
+
+@pytest.mark.parametrize("method", [None, "toe", "tome", "patchdropout"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_analytic_macs_of_each_family_are_what_its_linear_layers_and_patch_embedding_compute(name, method):
+    """toe.cost.flops counts each family as a plain ViT (a gated MLP by its own layers), at the token counts each
+    reducer reports; torch's FlopCounterMode measures the model's matmuls and convolutions. Left out on both
+    sides: the attention matmuls (whether CPU's fused attention is counted depends on the torch version) and the
+    relpos bias MLP, which runs once per forward on the grid's offsets, not per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from toe.cost.flops import ViTShape
+
+    model, _ = _pair(name, method) if method else (timm.create_model(name, **CPU_SIZE), None)
+    shape = ViTShape.from_model(model)
+    toe.set_epoch(model, 0)
+    model.train()
+    batch = 2
+    with FlopCounterMode(display=False) as counter:
+        model.forward_features(_images(batch))
+    counts = counter.get_flop_counts()
+    linear = ("aten.mm", "aten.addmm", "aten.convolution")
+    measured = sum(n for op, n in counts["Global"].items() if str(op) in linear)
+    with FlopCounterMode(display=False) as bias_counter:  # the relpos bias MLPs, once each, as in a forward
+        for module in model.modules():
+            if isinstance(module, (timm.layers.pos_embed_rel.RelPosMlp, timm.layers.pos_embed_rel.RelPosBias)):
+                module.get_bias()
+    measured -= sum(n for op, n in bias_counter.get_flop_counts().get("Global", {}).items() if str(op) in linear)
+    op = toe.hosts.reduction_op(model)
+    blocks = op.block_tokens(shape.num_patches, shape.depth) if op is not None else shape.full_block_tokens()
+    analytic = shape.forward_macs_blocks(blocks, attention=False) - shape.embed_dim * shape.num_classes
+    assert measured / (2 * batch) == pytest.approx(analytic, rel=1e-6)
+    if method:
+        assert analytic < shape.forward_macs(attention=False) - shape.embed_dim * shape.num_classes

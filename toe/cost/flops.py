@@ -5,6 +5,13 @@ block with ``t`` tokens, width ``D`` and MLP hidden width ``H``: ``t * (4 D^2 + 
 (``12 t D^2`` at MLP ratio 4) plus ``2 t^2 D`` for the attention matmuls. Patch embedding (with a conv stem such
 as LV-ViT's) and heads (with LV-ViT's dense head on every position) are included; norms and softmax are not. A
 training step costs 3x the forward pass.
+
+The same count holds for the position-dependent families toe reduces (Eva, BEiT, the relpos ViTs). A gated MLP
+(EVA-02's SwiGLU, timm's ``GluMlp``) counts its own linear layers: ``H`` is then the width of a plain MLP with
+the same MACs. Left out, like norms and softmax, because each is elementwise or does not grow with the batch:
+rotary embeddings (a few multiplies per query and key element), adding a relative position bias to the logits,
+the relpos ViTs' bias MLP (run once per forward on the ``(2h - 1)(2w - 1)`` relative offsets, not per image), and
+an attention-pooling head (PE's ``map``: one query over the last block's tokens, about 1 % of a ViT's MACs).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ class ViTShape:
         return cls(
             embed_dim=model.embed_dim,
             depth=len(model.blocks),
-            mlp_hidden=model.blocks[0].mlp.fc1.out_features,
+            mlp_hidden=_mlp_width(model.blocks[0].mlp, model.embed_dim),
             num_patches=num_patches,
             num_prefix_tokens=model.num_prefix_tokens,
             patch_macs=per_patch,
@@ -96,6 +103,14 @@ class ViTShape:
         self, kept_patches: int | None = None, attention: bool = True, first_block_reduced: bool = False
     ) -> float:
         return TRAIN_TO_FORWARD * self.forward_macs(kept_patches, attention, first_block_reduced)
+
+
+def _mlp_width(mlp: nn.Module, embed_dim: int) -> int:
+    """The hidden width of a plain two-layer MLP with ``mlp``'s MACs per token: ``fc1.out_features`` for timm's
+    ``Mlp``; for a gated one (``GluMlp``, ``SwiGLU``: two input projections, one half as wide output) its linear
+    layers' MACs over ``2 D``."""
+    macs = sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+    return round(macs / (2 * embed_dim))
 
 
 def _stem_macs(patch_embed: nn.Module, proj: nn.Module) -> float:
