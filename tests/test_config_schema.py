@@ -77,6 +77,8 @@ BAD_CONFIGS = [
     (["recipe.batch_size=1.5"], "recipe.batch_size=1.5"),
     (["recipe.lr=-1"], "recipe.lr=-1.0: must be > 0"),
     (["recipe.smoothing=1.0"], "recipe.smoothing=1.0"),
+    (["recipe.loss=focal"], "recipe.loss=focal: expected one of"),
+    (["token_label.root=/tmp", "recipe.loss=bce"], "recipe.loss=bce with token_label.root=/tmp"),
     (["recipe.mixup_prob=2"], "recipe.mixup_prob=2.0"),
     (["recipe.opt=adamz"], "recipe.opt=adamz"),
     (["recipe.auto_augment=rand-zz9"], "recipe.auto_augment=rand-zz9"),
@@ -139,10 +141,32 @@ def test_a_bad_config_is_refused_in_one_line_naming_the_key(overrides, message):
         ["model.name=eva02_tiny_patch14_224"],
         ["method=tome", "model.name=beit_base_patch16_224"],
         ["method=patchdropout", "model.name=vit_relpos_small_patch16_224"],
+        # each family's model= options, the published sizes with their recipes
+        ["model=eva_cpu"],
+        ["model=beit_cpu", "method=tome"],
+        ["model=relpos_cpu", "method=patchdropout"],
     ],
 )
 def test_good_configs_are_accepted(overrides):
     assert refusal(overrides) is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=deit3_small", "recipe=deit3"],
+        ["model=eva02_small"],
+        ["model=beit_base", "method=tome"],
+        ["model=relpos_small", "method=patchdropout"],
+        ["experiments=universality", "model=eva02_small", "data.root=/data/imagenet"],
+    ],
+)
+def test_each_familys_published_size_validates_as_its_run_would(overrides):
+    """The model is built on the meta device, so a ViT-B costs nothing here."""
+    with initialize_config_module(config_module="toe.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=none", *overrides])
+    assert cfg.model.img_size == 224
+    validate(cfg)
 
 
 def test_the_operator_settings_are_their_own_group():

@@ -149,3 +149,22 @@ def test_a_checkpoint_of_a_fused_optimizer_resumes_into_one_built_without_the_ke
     torch.nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 1])).backward()
     plain.step()
     assert all(plain.state[p]["step"].item() == 4 for p in model.parameters())
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.8])
+def test_recipe_loss_bce_is_binary_cross_entropy_on_the_same_targets_as_deit_iii_trains(mixup):
+    """DeiT III's --bce-loss: ``BCEWithLogitsLoss`` on the (mixed) one-hot targets, averaged over every logit."""
+    from omegaconf import OmegaConf
+
+    from toe.train.build import build_loss_and_mixup
+
+    fields = dict(mixup=mixup, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.0, loss="bce")
+    criterion, mixer = build_loss_and_mixup(OmegaConf.create(fields), num_classes=5)
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(4, 5, generator=generator), torch.tensor([0, 3, 3, 1])
+    targets = torch.nn.functional.one_hot(labels, 5).float()
+    if mixer is not None:  # the step hands the loss Mixup's soft targets
+        _, targets = mixer(torch.randn(4, 3, 8, 8, generator=generator), labels)
+        assert ((targets > 0) & (targets < 1)).any()
+    expected = torch.nn.BCEWithLogitsLoss()(logits, targets)
+    torch.testing.assert_close(criterion(logits, targets if mixer is not None else labels), expected)

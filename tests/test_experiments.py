@@ -22,8 +22,14 @@ def _toe_train(*args, env=None, timeout=900):
 
 
 def _smoke_jobs(name: str) -> int:
-    params = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
-    return math.prod(1 if key in SMOKE_COLLAPSED else len(str(value).split(",")) for key, value in params.items())
+    """Runs of ``name`` under smoke=on: one value of each collapsed key, but every model of the experiment's own
+    ``smoke_model`` list (universality: one CPU-sized model per family)."""
+    spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
+    models = len(str(spec.get("smoke_model", "one")).split(","))
+    return math.prod(
+        (models if key == "model" else 1) if key in SMOKE_COLLAPSED else len(str(value).split(","))
+        for key, value in spec["hydra"]["sweeper"]["params"].items()
+    )
 
 
 def test_every_experiment_is_a_multirun_with_its_own_task_name():
@@ -41,6 +47,7 @@ def test_every_experiment_is_a_multirun_with_its_own_task_name():
         "ablation_keep_rates",
         "ablation_stage_split",
         "compare_token_reduction",
+        "universality",
     } <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
@@ -66,6 +73,12 @@ def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
     for run in runs:
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == epochs and all(0 <= r["val_top1"] <= 1 for r in rows)
+    if name == "universality":  # every family learns the digits with every reducer: 10 classes, chance is 0.1
+        summaries = [json.loads((run.path / "summary.json").read_text()) for run in runs]
+        assert len({s["model"] for s in summaries}) == 4 and len({s["method"] for s in summaries}) == 4
+        assert all(s["final_top1"] > 0.25 for s in summaries), [
+            (s["model"], s["method"], s["final_top1"]) for s in summaries
+        ]
     assert sweep_main(["status", str(tmp_path)]) == 0
 
 

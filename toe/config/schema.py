@@ -32,6 +32,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 RANDOM_ERASE_MODES = ("pixel", "rand", "const")
 INTERPOLATIONS = ("random", "bilinear", "bicubic", "nearest")
 # timm's schedulers that toe's epoch loop can drive (plateau needs the eval metric at every step, which it is not given)
+LOSSES = ("ce", "bce")  # cross-entropy (soft targets under Mixup/CutMix); binary cross-entropy, DeiT III's
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 
 
@@ -143,6 +144,7 @@ class RecipeConfig:
     min_lr: float = _spec(ge=0.0)
     clip_grad: Optional[float] = _spec(None, gt=0.0)
     smoothing: float = _spec(ge=0.0, lt=1.0)
+    loss: str = _spec(choices=LOSSES)
     mixup: float = _spec(ge=0.0)
     cutmix: float = _spec(ge=0.0)
     mixup_prob: float = _spec(ge=0.0, le=1.0)

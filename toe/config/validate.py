@@ -109,6 +109,11 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
             f"recipe.cutmix={cfg.recipe.cutmix}: MixToken replaces Mixup and CutMix in LV-ViT "
             "(recipe=lvvit sets both to 0)"
         )
+    if cfg.token_label.root and cfg.recipe.loss != "ce":
+        raise ConfigError(
+            f"recipe.loss={cfg.recipe.loss} with token_label.root={cfg.token_label.root}: token labeling trains "
+            "with its own loss (cross-entropy on the class token and on every token's label)"
+        )
     if cfg.finetune.path is not None:
         from pathlib import Path
 

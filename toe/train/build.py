@@ -68,9 +68,10 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 def build_loss_and_mixup(recipe: RecipeConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
     """timm's Mixup/CutMix and loss; LV-ViT hosts (``token_label``) get the token-labeling loss, which takes
-    their ``(cls, dense, box)`` training output."""
+    their ``(cls, dense, box)`` training output. ``recipe.loss=bce``: timm's binary cross-entropy on the same
+    (mixed, smoothed) targets, as DeiT III trains."""
     from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
@@ -84,6 +85,8 @@ def build_loss_and_mixup(recipe: RecipeConfig, num_classes: int, token_label: Op
         )
     if token_label is not None:
         return token_label, mixup
+    if recipe.loss == "bce":
+        return BinaryCrossEntropy(smoothing=0.0 if mixup is not None else recipe.smoothing), mixup
     if mixup is not None:
         return SoftTargetCrossEntropy(), mixup
     if recipe.smoothing > 0:
