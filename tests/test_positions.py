@@ -258,3 +258,16 @@ def test_analytic_macs_of_each_family_are_what_its_linear_layers_and_patch_embed
     assert measured / (2 * batch) == pytest.approx(analytic, rel=1e-6)
     if method:
         assert analytic < shape.forward_macs(attention=False) - shape.embed_dim * shape.num_classes
+
+
+@pytest.mark.parametrize("method", ["toe", "tome", "patchdropout"])
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224", "vit_relpos_small_patch16_224"])
+def test_torch_compile_traces_each_family_reduced_without_graph_breaks(name, method):
+    """The positions pass through python state between blocks, as ToMe's sizes do: dynamo must trace it whole (no
+    host-device sync, no graph break), as for a plain ViT."""
+    model, _ = _pair(name, method)
+    toe.set_epoch(model, 0)
+    model.train()
+    torch.manual_seed(0)
+    explanation = torch._dynamo.explain(model)(_images(2))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -52,7 +52,8 @@ class StepBench:
         if method not in STEP_METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
         model = patch_method(
-            timm.create_model(model_name, img_size=img_size),
+            # ImageNet's head: a model published without one (EVA-02's MIM weights: num_classes=0) gets it too
+            timm.create_model(model_name, img_size=img_size, num_classes=1000),
             method.removesuffix("-noprop"),
             schedule,
             prop_attn=method != "tome-noprop",

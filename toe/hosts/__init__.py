@@ -2,9 +2,11 @@
 
 Like ToMe's ``tome.patch``, a host's class is swapped for a subclass that adds the op, so no parameter is added and
 the ``state_dict`` keys stay those of the unpatched model; the host model itself knows nothing of token reduction.
-One module per host family: :mod:`toe.hosts.timm` (timm ``VisionTransformer`` and any model with ``blocks`` and
-``num_prefix_tokens``) and :mod:`toe.hosts.lvvit` (LV-ViT, whose dense head needs every position back); each has
-``apply`` (ToE), ``apply_merging`` and ``apply_patch_dropout``. The functions here are also ``toe.patch``,
+One module per host family: :mod:`toe.hosts.timm` (timm's ``VisionTransformer``, ``Eva``, ``Beit``,
+``VisionTransformerRelPos`` and any model with ``blocks`` and ``num_prefix_tokens``; for the families whose blocks
+read token positions, :mod:`toe.hosts.positions` hands them the kept tokens') and :mod:`toe.hosts.lvvit` (LV-ViT,
+whose dense head needs every position back); each has ``apply`` (ToE), ``apply_merging`` and
+``apply_patch_dropout``. The functions here are also ``toe.patch``,
 ``toe.patch_merging`` and ``toe.patch_dropout``.
 """
 
@@ -77,7 +79,8 @@ def patch(model: nn.Module, schedule: ExpansionSchedule, sparse_eval: bool = Fal
     """Make ``model`` a ToE model in place and return it.
 
     ``model`` is a vision transformer with ``blocks`` (at least two) and ``num_prefix_tokens``: a timm
-    ``VisionTransformer`` or an LV-ViT. Patching twice replaces the schedule. Drive the stage with
+    ``VisionTransformer``, ``Eva`` (rotary embeddings), ``Beit`` or ``VisionTransformerRelPos`` (relative position
+    biases), or an LV-ViT. Patching twice replaces the schedule. Drive the stage with
     :func:`set_epoch`; evaluation uses all tokens unless ``sparse_eval``.
     """
     host = _host(model, LABELS["toe"])
