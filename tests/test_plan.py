@@ -94,6 +94,7 @@ def test_toe_plan_measure_puts_measured_beside_predicted(tmp_path):
         (["--speedup", "0"], "must be > 0"),
         (["--speedup", "1.3", "--budget", "2"], "not allowed with"),
         (["--model", "resnet18"], "--model resnet18"),
+        (["--model", "xcit_nano_12_p16_224"], "toe-plan cannot reduce the tokens of xcit_nano_12_p16_224 (Xcit)"),
         (["--keep-rates", "0.5", "1.0", "--stage-starts", "0", "400"], "after --epochs"),
     ],
 )

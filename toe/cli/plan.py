@@ -79,8 +79,13 @@ def _shape(parser: argparse.ArgumentParser, args: argparse.Namespace):
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     if isinstance(patch, int) and args.img_size % patch:
         parser.error(f"--img-size {args.img_size}: the patch size {patch} of {args.model} does not divide it")
+    from toe.hosts import check_host
+
     try:
+        check_host(model, "toe-plan")  # XCiT: planned tokens its blocks could not take
         return ViTShape.from_model(model)
+    except TypeError as err:
+        parser.error(f"--model {args.model}: {err}")
     except AttributeError:
         parser.error(
             f"--model {args.model}: not a vision transformer with blocks (toe.cost.flops reads blocks, "
