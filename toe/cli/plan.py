@@ -70,6 +70,7 @@ def _shape(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
     import toe.models  # noqa: F401 - registers LV-ViT with timm
     from toe.cost.flops import ViTShape
+    from toe.hosts import check_host
 
     try:
         model = timm.create_model(args.model, img_size=args.img_size)
@@ -79,8 +80,6 @@ def _shape(parser: argparse.ArgumentParser, args: argparse.Namespace):
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     if isinstance(patch, int) and args.img_size % patch:
         parser.error(f"--img-size {args.img_size}: the patch size {patch} of {args.model} does not divide it")
-    from toe.hosts import check_host
-
     try:
         check_host(model, "toe-plan")  # XCiT: planned tokens its blocks could not take
         return ViTShape.from_model(model)

@@ -244,7 +244,7 @@ def _check_model_needs(cfg: DictConfig, model: Any, plan: "SchedulePlan") -> Non
     from toe.hosts import check_host
 
     if any(cfg[node].enabled for node in REDUCTION_NODES):  # check_model made sure the model has blocks
-        try:  # a model whose blocks need each token's place on the grid (rotary, relative bias, XCiT)
+        try:  # a model whose blocks need the whole token grid (XCiT)
             check_host(model, f"method={cfg.method_name}")
         except TypeError as err:
             raise ConfigError(f"model.name={cfg.model.name}: {err}") from None

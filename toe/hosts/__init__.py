@@ -48,13 +48,13 @@ def check_host(model: nn.Module, method: str) -> None:
     PatchDropout) cannot reduce tokens in: fewer than two blocks, or blocks that need the whole token grid (XCiT's
     convolution over it). Rotary embeddings and relative position biases are no reason: every method hands them
     the kept tokens' positions (:mod:`toe.hosts.positions`)."""
-    from toe.hosts.timm import position_parts
+    from toe.hosts.timm import grid_part
 
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) < 2:
         raise TypeError(f"{method} needs a vision transformer with at least two `blocks`; got {type(model).__name__}")
-    part = position_parts(model)
-    if part is not None and any(hasattr(b, "local_mp") for b in blocks):
+    part = grid_part(model)
+    if part is not None:
         raise TypeError(
             f"{method} cannot reduce the tokens of {model_name(model)} ({type(model).__name__}): its blocks use "
             f"{part}, which needs the whole token grid in every block; toe hands the kept tokens' positions to "

@@ -26,22 +26,12 @@ from toe.ops.merging import TokenMerging, merged_positions
 from toe.ops.patch_dropout import ScheduledPatchDropout
 
 
-def position_parts(model: nn.Module) -> Optional[str]:
-    """What in ``model``'s blocks depends on where each token sits on the patch grid, in words (``None`` for a plain
-    ViT, whose position embedding is added before the first block): a token reducer that keeps a subset after the
-    first block must hand those parts the kept tokens' positions, or the whole grid."""
-    blocks = list(getattr(model, "blocks", []))
-    if getattr(model, "rope", None) is not None:  # timm's Eva: EVA-02, PE; rotary embeddings passed to every block
-        return "rotary position embeddings (model.rope), applied in every block's attention"
-    if getattr(model, "rel_pos_bias", None) is not None or any(
-        getattr(getattr(b, "attn", None), "relative_position_bias_table", None) is not None for b in blocks
-    ):  # BEiT, BEiTv2
-        return "a relative position bias over the whole patch grid in every block's attention"
-    if getattr(model, "shared_rel_pos", None) is not None or any(
-        getattr(getattr(b, "attn", None), "rel_pos", None) is not None for b in blocks
-    ):  # vit_relpos_*, vit_srelpos_*
-        return "a relative position bias (rel_pos) over the whole patch grid in every block's attention"
-    if any(hasattr(b, "local_mp") for b in blocks):  # XCiT
+def grid_part(model: nn.Module) -> Optional[str]:
+    """What in ``model``'s blocks needs the whole token grid, in words (``None`` when nothing does): XCiT's local
+    patch interaction, a convolution over the grid that no kept subset of tokens can feed. Rotary embeddings and
+    relative position biases are not such parts: :mod:`toe.hosts.positions` hands them the kept tokens'
+    positions."""
+    if any(hasattr(b, "local_mp") for b in getattr(model, "blocks", [])):  # XCiT
         return "local patch interaction (a depth-wise convolution over the H x W token grid) in every block"
     return None
 
@@ -143,24 +133,26 @@ class MergeInBlock(nn.Module):
 
 
 def apply_merging(model: nn.Module, op: TokenMerging) -> None:
+    scales = []  # every block checked before any is patched
     for block in model.blocks:
         missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
-        scales = next((pair for pair in _SCALE_PARTS if all(hasattr(block, name) for name in pair)), None)
-        if missing or scales is None:
-            missing += [] if scales else ["ls1/ls2 (or gamma_1/gamma_2)"]
+        pair = next((pair for pair in _SCALE_PARTS if all(hasattr(block, name) for name in pair)), None)
+        if missing or pair is None:
+            missing += [] if pair else ["ls1/ls2 (or gamma_1/gamma_2)"]
             raise TypeError(
                 f"Token Merging on timm models needs pre-norm blocks like timm's Block; "
                 f"{type(block).__name__} has no {', '.join(missing)}"
             )
         check_attention(block.attn)
+        scales.append(pair)
     positions = carry_positions(model)
     model.token_merging = op
-    for index, block in enumerate(model.blocks):
+    for index, (block, pair) in enumerate(zip(model.blocks, scales)):
         add_mixin(block, MergeInBlock)
         # plain attributes, not submodules: the op is registered once, on the model
         object.__setattr__(block, "_tome_op", op)
         object.__setattr__(block, "_tome_index", index)
-        object.__setattr__(block, "_tome_scales", next(p for p in _SCALE_PARTS if all(hasattr(block, n) for n in p)))
+        object.__setattr__(block, "_tome_scales", pair)
         object.__setattr__(block, "_toe_positions", positions)
 
 
