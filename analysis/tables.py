@@ -73,7 +73,9 @@ def device_kind(runs: pd.DataFrame) -> str:
 
 def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """One row per setting of ``spec.rows`` over completed runs, with the paper's columns (numbers, not text)."""
-    done = runs[runs["status"] == "completed"].copy()
+    done = runs[runs["status"] == "completed"].reindex(
+        columns=list(runs.columns) + [c for c in MEMORY_COLUMNS if c not in runs.columns]
+    )
     rows = [c for c in spec.rows if c in done.columns]
     for column in rows:
         done[column] = done[column].astype(str)
@@ -85,6 +87,9 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
         gflops_linear=("train_flops_per_image_linear", "mean"),
         gflops_attn=("train_flops_per_image", "mean"),
         hours=("device_hours", "mean"),
+        activation_peak=("peak_activation_mib", "mean"),
+        activation_mean=("mean_activation_mib", "mean"),
+        cuda_peak=("peak_cuda_mib", "mean"),
     ).reset_index()
     table[["top1_mean", "top1_std"]] *= 100.0
     table[["gflops_linear", "gflops_attn"]] /= TRAIN_TO_FORWARD * 1e9
@@ -93,18 +98,20 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
     )
     table["is_reference"] = is_reference
     per_model = [c for c in rows if c in ("model", "data", "pretrained")]
+    compared = {"hours": "ref_hours", "top1_mean": "ref_top1", "activation_mean": "ref_activation_mean"}
     reference = (
-        table.loc[table["is_reference"], per_model + ["hours", "top1_mean"]]
-        .rename(columns={"hours": "ref_hours", "top1_mean": "ref_top1"})
+        table.loc[table["is_reference"], per_model + list(compared)]
+        .rename(columns=compared)
         .drop_duplicates(subset=per_model)
     )
     if per_model:
         table = table.merge(reference, on=per_model, how="left")
     else:
-        table["ref_hours"] = reference["ref_hours"].iloc[0] if len(reference) else np.nan
-        table["ref_top1"] = reference["ref_top1"].iloc[0] if len(reference) else np.nan
+        for column in compared.values():
+            table[column] = reference[column].iloc[0] if len(reference) else np.nan
     table["speedup"] = table.pop("ref_hours") / table["hours"]
     table["top1_delta"] = table["top1_mean"] - table.pop("ref_top1")
+    table["activation_saving"] = 1.0 - table["activation_mean"] / table.pop("ref_activation_mean")
     if reference_csv is not None:
         keys = [c for c in rows if c in reference_csv.columns]
         extra = reference_csv.rename(columns={c: f"ref_{c}" for c in reference_csv.columns if c not in keys})
@@ -112,6 +119,9 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
     table.attrs.update(title=spec.title, rows=rows, time_unit=f"{device_kind(done)}-h")
     return table
 
+
+# the record's memory figures (toe.train.record.Summary); blank in records written before they were kept
+MEMORY_COLUMNS = ("peak_activation_mib", "mean_activation_mib", "peak_cuda_mib")
 
 # Where a command's time went (toe.train.record.Summary), in the order it passes
 TIME_PARTS = {
@@ -151,6 +161,12 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         f"{a:.4g} / {b:.4g}" for a, b in zip(table["gflops_linear"], table["gflops_attn"])
     ]
     out[f"Train time ({unit})"] = [f"{h:.4g}" for h in table["hours"]]
+    out["Activations (MiB/step, mean / peak)"] = [
+        "n/a" if pd.isna(m) else f"{m:.4g} / {p:.4g}"
+        for m, p in zip(table["activation_mean"], table["activation_peak"])
+    ]
+    if table["cuda_peak"].notna().any():
+        out["CUDA peak (MiB)"] = ["n/a" if pd.isna(c) else f"{c:.5g}" for c in table["cuda_peak"]]
     out["Speed-up"] = [
         "ref." if r else ("n/a" if pd.isna(s) else f"{s:.2f}x") for s, r in zip(table["speedup"], table["is_reference"])
     ]

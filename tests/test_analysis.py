@@ -130,7 +130,11 @@ def test_report_writes_tables_plots_verdicts_and_flagged_runs(sweep, tmp_path, c
     table = build_table(collect(sweep).runs, spec_for("train", collect(sweep).runs)).set_index("method")
     speedup = table.loc["toe", "speedup"]
     said = f"faster by {speedup:.2f}x" if speedup >= 1 else f"slower by {1 / speedup:.2f}x"
-    assert f"toe: {said}, top-1 {table.loc['toe', 'top1_delta']:+.2f} points" in report
+    saving = table.loc["toe", "activation_saving"]
+    assert 0.05 < saving < 0.8  # ToE's reduced stages, averaged with its full-token one
+    memory = f"{100 * saving:.0f} % less activation memory"
+    assert f"toe: {said}, {memory}, top-1 {table.loc['toe', 'top1_delta']:+.2f} points" in report
+    assert "Activations (MiB/step, mean / peak)" in report
     assert "seed spread" in report
     assert "**Where the time went**" in report and "whole command (s)" in report
     for name in ("top1_vs_epoch", "top1_vs_time", "tokens_vs_epoch"):
@@ -299,4 +303,10 @@ def test_verdicts_say_faster_or_slower_and_judge_the_top1_change_by_the_seed_spr
     assert verdicts(table) == [
         "m, toe: faster by 1.27x, top-1 -0.10 points (within the seed spread of 0.15)",
         "m, slow: slower by 1.25x, top-1 -2.00 points (outside the seed spread of 0.15)",
+    ]
+    # with the records' activation memory (per step, averaged over the epochs), beside the speed
+    table["activation_saving"] = [0.0, 0.312, -0.05]
+    assert verdicts(table) == [
+        "m, toe: faster by 1.27x, 31 % less activation memory, top-1 -0.10 points (within the seed spread of 0.15)",
+        "m, slow: slower by 1.25x, 5 % more activation memory, top-1 -2.00 points (outside the seed spread of 0.15)",
     ]

@@ -42,6 +42,10 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     # versions (0.14-0.28 measured): tests/test_augment.py checks that five epochs learn
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[1]["train_seconds_total"] == pytest.approx(rows[0]["epoch_seconds"] + rows[1]["epoch_seconds"])
+    # activations saved for backward in a step: more in the second stage's 48 kept patches than the first's 32;
+    # no CUDA figure on CPU
+    assert 0 < rows[0]["activation_mib"] < rows[1]["activation_mib"]
+    assert rows[0]["cuda_peak_mib"] is None and rows[1]["cuda_peak_mib"] is None
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary.to_dict() and set(SUMMARY_FIELDS) == set(on_disk)
@@ -53,6 +57,8 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     assert on_disk["status"] == "completed" and on_disk["epochs"] == 2 and on_disk["method"] == "toe"
     assert on_disk["final_top1"] == rows[-1]["val_top1"] and on_disk["best_top1"] == max(r["val_top1"] for r in rows)
     assert on_disk["train_flops_per_image"] < 3 * shape.forward_macs(64)
+    assert on_disk["peak_activation_mib"] == rows[1]["activation_mib"] and on_disk["peak_cuda_mib"] is None
+    assert on_disk["mean_activation_mib"] == pytest.approx((rows[0]["activation_mib"] + rows[1]["activation_mib"]) / 2)
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["toe"]["keep_rates"] == [0.5, 0.75, 1.0] and config["schedule"]["epochs"] == 2
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
@@ -66,6 +72,7 @@ def test_baseline_sees_all_tokens_and_costs_more_flops(tiny_cfg, tmp_path):
     assert [r["tokens_after_first_block"] for r in _metrics(tmp_path / "base")] == [65, 65]
     assert [r["stage"] for r in _metrics(tmp_path / "base")] == [0, 0]
     assert base_summary.train_flops_per_image > toe_summary.train_flops_per_image
+    assert base_summary.peak_activation_mib > toe_summary.peak_activation_mib
 
 
 def test_image_folder_data_trains_and_infers_the_class_count(tiny_cfg, tmp_path):

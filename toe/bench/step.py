@@ -11,6 +11,7 @@ import torch
 
 from toe.bench.timing import measure, measure_interleaved, spread
 from toe.cost.flops import ViTShape
+from toe.cost.memory import SavedActivations
 from toe.hosts import reduction_op
 from toe.ops.expansion import expand_tokens
 from toe.ops.methods import REDUCER_METHOD
@@ -82,6 +83,16 @@ class StepBench:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def activation_mib(self) -> float:
+        """MiB of activations one step saves for backward at the current stage (apart from the timed steps, whose
+        speed the counting hook would change)."""
+        with SavedActivations(self.model.parameters()) as saved:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+        loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return saved.mib
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ def bench_step(args: StepSettings, device: torch.device) -> List[Dict[str, Any]]
             if case_method != method:
                 continue
             tokens = bench.set_stage(stage)
+            activations = bench.activation_mib()
             method_rows.append(
                 {
                     "method": method,
@@ -205,6 +217,7 @@ def bench_step(args: StepSettings, device: torch.device) -> List[Dict[str, Any]]
                     "img_per_s": args.batch / t["median"],
                     "step_ms": spread(t),
                     "flops_per_img_G": bench.train_macs(tokens) / 1e9,
+                    "activation_mib": activations,
                 }
             )
         rows += _with_ratios(method, method_rows)
@@ -212,12 +225,14 @@ def bench_step(args: StepSettings, device: torch.device) -> List[Dict[str, Any]]
 
 
 def _with_ratios(method: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Speed-up, FLOP ratio and their ratio against the method's full-token stage, and the schedule's projection."""
+    """Speed-up, FLOP ratio and their ratio, and the activation memory saved, against the method's full-token stage;
+    and the schedule's projection."""
     full = rows[0]
     for row in rows:
         row["speedup"] = row["img_per_s"] / full["img_per_s"]
         row["flop_ratio"] = full["flops_per_img_G"] / row["flops_per_img_G"]
         row["efficiency"] = row["speedup"] / row["flop_ratio"]
+        row["activation_saving"] = 1.0 - row["activation_mib"] / full["activation_mib"]
     total_epochs = sum(r["epochs"] for r in rows)
     seconds = sum(r["epochs"] / r["img_per_s"] for r in rows)
     flops = sum(r["epochs"] * r["flops_per_img_G"] for r in rows)
@@ -230,6 +245,9 @@ def _with_ratios(method: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]
         "speedup": total_epochs / full["img_per_s"] / seconds,
         "flop_ratio": total_epochs * full["flops_per_img_G"] / flops,
         "flops_per_img_G": flops / total_epochs,
+        # what a run must have room for: its largest stage's (ToE's last stage has every token)
+        "activation_mib": max(r["activation_mib"] for r in rows),
     }
+    projection["activation_saving"] = 1.0 - projection["activation_mib"] / full["activation_mib"]
     projection["efficiency"] = projection["speedup"] / projection["flop_ratio"]
     return rows + [projection]

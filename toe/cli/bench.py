@@ -164,7 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
         print(
             f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
-            "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage"
+            "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage (its activations: "
+            "the largest stage's); activation_mib = saved for backward in one step"
         )
         print(
             markdown(
@@ -180,6 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "speedup",
                     "flop_ratio",
                     "efficiency",
+                    "activation_mib",
+                    "activation_saving",
                 ],
             )
         )

@@ -148,6 +148,8 @@ def epoch_row(
         ema_top1=ema_top1,
         eval_seconds=eval_seconds,
         lr=lr,
+        activation_mib=result.activation_mib,
+        cuda_peak_mib=result.cuda_peak_mib,
     )
 
 

@@ -60,6 +60,10 @@ class EpochRow:
     # last epoch before a resume reads 0)
     checkpoint_seconds: float = 0.0
     lr: Optional[float] = None
+    # MiB of activations saved for backward in one train step of this epoch (its first; toe.cost.memory), and the
+    # CUDA allocator's peak over the epoch (parameters and optimizer state included; null off CUDA)
+    activation_mib: Optional[float] = None
+    cuda_peak_mib: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -96,6 +100,9 @@ class Summary:
     other_seconds: float = 0.0  # wall - startup - train - eval - checkpoint: record, W&B, logging, loader start
     world_size: Optional[int] = None  # processes (GPUs) of the run
     device_hours: float = 0.0  # train seconds x devices / 3600: GPU-hours on GPUs, CPU-hours on CPU
+    peak_activation_mib: Optional[float] = None  # the most activation memory of an epoch's train step
+    mean_activation_mib: Optional[float] = None  # the same, averaged over the epochs (ToE's stages lower it)
+    peak_cuda_mib: Optional[float] = None  # the most CUDA memory an epoch held (null off CUDA)
     total_train_flops: float = 0.0
     train_flops_per_image: Optional[float] = None  # schedule-averaged analytic train MACs per image
     train_flops_per_image_linear: Optional[float] = None  # the same without the attention matmuls

@@ -12,6 +12,8 @@ import torch
 from timm.utils import NativeScaler, dispatch_clip_grad
 from tqdm import tqdm
 
+from toe.cost.memory import SavedActivations, cuda_peak_mib, reset_cuda_peak
+
 
 @dataclass
 class EpochResult:
@@ -19,6 +21,8 @@ class EpochResult:
     images: int
     seconds: float
     num_updates: int
+    activation_mib: Optional[float] = None  # saved for backward in the epoch's first step (toe.cost.memory)
+    cuda_peak_mib: Optional[float] = None  # the CUDA allocator's peak over the epoch; None off CUDA
 
 
 def _sync(device: torch.device) -> None:
@@ -59,6 +63,10 @@ def train_one_epoch(
     Gradient accumulation as timm's train.py does it: each micro-batch's loss is divided by the size of its window,
     a trailing window shorter than ``accumulation`` (an odd batch count) is stepped too, with its own size, and
     DDP skips the all-reduce (``no_sync``) on every micro-batch but the last of a window.
+
+    The activations saved for backward are counted in the first micro-batch only
+    (:class:`toe.cost.memory.SavedActivations`: one step's count, and the other steps run without the hook's
+    per-tensor call); the CUDA peak is the allocator's over the epoch.
     """
     model.train()
     batches, accumulation = len(loader), step.accumulation
@@ -66,6 +74,8 @@ def train_one_epoch(
     can_skip_sync = hasattr(model, "no_sync")
     loss_sum, images = torch.zeros((), device=step.device), 0
     step.optimizer.zero_grad(set_to_none=True)
+    saved: Optional[SavedActivations] = None
+    reset_cuda_peak(step.device)
     _sync(step.device)
     start = time.perf_counter()
     for index, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
@@ -78,8 +88,10 @@ def train_one_epoch(
         if step.mixup is not None:
             inputs, targets = step.mixup(inputs, targets)
         with contextlib.nullcontext() if need_update or not can_skip_sync else model.no_sync():
-            with step.autocast():
-                loss = step.criterion(model(inputs), targets)
+            with contextlib.nullcontext() if index else SavedActivations(model.parameters()) as counted:
+                with step.autocast():
+                    loss = step.criterion(model(inputs), targets)
+            saved = counted if index == 0 else saved
             if step.loss_scaler is not None:
                 step.loss_scaler(
                     loss / window,
@@ -110,7 +122,9 @@ def train_one_epoch(
         raise FloatingPointError(
             f"training loss is {mean_loss} in {desc}: lower recipe.lr, set recipe.clip_grad, or check the data"
         )
-    return EpochResult(mean_loss, images, seconds, num_updates)
+    return EpochResult(
+        mean_loss, images, seconds, num_updates, saved.mib if saved else None, cuda_peak_mib(step.device)
+    )
 
 
 @torch.no_grad()

@@ -194,7 +194,7 @@ def _log_epoch(row: EpochRow, epochs: int) -> None:
         return "-" if value is None else f"{100 * value:.2f}"
 
     log.info(
-        "epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs",
+        "epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs%s",
         row.epoch + 1,
         epochs,
         row.stage,
@@ -204,6 +204,7 @@ def _log_epoch(row: EpochRow, epochs: int) -> None:
         pct(row.ema_top1),
         row.train_img_per_s,
         row.epoch_seconds,
+        f" activations {row.activation_mib:.1f} MiB" if row.activation_mib is not None else "",
     )
 
 
@@ -283,6 +284,15 @@ def _checkpoint_epoch(run_dir: Path) -> Any:
     return "none"
 
 
+def _peak(values: Iterator[Optional[float]]) -> Optional[float]:
+    return max((v for v in values if v is not None), default=None)
+
+
+def _mean(values: Iterator[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run: Optional[Run] = None) -> Summary:
     """The run's summary from its progress; ``cfg`` is the typed config, or the composed one of a refused start."""
     history, last = progress.history, progress.last or EpochRow(epoch=-1)
@@ -312,6 +322,9 @@ def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run
         ),
         world_size=world_size,
         device_hours=train_seconds * (world_size or 1) / 3600.0,
+        peak_activation_mib=_peak(row.activation_mib for row in history),
+        mean_activation_mib=_mean(row.activation_mib for row in history),
+        peak_cuda_mib=_peak(row.cuda_peak_mib for row in history),
         total_train_flops=last.train_flops_total,
         train_flops_per_image=last.train_flops_total / images if images else None,
         train_flops_per_image_linear=last.train_flops_linear_total / images if images else None,
