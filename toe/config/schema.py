@@ -123,6 +123,9 @@ class DataConfig:
     train_split: Optional[str] = None
     val_split: Optional[str] = None
     download: bool = False
+    # data=digits only: the digits to keep (relabelled 0..K-1 in this order), e.g. a backbone trained on some
+    # digits and prompts tuned on the others (data=digits_pretrain, data=digits_transfer); null: all ten
+    classes: Optional[List[int]] = _spec(None, ge=0, le=9)
 
 
 @dataclass
@@ -137,6 +140,9 @@ class RecipeConfig:
     sched: str = _spec(choices=SCHEDULERS)
     sched_on_updates: bool = MISSING
     warmup_epochs: int = _spec(ge=0)
+    # the warm-up comes before the schedule's decay (timm's warmup_prefix): the cosine runs over the epochs after it,
+    # as VPT's WarmupCosineSchedule; false (DeiT): over the whole run, the warm-up overriding its start
+    warmup_prefix: bool = MISSING
     decay_epochs: float = _spec(gt=0.0)  # sched=step: the lr is multiplied by decay_rate every decay_epochs
     decay_milestones: List[int] = _spec(ge=0)  # sched=multistep: the epochs at which it is
     decay_rate: float = _spec(gt=0.0)
@@ -223,6 +229,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class PromptConfig:
+    """Visual prompt tuning (toe.hosts.prompts): prompt tokens on a frozen pre-trained ViT."""
+
+    enabled: bool = MISSING
+    length: int = _spec(ge=1)  # prompt tokens per set
+    deep: bool = MISSING  # VPT-deep (a new set before every block) or VPT-shallow (one set at the input)
+    dropout: float = _spec(ge=0.0, lt=1.0)
+
+
+@dataclass
 class ResumeConfig:
     allow_changes: bool = MISSING  # resume although the config differs from the checkpoint's (noted in the record)
 
@@ -250,6 +266,7 @@ class RunConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     # Inputs that experiment files ask for (experiments/table3_lvvit.yaml, experiments/finetune_cifar.yaml) and use
     # through interpolations; left unset (???) elsewhere, which is not an error (see EXPERIMENT_INPUTS).

@@ -114,6 +114,17 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
             f"recipe.loss={cfg.recipe.loss} with token_label.root={cfg.token_label.root}: token labeling trains "
             "with its own loss (cross-entropy on the class token and on every token's label)"
         )
+    if cfg.prompts.enabled and cfg.finetune.path is None:
+        raise ConfigError(
+            "prompts.enabled=true without finetune.path: visual prompt tuning tunes prompts on a pre-trained "
+            "backbone (a toe-train checkpoint.pth or a timm state-dict file)"
+        )
+    if cfg.data.classes is not None:
+        classes = list(cfg.data.classes)
+        if cfg.data.name != "digits":
+            raise ConfigError(f"data.classes={show_value(classes)}: only data=digits selects classes")
+        if len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ConfigError(f"data.classes={show_value(classes)}: at least two digits, each once")
     if cfg.finetune.path is not None:
         from pathlib import Path
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 from torch import nn
 
 from toe.ops.schedule import ExpansionSchedule
-from toe.ops.tokens import BlockTokens, reduced_block_tokens
+from toe.ops.tokens import BlockTokens, prefix_tokens, reduced_block_tokens
 
 TRAIN_TO_FORWARD = 3
 
@@ -53,7 +53,7 @@ class ViTShape:
             depth=len(model.blocks),
             mlp_hidden=_mlp_width(model.blocks[0].mlp, model.embed_dim),
             num_patches=num_patches,
-            num_prefix_tokens=model.num_prefix_tokens,
+            num_prefix_tokens=prefix_tokens(model),  # VPT's prompts included
             patch_macs=per_patch,
             num_classes=getattr(model, "num_classes", 0),
         )

@@ -7,7 +7,7 @@ once the model's data config is known: ``create_model -> resolve_model_data_conf
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -24,9 +24,14 @@ class DigitsDataset(Dataset):
     A fixed stratified split (``val_fraction``, ``split_seed``) gives the same train/val images on every machine.
     """
 
-    classes = [str(i) for i in range(10)]
-
-    def __init__(self, train: bool, img_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0):
+    def __init__(
+        self,
+        train: bool,
+        img_size: int = 32,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        classes: Optional[Sequence[int]] = None,
+    ):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -36,10 +41,16 @@ class DigitsDataset(Dataset):
             np.arange(len(pixels)), test_size=val_fraction, random_state=split_seed, stratify=digits.target
         )
         chosen = train_idx if train else val_idx
+        # a subset of the digits (the split is that of all ten, so an image is in the same split either way),
+        # relabelled 0..K-1 in the order given
+        kept = list(range(10)) if classes is None else [int(c) for c in classes]
+        label = {digit: index for index, digit in enumerate(kept)}
+        chosen = np.array([i for i in chosen if int(digits.target[i]) in label], dtype=np.int64)
+        self.classes = [str(digit) for digit in kept]
         self.images = [
             Image.fromarray(pixels[i]).resize((img_size, img_size), Image.BILINEAR).convert("RGB") for i in chosen
         ]
-        self.targets = [int(t) for t in digits.target[chosen]]
+        self.targets = [label[int(t)] for t in digits.target[chosen]]
         # <class>/<index in load_digits>: the key of each image's label map for token labeling
         self.names = [f"{digits.target[i]}/{i:04d}" for i in chosen]
         self.transform: Optional[Callable] = None
@@ -116,7 +127,12 @@ def build_datasets(cfg: Any) -> Tuple[Dataset, Dataset]:
     """Train and val datasets for ``cfg.data`` (no transforms yet); both carry ``classes``."""
     name = cfg.data.name
     if name == "digits":
-        kwargs = dict(img_size=cfg.model.img_size, val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+        kwargs = dict(
+            img_size=cfg.model.img_size,
+            val_fraction=cfg.data.val_fraction,
+            split_seed=cfg.data.split_seed,
+            classes=getattr(cfg.data, "classes", None),
+        )
         return DigitsDataset(train=True, **kwargs), DigitsDataset(train=False, **kwargs)
     if name in ("imagefolder", "imagenet"):
         return _image_folder(cfg.data.root, name, cfg.data.train_split, cfg.data.val_split)
@@ -133,6 +149,8 @@ def class_count(cfg: Any) -> int:
     set toe knows, or the class folders of an image folder's training split (what :func:`build_datasets` finds)."""
     if cfg.data.num_classes:
         return int(cfg.data.num_classes)
+    if cfg.data.name == "digits" and getattr(cfg.data, "classes", None) is not None:
+        return len(cfg.data.classes)
     if cfg.data.name in KNOWN_CLASS_COUNTS:
         return KNOWN_CLASS_COUNTS[cfg.data.name]
     folder = _require_dir(cfg.data.root, cfg.data.name, "an image folder") / cfg.data.train_split

@@ -23,6 +23,7 @@ from toe.ops.merging import TokenMerging
 from toe.ops.methods import REDUCER_METHOD
 from toe.ops.patch_dropout import KeptRateSchedule, ScheduledPatchDropout
 from toe.ops.schedule import ExpansionSchedule, MergeSchedule
+from toe.ops.tokens import prefix_tokens
 
 TokenReducer = (TokenExpansion, TokenMerging, ScheduledPatchDropout)  # the ops whose stage follows the epoch
 
@@ -67,7 +68,7 @@ LABELS = {"toe": "toe.patch", "patchdropout": "PatchDropout", "tome": "Token Mer
 
 
 def _prefix(model: nn.Module) -> int:
-    return int(getattr(model, "num_prefix_tokens", 1))
+    return prefix_tokens(model)  # VPT's prompts included
 
 
 def _like(model: nn.Module, op: nn.Module) -> nn.Module:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 BlockTokens = List[Tuple[int, int]]  # (tokens into the attention, tokens into the MLP) of each block, prefix included
 
@@ -21,3 +21,10 @@ def reduced_block_tokens(
 def tokens_after_first_block(block_tokens: BlockTokens) -> int:
     """The tokens the first block hands on (what the run record calls ``tokens_after_first_block``)."""
     return block_tokens[1][0] if len(block_tokens) > 1 else block_tokens[0][1]
+
+
+def prefix_tokens(model: Any) -> int:
+    """The tokens a reducer keeps aside in ``model``'s blocks: its own prefix tokens (class, registers,
+    ``num_prefix_tokens``) and the prompt tokens of visual prompt tuning (``num_prompt_tokens``, set by
+    :func:`toe.hosts.prompts.add_prompts`), which come right after them."""
+    return int(getattr(model, "num_prefix_tokens", 1)) + int(getattr(model, "num_prompt_tokens", 0))

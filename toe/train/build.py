@@ -28,6 +28,7 @@ from toe.data.augment import (
 from toe.data.datasets import SeededSamples, build_datasets, build_transforms
 from toe.data.token_label import LabelMapDataset, LabelMapError, TokenLabelLoss
 from toe.hosts import patch_method, reduction_op
+from toe.hosts.prompts import add_prompts, trained_parameters
 from toe.models.pretrained import CheckpointMismatchError, load_pretrained
 from toe.models.settings import model_settings
 from toe.ops.methods import REDUCER_METHOD, REDUCTION_NODES
@@ -215,6 +216,11 @@ def create_optimizer(model: torch.nn.Module, recipe: RecipeConfig, lr: float) ->
     return create_optimizer_v2(model, **kwargs)
 
 
+def decay_epochs(recipe: RecipeConfig, epochs: int) -> int:
+    """The epochs timm's scheduler is given: the run's, less a warm-up that comes before the decay (VPT's)."""
+    return max(1, epochs - recipe.warmup_epochs) if recipe.warmup_prefix else epochs
+
+
 def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     """The run of the typed config ``cfg`` (:func:`toe.config.schema.typed_config`) and its schedule ``plan`` (what
     :func:`toe.config.validate.validate` returned), on this process of ``info``."""
@@ -249,6 +255,8 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
             load_pretrained(model, Path(cfg.finetune.path), use_ema=cfg.finetune.use_ema)
         except (FileNotFoundError, CheckpointMismatchError) as err:
             raise ConfigError(str(err)) from None
+    if cfg.prompts.enabled:  # before the reducer, which keeps the prompts aside as prefix tokens
+        _add_prompts(model, cfg, num_classes)
     train_set, token_label = _token_labeling(cfg, model, train_set, num_classes)
     apply_token_reduction(model, cfg, plan)
     data_config = model_data_config(model, cfg)
@@ -334,7 +342,8 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
     scheduler, _ = create_scheduler_v2(
         optimizer,
-        **scheduler_kwargs(timm_args(cfg.recipe, epochs=plan.epochs, min_lr=min_lr)),
+        # timm counts a prefixed warm-up apart from the schedule's epochs
+        **scheduler_kwargs(timm_args(cfg.recipe, epochs=decay_epochs(cfg.recipe, plan.epochs), min_lr=min_lr)),
         updates_per_epoch=len(train_loader),
     )
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
@@ -364,6 +373,26 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
         cfg.recipe.clip_grad,
         pipeline,
         batch_augment,
+    )
+
+
+def _add_prompts(model: torch.nn.Module, cfg: RunConfig, num_classes: int) -> None:
+    """Visual prompt tuning on the pre-trained ``model``: frozen, prompted, a new head (toe.hosts.prompts)."""
+    node = cfg.prompts
+    try:
+        add_prompts(model, node.length, node.deep, node.dropout, num_classes)
+    except TypeError as err:
+        raise ConfigError(f"prompts.enabled=true with model.name={cfg.model.name}: {err}") from None
+    trained, total = trained_parameters(model)
+    log.info(
+        "visual prompt tuning: VPT-%s, %d prompt tokens%s, dropout %g; %s of %s parameters train (prompts and "
+        "head), the backbone frozen and in eval mode",
+        "deep" if node.deep else "shallow",
+        node.length,
+        f" before each of the {len(model.blocks)} blocks" if node.deep else " at the input",
+        node.dropout,
+        f"{trained:,}",
+        f"{total:,}",
     )
 
 
