@@ -45,25 +45,26 @@ class StepBench:
         amp: bool,
         compile_model: bool,
         method: str = "toe",
+        prompts: int = 0,
+        deep: bool = True,
     ):
         import timm
 
         from toe.hosts import patch_method
+        from toe.hosts.prompts import add_prompts
 
         if method not in STEP_METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
-        model = patch_method(
-            # ImageNet's head: a model published without one (EVA-02's MIM weights: num_classes=0) gets it too
-            timm.create_model(model_name, img_size=img_size, num_classes=1000),
-            method.removesuffix("-noprop"),
-            schedule,
-            prop_attn=method != "tome-noprop",
-        )
+        # ImageNet's head: a model published without one (EVA-02's MIM weights: num_classes=0) gets it too
+        model = timm.create_model(model_name, img_size=img_size, num_classes=1000)
+        if prompts:  # visual prompt tuning: the backbone frozen, prompts and head trained
+            add_prompts(model, prompts, deep)
+        model = patch_method(model, method.removesuffix("-noprop"), schedule, prop_attn=method != "tome-noprop")
         self.model = model.to(device).train()
         self.method = method
         self.shape = ViTShape.from_model(self.model)
         self.net = torch.compile(self.model) if compile_model else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.inputs = torch.randn(batch, 3, img_size, img_size, device=device)
         self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
         self.device, self.amp = device, amp and device.type == "cuda"
@@ -131,6 +132,8 @@ class StepSettings:
     amp: bool
     compile: bool
     methods: Sequence[str] = tuple(REDUCER_METHOD.values())
+    prompts: int = 0  # visual prompt tuning: prompt tokens per set on a frozen backbone (0: train the whole model)
+    shallow: bool = False  # VPT-shallow (one set at the input) rather than VPT-deep
 
 
 def settings_from(kind: type, values: Mapping[str, Any] | Any):
@@ -190,7 +193,18 @@ def bench_step(args: StepSettings, device: torch.device) -> List[Dict[str, Any]]
     (method, stage) timed in turn so that drift hits all alike; a ``schedule`` row per method projects the run."""
     sched = ExpansionSchedule(args.stage_starts, args.keep_rates, args.init_keep_rate, repeats=args.k)
     benches = {
-        method: StepBench(args.model, args.batch, args.img_size, sched, device, args.amp, args.compile, method)
+        method: StepBench(
+            args.model,
+            args.batch,
+            args.img_size,
+            sched,
+            device,
+            args.amp,
+            args.compile,
+            method,
+            prompts=args.prompts,
+            deep=not args.shallow,
+        )
         for method in args.methods
     }
     stage_epochs = [b - a for a, b in zip(sched.stage_starts, list(sched.stage_starts[1:]) + [args.epochs])]

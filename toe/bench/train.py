@@ -15,6 +15,11 @@ from toe.hosts import expansion_op
 from toe.ops.tokens import tokens_after_first_block
 
 
+def _mean_of(values) -> float:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else float("nan")
+
+
 class _FirstBatches:
     """The first ``count`` batches of ``batches`` (a loader or a list), with a length, as train_one_epoch wants."""
 
@@ -152,6 +157,7 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
                 "final_ema_top1": last.ema_top1,
                 "final_loss": last.train_loss,
                 "train_flops": last.train_flops_total,
+                "mean_activation_mib": _mean_of(row.activation_mib for row in entry["rows"]),
             }
         )
         frame = pd.DataFrame([row.to_dict() for row in entry["rows"]])
@@ -169,6 +175,9 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
                 "against_seconds": other.epoch_seconds.sum(),
                 "speedup": other.epoch_seconds.sum() / epochs_of_stage.epoch_seconds.sum(),
                 "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum(),
+                "activation_mib": epochs_of_stage.activation_mib.mean(),
+                "against_activation_mib": other.activation_mib.mean(),
+                "activation_saving": 1.0 - epochs_of_stage.activation_mib.mean() / other.activation_mib.mean(),
             }
         )
     run_total, against_total = totals
@@ -177,5 +186,6 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
         "train_and_eval_speedup": (against_total["train_seconds"] + against_total["eval_seconds"])
         / (run_total["train_seconds"] + run_total["eval_seconds"]),
         "flop_ratio": against_total["train_flops"] / run_total["train_flops"],
+        "activation_saving": 1.0 - run_total["mean_activation_mib"] / against_total["mean_activation_mib"],
     }
     return {"runs": totals, "stages": stages, "ratios": ratios}

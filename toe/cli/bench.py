@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     step.add_argument("--compile", action="store_true", help="torch.compile the model")
     step.add_argument(
+        "--prompts",
+        type=non_negative_int,
+        default=0,
+        help="visual prompt tuning: this many prompt tokens per set, the backbone frozen (default 0: no prompts)",
+    )
+    step.add_argument("--shallow", action="store_true", help="with --prompts: VPT-shallow (one set at the input)")
+    step.add_argument(
         "--methods",
         nargs="+",
         default=["toe"],
@@ -162,8 +169,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows = bench_step(settings_from(StepSettings, args), device)
         except (RuntimeError, TypeError) as err:  # timm: an unknown model, or a size its patch does not divide
             parser.error(f"--model {args.model} --img-size {args.img_size}: {str(err).splitlines()[0]}")
+        vpt = f"VPT-{'shallow' if args.shallow else 'deep'} with {args.prompts} prompts, " if args.prompts else ""
         print(
-            f"{args.model}, batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
+            f"{args.model}, {vpt}batch {args.batch}, {args.img_size} px, amp={args.amp}, compile={args.compile}; "
             "stage 0 = full tokens; 'schedule' = time-weighted over the epochs of each stage (its activations: "
             "the largest stage's); activation_mib = saved for backward in one step"
         )
@@ -220,19 +228,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(
             markdown(
                 rows["runs"],
-                ["run", "overrides", "train_seconds", "eval_seconds", "final_top1", "final_ema_top1", "train_flops"],
+                [
+                    "run",
+                    "overrides",
+                    "train_seconds",
+                    "eval_seconds",
+                    "final_top1",
+                    "final_ema_top1",
+                    "train_flops",
+                    "mean_activation_mib",
+                ],
             )
         )
         print("\nper stage of the run (the other run's seconds over the same epochs):")
         print(
             markdown(
-                rows["stages"], ["stage", "tokens", "epochs", "seconds", "against_seconds", "speedup", "flop_ratio"]
+                rows["stages"],
+                [
+                    "stage",
+                    "tokens",
+                    "epochs",
+                    "seconds",
+                    "against_seconds",
+                    "speedup",
+                    "flop_ratio",
+                    "activation_mib",
+                    "against_activation_mib",
+                    "activation_saving",
+                ],
             )
         )
         ratios = rows["ratios"]
         print(
             f"\ntrain speed-up {ratios['train_speedup']:.3f}x, train + eval {ratios['train_and_eval_speedup']:.3f}x,"
-            f" train FLOP ratio {ratios['flop_ratio']:.3f}"
+            f" train FLOP ratio {ratios['flop_ratio']:.3f}, activation memory per step (mean over epochs) "
+            f"{100 * ratios['activation_saving']:.0f} % less"
         )
     elif args.command == "capacity":
         from toe.bench.capacity import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity
