@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from toe.config.schema import EXPERIMENT_INPUTS, ConfigError, RunConfig, show_value, typed_config
 from toe.config.stages import SchedulePlan, plan_schedule
-from toe.models.settings import model_settings
 from toe.ops.methods import REDUCTION_NODES
 
 # --- checks that types cannot express ----------------------------------------------------------------------------
@@ -164,8 +163,8 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
     workers = cfg.train.workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"train.workers={show_value(workers)}: expected auto or a number of processes >= 0")
+    plan = plan_schedule(cfg)  # before the checks that import timm (seconds): a bad schedule is said at once
     _check_timm_names(cfg)
-    plan = plan_schedule(cfg)
     model = check_model(cfg, plan)
     _check_model_needs(cfg, model, plan)
     if devices:
@@ -205,6 +204,7 @@ def check_model(cfg: DictConfig, plan: "SchedulePlan") -> Any:
     import torch
 
     import toe.models  # noqa: F401 - registers LV-ViT with timm
+    from toe.models.settings import model_settings
 
     name, kwargs = cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     if plan.phases and "dynamic_img_size" in kwargs:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,10 +24,8 @@ from toe.config.schema import ConfigError, RunConfig, typed_config
 from toe.config.stages import SchedulePlan, plan_schedule
 from toe.config.validate import validate
 from toe.data.datasets import DataRootError
-from toe.train.build import Run, build_run, resolve_device
 from toe.train.checkpoint import Progress, TrainState, load_checkpoint
 from toe.train.distributed import cleanup, gather_objects, init_distributed
-from toe.train.epoch import EpochSetup, Evaluator, train_epoch
 from toe.train.lock import locked
 from toe.train.record import (
     CHECKPOINT_FILE,
@@ -40,6 +38,9 @@ from toe.train.record import (
     write_hydra_files,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    from toe.train.build import Run
 
 log = logging.getLogger("toe.train.task")
 
@@ -102,6 +103,10 @@ def train(
     except ConfigError as err:
         _note_refused_start(cfg, run_dir, err, hydra_files)
         raise
+    # the run's build imports timm and torchvision (seconds): only once the config is known to work, so that a
+    # refused one is said at once
+    from toe.train.build import build_run, resolve_device
+
     # the composed config's three uses: the record's YAML and plain dict (as written, as compared on a resume), and
     # the schema's typed objects, which is all that the run reads from here on
     config_yaml, plain_cfg, cfg = (
@@ -153,7 +158,7 @@ def train(
 def _fit(
     cfg: RunConfig,
     plain_cfg: Dict[str, Any],
-    run: Run,
+    run: "Run",
     run_dir: Path,
     record: RunRecord,
     progress: Progress,
@@ -161,6 +166,8 @@ def _fit(
     overrides: List[str],
     started_at: float,
 ) -> Summary:
+    from toe.train.epoch import EpochSetup, Evaluator, train_epoch
+
     info = run.dist
     state = TrainState(run.model, run.optimizer, run.scheduler, run.ema, run.scaler, progress, plain_cfg, info)
     if checkpoint is not None:
@@ -293,7 +300,7 @@ def _mean(values: Iterator[Optional[float]]) -> Optional[float]:
     return sum(known) / len(known) if known else None
 
 
-def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run: Optional[Run] = None) -> Summary:
+def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run: Optional["Run"] = None) -> Summary:
     """The run's summary from its progress; ``cfg`` is the typed config, or the composed one of a refused start."""
     history, last = progress.history, progress.last or EpochRow(epoch=-1)
     top1 = [row.val_top1 for row in history if row.val_top1 is not None]
