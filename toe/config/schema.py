@@ -25,7 +25,7 @@ SCHEMA_NAME = "toe_schema"
 # Top-level keys that only some experiments set (and read through interpolations): missing is fine elsewhere.
 # They are inputs rather than defaults because a YAML ``???`` cannot replace a value already set, e.g. null.
 EXPERIMENT_INPUTS = ("label_maps", "pretrained")
-DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100")
+DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100", "vtab")
 PIPELINES = ("auto", "tensor", "pil")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -126,6 +126,7 @@ class DataConfig:
     # data=digits only: the digits to keep (relabelled 0..K-1 in this order), e.g. a backbone trained on some
     # digits and prompts tuned on the others (data=digits_pretrain, data=digits_transfer); null: all ten
     classes: Optional[List[int]] = _spec(None, ge=0, le=9)
+    task: Optional[str] = None  # data=vtab: the VTAB-1k task folder under data.root (toe.data.vtab)
 
 
 @dataclass

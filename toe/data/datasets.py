@@ -138,7 +138,23 @@ def build_datasets(cfg: Any) -> Tuple[Dataset, Dataset]:
         return _image_folder(cfg.data.root, name, cfg.data.train_split, cfg.data.val_split)
     if name in ("cifar10", "cifar100"):
         return _cifar(cfg.data.root, name, bool(cfg.data.download))
-    raise DataRootError(f"unknown data.name={name!r}: expected digits, imagefolder, imagenet, cifar10 or cifar100")
+    if name == "vtab":
+        return _vtab(cfg.data.root, cfg.data.task, cfg.data.train_split, cfg.data.val_split)
+    raise DataRootError(
+        f"unknown data.name={name!r}: expected digits, imagefolder, imagenet, cifar10, cifar100 or vtab"
+    )
+
+
+def _vtab(root: Optional[str], task: Optional[str], train_split: str, val_split: str) -> Tuple[Dataset, Dataset]:
+    from toe.data.vtab import VtabError, vtab_task
+
+    path = _require_dir(root, "vtab", "the VTAB-1k folder, one sub-folder per task")
+    if not task:
+        raise DataRootError("data=vtab needs data.task=<task folder>, e.g. data.task=cifar")
+    try:
+        return vtab_task(path, task, train_split, val_split)
+    except VtabError as err:
+        raise DataRootError(str(err)) from None
 
 
 KNOWN_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100}
@@ -153,6 +169,13 @@ def class_count(cfg: Any) -> int:
         return len(cfg.data.classes)
     if cfg.data.name in KNOWN_CLASS_COUNTS:
         return KNOWN_CLASS_COUNTS[cfg.data.name]
+    if cfg.data.name == "vtab":
+        from toe.data.vtab import VTAB_TASKS
+
+        if cfg.data.task in VTAB_TASKS:
+            return VTAB_TASKS[cfg.data.task]
+        train, _ = build_datasets(cfg)
+        return len(train.classes)
     folder = _require_dir(cfg.data.root, cfg.data.name, "an image folder") / cfg.data.train_split
     if not folder.is_dir():
         raise DataRootError(f"data.root={cfg.data.root} has no {cfg.data.train_split}/ folder")
