@@ -11,7 +11,15 @@ import pandas as pd
 
 from toe.analysis.collect import Runs
 from toe.analysis.plots import plot_runs
-from toe.analysis.tables import build_table, format_table, spec_for, time_split, write_table
+from toe.analysis.tables import (
+    PER_REFERENCE,
+    build_table,
+    format_table,
+    spec_for,
+    time_split,
+    vtab_groups,
+    write_table,
+)
 from toe.ops.methods import REDUCING_METHODS
 from toe.train.record import CHECKPOINT_FILE
 
@@ -28,9 +36,8 @@ def verdicts(table: pd.DataFrame) -> List[str]:
             lines.append(f"{name}: no reference row to compare with")
             continue
         same = reference
-        for column in rows:
-            if column in ("model", "data", "pretrained"):
-                same = same[same[column] == row[column]]
+        for column in table.attrs.get("per", [c for c in rows if c in PER_REFERENCE]):
+            same = same[same[column] == row[column]]
         spread = pd.concat([same["top1_std"], pd.Series([row["top1_std"]])]).max()
         faster = f"faster by {row['speedup']:.2f}x" if row["speedup"] >= 1 else f"slower by {1 / row['speedup']:.2f}x"
         if pd.isna(spread):
@@ -190,6 +197,14 @@ def build_report(
             "\n\n**Verdicts**\n",
         ]
         parts += [f"- {line}" for line in lines] or ["- (no row to compare)"]
+        if "data.task" in table.attrs["rows"] and len(table):
+            groups = vtab_groups(table)
+            groups.to_csv(section / "vtab_groups.csv", index=False)
+            parts += [
+                "\n**VTAB-1k groups** (mean top-1 % over the tasks of each group that have runs, `tasks` counting "
+                "them; the mean of the three groups is blank until each group has runs)\n",
+                groups.to_markdown(index=False, floatfmt=".2f"),
+            ]
         split = time_split(subset, spec)
         parts += [
             "\n**Where the time went** (seconds, mean over seeds; start-up counts from the process start)\n",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 
 from toe.cost.flops import TRAIN_TO_FORWARD
+
+# the row columns a row's reference row shares (the same model, data set, pre-training): the rest may differ
+PER_REFERENCE = ("model", "data", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class TableSpec:
     title: str
     rows: List[str]  # run columns that make a row (seeds are pooled)
     reference: Dict[str, str] = field(default_factory=lambda: {"method": "baseline"})  # the row others compare to
+    per: Tuple[str, ...] = PER_REFERENCE  # the row columns a row and its reference row share
 
 
 TABLES: Dict[str, TableSpec] = {
@@ -46,6 +50,11 @@ TABLES: Dict[str, TableSpec] = {
     "ablation_stage_split": TableSpec("Ablation: stage split", ["model", "schedule"], {"schedule": "official"}),
     "compare_token_reduction": TableSpec(
         "Token reduction at matched train FLOPs: full tokens, ToE, PatchDropout, Token Merging", ["model", "method"]
+    ),
+    "vpt_vtab": TableSpec(
+        "Visual prompt tuning on VTAB-1k: VPT-deep and VPT-shallow, full tokens vs ToE, per task",
+        ["data.task", "prompts.deep", "method"],
+        per=("model", "data.task", "prompts.deep"),
     ),
 }
 NOT_ROW_KEYS = {"seed", "experiments", "smoke", "logger", "data.root", "hydra.sweep.dir", "hydra.run.dir"}
@@ -97,7 +106,7 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
         [table[k] == v for k, v in spec.reference.items() if k in table] or [np.zeros(len(table), dtype=bool)]
     )
     table["is_reference"] = is_reference
-    per_model = [c for c in rows if c in ("model", "data", "pretrained")]
+    per_model = [c for c in rows if c in spec.per]
     compared = {"hours": "ref_hours", "top1_mean": "ref_top1", "activation_mean": "ref_activation_mean"}
     reference = (
         table.loc[table["is_reference"], per_model + list(compared)]
@@ -116,8 +125,30 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
         keys = [c for c in rows if c in reference_csv.columns]
         extra = reference_csv.rename(columns={c: f"ref_{c}" for c in reference_csv.columns if c not in keys})
         table = table.merge(extra.astype({k: str for k in keys}), on=keys, how="left")
-    table.attrs.update(title=spec.title, rows=rows, time_unit=f"{device_kind(done)}-h")
+    table.attrs.update(title=spec.title, rows=rows, per=per_model, time_unit=f"{device_kind(done)}-h")
     return table
+
+
+def vtab_groups(table: pd.DataFrame) -> pd.DataFrame:
+    """VTAB-1k's summary as VPT's Table 1 gives it, from a per-task table (:data:`TABLES` ``vpt_vtab``): the mean
+    top-1 over the tasks of each group (natural, specialized, structured; the tasks counted), and the mean of the
+    three group means, per setting of the other row columns; train hours summed over the tasks."""
+    from toe.data.vtab import TASK_GROUP, VTAB_GROUPS
+
+    settings = [c for c in table.attrs["rows"] if c != "data.task"]
+    known = table[table["data.task"].isin(TASK_GROUP)].assign(group=lambda t: t["data.task"].map(TASK_GROUP))
+    grouped = (
+        known.groupby(settings + ["group"], sort=True)
+        .agg(tasks=("data.task", "nunique"), top1=("top1_mean", "mean"), hours=("hours", "sum"))
+        .reset_index()
+    )
+    wide = grouped.pivot_table(index=settings, columns="group", values="top1").reindex(columns=list(VTAB_GROUPS))
+    counts = grouped.pivot_table(index=settings, columns="group", values="tasks").reindex(columns=list(VTAB_GROUPS))
+    out = wide.copy()
+    out["mean of groups"] = wide.mean(axis=1, skipna=False)
+    out["tasks"] = counts.fillna(0).sum(axis=1).astype(int)
+    out["train hours (all tasks)"] = grouped.groupby(settings)["hours"].sum()
+    return out.reset_index()
 
 
 # the record's memory figures (toe.train.record.Summary); blank in records written before they were kept

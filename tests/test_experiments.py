@@ -48,6 +48,7 @@ def test_every_experiment_is_a_multirun_with_its_own_task_name():
         "ablation_stage_split",
         "compare_token_reduction",
         "universality",
+        "vpt_vtab",
     } <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         spec = yaml.safe_load((ROOT / "experiments" / f"{name}.yaml").read_text())
@@ -64,6 +65,8 @@ def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
         extra = [f"pretrained.baseline={checkpoint}", f"pretrained.toe={checkpoint}"]
     elif name == "table3_lvvit":
         extra = [f"label_maps={request.getfixturevalue('digits_label_maps')}"]
+    elif name == "vpt_vtab":  # the prompts tuned on the session's digits model
+        extra = [f"pretrained.vit={request.getfixturevalue('digits_teacher') / 'checkpoint.pth'}"]
     proc = _toe_train(f"experiments={name}", "smoke=on", *extra, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sweep_runs(tmp_path)

@@ -95,3 +95,42 @@ def test_vpt_trains_on_a_vtab_task(digits_teacher, tmp_path):
     summary = train(cfg, tmp_path / "run")
     assert summary.status == "completed" and summary.data == "vtab" and summary.epochs == 3
     assert summary.final_top1 is not None and summary.peak_activation_mib > 0
+
+
+def test_the_report_compares_each_task_with_its_own_baseline_and_means_the_groups():
+    import pandas as pd
+
+    from toe.analysis.report import verdicts
+    from toe.analysis.tables import TABLES, build_table, vtab_groups
+
+    rows = []
+    # two natural tasks, one specialized, one structured; VPT-deep only; ToE 2x faster, one point lower
+    for task, base in (("cifar", 0.70), ("dtd", 0.60), ("eurosat", 0.90), ("kitti", 0.50)):
+        for method, top1, hours in (("baseline", base, 2.0), ("toe", base - 0.01, 1.0)):
+            for seed in (0, 1):
+                rows.append(
+                    {
+                        "run": f"{task}-{method}-{seed}",
+                        "status": "completed",
+                        "model": "vit_base",
+                        "data": "vtab",
+                        "data.task": task,
+                        "prompts.deep": True,
+                        "method": method,
+                        "final_top1": top1 + 0.002 * seed,
+                        "train_flops_per_image_linear": 1e9,
+                        "train_flops_per_image": 1.2e9,
+                        "device_hours": hours,
+                    }
+                )
+    table = build_table(pd.DataFrame(rows), TABLES["vpt_vtab"])
+    toe = table[table["method"] == "toe"].set_index("data.task")
+    # each task against its own baseline: the same 2x and -1 point everywhere (a shared reference would not)
+    assert toe["speedup"].tolist() == pytest.approx([2.0] * 4)
+    assert toe["top1_delta"].tolist() == pytest.approx([-1.0] * 4)
+    assert all("faster by 2.00x, top-1 -1.00 points" in line for line in verdicts(table))
+    groups = vtab_groups(table).set_index("method")
+    assert groups.loc["baseline", "natural"] == pytest.approx(65.1)  # (70.1 + 60.1) / 2
+    assert groups.loc["baseline", "specialized"] == pytest.approx(90.1)
+    assert groups.loc["baseline", "mean of groups"] == pytest.approx((65.1 + 90.1 + 50.1) / 3)
+    assert groups.loc["toe", "tasks"] == 4 and groups.loc["toe", "train hours (all tasks)"] == pytest.approx(4.0)

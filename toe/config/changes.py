@@ -20,6 +20,7 @@ RESUMABLE_CHANGES = (
     "data.download",
     "task_name",
     "smoke_",
+    "vtab_tasks",
     "resume.",
 )
 

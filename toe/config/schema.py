@@ -255,6 +255,8 @@ class RunConfig:
     smoke_model: str = MISSING
     smoke_recipe: str = MISSING
     smoke_epochs: int = _spec(ge=1)
+    smoke_tasks: str = MISSING
+    vtab_tasks: str = MISSING  # the VTAB-1k tasks experiments/vpt_vtab.yaml sweeps, comma-separated
     toe: ToEConfig = field(default_factory=ToEConfig)
     patch_dropout: PatchDropoutConfig = field(default_factory=PatchDropoutConfig)
     tome: MergingConfig = field(default_factory=MergingConfig)
