@@ -78,9 +78,12 @@ class StepBench:
     def train_macs(self, tokens: BlockTokens) -> float:
         return self.shape.train_macs_blocks(tokens)
 
-    def __call__(self) -> None:
+    def _loss(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+            return torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+
+    def __call__(self) -> None:
+        loss = self._loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -89,8 +92,7 @@ class StepBench:
         """MiB of activations one step saves for backward at the current stage (apart from the timed steps, whose
         speed the counting hook would change)."""
         with SavedActivations(self.model.parameters()) as saved:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss = torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+            loss = self._loss()
         loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         return saved.mib

@@ -13,11 +13,7 @@ from tqdm import tqdm
 from toe.bench.timing import measure
 from toe.hosts import expansion_op
 from toe.ops.tokens import tokens_after_first_block
-
-
-def _mean_of(values) -> float:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else float("nan")
+from toe.train.record import known_mean
 
 
 class _FirstBatches:
@@ -147,6 +143,7 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
     totals, frames = [], []
     for entry in runs:
         last = entry["rows"][-1]
+        activations = known_mean(row.activation_mib for row in entry["rows"])
         totals.append(
             {
                 "run": entry["name"],
@@ -157,7 +154,7 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
                 "final_ema_top1": last.ema_top1,
                 "final_loss": last.train_loss,
                 "train_flops": last.train_flops_total,
-                "mean_activation_mib": _mean_of(row.activation_mib for row in entry["rows"]),
+                "mean_activation_mib": float("nan") if activations is None else activations,
             }
         )
         frame = pd.DataFrame([row.to_dict() for row in entry["rows"]])
@@ -166,6 +163,7 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
     stages = []
     for stage, epochs_of_stage in first.groupby("stage", sort=True):
         other = second.loc[epochs_of_stage.index]
+        activations, against_activations = epochs_of_stage.activation_mib.mean(), other.activation_mib.mean()
         stages.append(
             {
                 "stage": stage,
@@ -175,9 +173,9 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
                 "against_seconds": other.epoch_seconds.sum(),
                 "speedup": other.epoch_seconds.sum() / epochs_of_stage.epoch_seconds.sum(),
                 "flop_ratio": other.train_flops.sum() / epochs_of_stage.train_flops.sum(),
-                "activation_mib": epochs_of_stage.activation_mib.mean(),
-                "against_activation_mib": other.activation_mib.mean(),
-                "activation_saving": 1.0 - epochs_of_stage.activation_mib.mean() / other.activation_mib.mean(),
+                "activation_mib": activations,
+                "against_activation_mib": against_activations,
+                "activation_saving": 1.0 - activations / against_activations,
             }
         )
     run_total, against_total = totals

@@ -125,6 +125,12 @@ class Summary:
         return cls(**{key: value for key, value in known.items() if value is not None or key not in _LISTS})
 
 
+def known_mean(values: Iterator[Optional[float]]) -> Optional[float]:
+    """The mean of the values that are not ``None`` (a figure some epochs' rows lack), ``None`` if none is."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 _LISTS = ("resumed_at", "config_changes", "unreached_stages")
 # Beyond this a figure of the record (seconds, FLOPs, images) is not one a run can have written: a sum of two
 # would overflow to inf in the tables.

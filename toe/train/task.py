@@ -34,6 +34,7 @@ from toe.train.record import (
     RunRecord,
     StartRefused,
     Summary,
+    known_mean,
     read_run_dir,
     write_hydra_files,
     write_json_atomic,
@@ -295,11 +296,6 @@ def _peak(values: Iterator[Optional[float]]) -> Optional[float]:
     return max((v for v in values if v is not None), default=None)
 
 
-def _mean(values: Iterator[Optional[float]]) -> Optional[float]:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
-
-
 def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run: Optional["Run"] = None) -> Summary:
     """The run's summary from its progress; ``cfg`` is the typed config, or the composed one of a refused start."""
     history, last = progress.history, progress.last or EpochRow(epoch=-1)
@@ -330,7 +326,7 @@ def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run
         world_size=world_size,
         device_hours=train_seconds * (world_size or 1) / 3600.0,
         peak_activation_mib=_peak(row.activation_mib for row in history),
-        mean_activation_mib=_mean(row.activation_mib for row in history),
+        mean_activation_mib=known_mean(row.activation_mib for row in history),
         peak_cuda_mib=_peak(row.cuda_peak_mib for row in history),
         total_train_flops=last.train_flops_total,
         train_flops_per_image=last.train_flops_total / images if images else None,
