@@ -174,3 +174,22 @@ def test_unexpand_puts_each_kept_token_back_at_its_position_and_zeros_elsewhere(
                 assert not restored[b, position].any()
     same, full = expand_tokens(x, schedule, 0)  # identity stage: nothing to put back
     assert unexpand(same, full, 17) is same
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_suffix_tokens_are_kept_whole_after_the_reduced_ones_as_yolos_splits_them(stage):
+    """YOLOS's detection tokens: the official code splits them off, reduces ``[CLS, patches]`` and appends them
+    again; the operator with ``num_suffix_tokens`` computes that, and its positions point at them."""
+    sched = ExpansionSchedule([5, 50, 100], [0.5, 0.75, 1.0], 0.25, repeats=2)
+    gen = torch.Generator().manual_seed(stage)
+    x = torch.randn(3, 1 + 48 + 10, 16, generator=gen, dtype=torch.float64)
+    y, idx = expand_tokens(x, sched, stage, num_prefix_tokens=1, num_suffix_tokens=10)
+    y_ref, idx_ref = reference_expand_tokens(x[:, :-10], sched, stage, 1)
+    torch.testing.assert_close(y, torch.cat([y_ref, x[:, -10:]], dim=1), rtol=0, atol=1e-12)
+    assert torch.equal(idx[:, :-10], idx_ref)
+    assert torch.equal(idx[:, -10:], torch.arange(49, 59).expand(3, -1))
+    assert torch.equal(y, x.gather(1, idx[..., None].expand(-1, -1, 16))) or stage in (1, 2)  # merged: means
+    op = TokenExpansion(sched, num_prefix_tokens=1, num_suffix_tokens=10).train()
+    op.set_epoch({0: 0, 1: 5, 2: 50, 3: 100}[stage])
+    assert op.block_tokens(48, 3)[1][0] == 1 + sched.kept_tokens(48, op.stage if stage else 0) + 10
+    assert torch.equal(op(x)[0], y)

@@ -1,9 +1,10 @@
 """Token Expansion: pure tensor functions and a parameter-free module. No training or host knowledge here.
 
-Layout: tokens are ``[B, p + n, D]`` with ``p`` prefix tokens (CLS, distillation, registers) first and ``n`` patch
-tokens after them. The operator keeps the prefix aside, picks ``m`` patch tokens (spatial seeds, then the widest
-tokens in sub-steps), mean-merges every leftover patch token into its most similar kept token and returns
-``[B, p + m, D]`` plus the positions of the kept tokens in the input.
+Layout: tokens are ``[B, p + n + s, D]`` with ``p`` prefix tokens (CLS, distillation, registers, VPT's prompts)
+first, ``n`` patch tokens, and ``s`` suffix tokens last (YOLOS's detection tokens; none elsewhere). The operator keeps
+the prefix and the suffix aside, picks ``m`` patch tokens (spatial seeds, then the widest tokens in sub-steps),
+mean-merges every leftover patch token into its most similar kept token and returns ``[B, p + m + s, D]`` plus the
+positions of the kept tokens in the input.
 
 The selection keeps each token's best score to the selected set and updates it with the score columns of the
 tokens each sub-step adds, which equals the official code's recomputation because ``max`` is exact. Index
@@ -156,20 +157,21 @@ def merge_tokens(
 
 
 def expand_tokens(
-    x: torch.Tensor, schedule: ExpansionSchedule, stage: int, num_prefix_tokens: int = 1
+    x: torch.Tensor, schedule: ExpansionSchedule, stage: int, num_prefix_tokens: int = 1, num_suffix_tokens: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Apply ToE at ``stage`` to ``x`` ``[B, p + n, D]``; returns ``(y [B, p + m, D], idx [B, p + m])``.
+    """Apply ToE at ``stage`` to ``x`` ``[B, p + n + s, D]``; returns ``(y [B, p + m + s, D], idx [B, p + m + s])``.
 
-    ``idx`` holds positions in ``x``: ``0..p-1`` for the prefix tokens, then the kept patch tokens shifted by ``p``.
-    Identity stages return ``x`` itself and ``arange(p + n)``.
+    ``idx`` holds positions in ``x``: ``0..p-1`` for the prefix tokens, then the kept patch tokens shifted by ``p``,
+    then ``p+n..p+n+s-1`` for the suffix tokens, which the official YOLOS code splits off before the operator and
+    appends again after it, as this does. Identity stages return ``x`` itself and ``arange(p + n + s)``.
     """
     batch, total, _ = x.shape
     if schedule.is_identity(stage):
         return x, torch.arange(total, device=x.device).expand(batch, -1)
-    p = num_prefix_tokens
+    p, s = num_prefix_tokens, num_suffix_tokens
     x = x.contiguous()
-    patches = x[:, p:]
-    n = total - p
+    n = total - p - s
+    patches = x[:, p : p + n]
     if schedule.init == "spatial":
         seeds = spatial_seeds(n, schedule.init_keep_rate, x.device)
     else:
@@ -177,7 +179,10 @@ def expand_tokens(
     keep_idx, rest_idx, nearest = select_tokens(
         patches, seeds, schedule.substeps(n, stage), schedule.distance, schedule.expand
     )
-    positions = torch.cat([torch.arange(p, device=x.device).expand(batch, -1), keep_idx + p], dim=1)
+    pieces = [torch.arange(p, device=x.device).expand(batch, -1), keep_idx + p]
+    if s:
+        pieces.append(torch.arange(p + n, total, device=x.device).expand(batch, -1))
+    positions = torch.cat(pieces, dim=1)
     targets = nearest.gather(1, rest_idx) + p if schedule.merge == "mean" else None
     return merge_tokens(x, positions, rest_idx + p, targets), positions
 
@@ -196,12 +201,20 @@ class TokenExpansion(nn.Module):
     """Parameter-free ToE operator; the stage comes from :meth:`set_epoch`.
 
     Identity in stage 0, in a last stage whose kept rate is 1.0, and in eval mode unless ``sparse_eval``.
+    ``num_suffix_tokens`` trailing tokens (YOLOS's detection tokens) are kept aside like the prefix.
     """
 
-    def __init__(self, schedule: ExpansionSchedule, num_prefix_tokens: int = 1, sparse_eval: bool = False):
+    def __init__(
+        self,
+        schedule: ExpansionSchedule,
+        num_prefix_tokens: int = 1,
+        sparse_eval: bool = False,
+        num_suffix_tokens: int = 0,
+    ):
         super().__init__()
         self.schedule = schedule
         self.num_prefix_tokens = num_prefix_tokens
+        self.num_suffix_tokens = num_suffix_tokens
         self.sparse_eval = sparse_eval
         self.stage = 0
 
@@ -217,13 +230,15 @@ class TokenExpansion(nn.Module):
         return self.schedule.kept_tokens(n, self.stage) if self.is_active() else n
 
     def block_tokens(self, num_patches: int, depth: int) -> BlockTokens:
-        """(tokens into the attention, tokens into the MLP) of each block, prefix included, now: the first block
-        sees every token, the others the kept ones."""
-        return reduced_block_tokens(self.num_prefix_tokens, num_patches, self.kept_tokens(num_patches), depth)
+        """(tokens into the attention, tokens into the MLP) of each block, prefix and suffix included, now: the
+        first block sees every token, the others the kept ones."""
+        aside = self.num_prefix_tokens + self.num_suffix_tokens
+        return reduced_block_tokens(aside, num_patches, self.kept_tokens(num_patches), depth)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         stage = self.stage if self.is_active() else 0
-        return expand_tokens(x, self.schedule, stage, self.num_prefix_tokens)
+        return expand_tokens(x, self.schedule, stage, self.num_prefix_tokens, self.num_suffix_tokens)
 
     def extra_repr(self) -> str:
-        return f"stage={self.stage}, num_prefix_tokens={self.num_prefix_tokens}, schedule={self.schedule}"
+        suffix = f", num_suffix_tokens={self.num_suffix_tokens}" if self.num_suffix_tokens else ""
+        return f"stage={self.stage}, num_prefix_tokens={self.num_prefix_tokens}{suffix}, schedule={self.schedule}"
