@@ -54,7 +54,8 @@ def verdicts(table: pd.DataFrame) -> List[str]:
             if saving >= 0
             else f", {-100 * saving:.0f} % more activation memory"
         )
-        lines.append(f"{name}: {faster}{memory}, top-1 {row['top1_delta']:+.2f} points ({judged})")
+        metric = table.attrs.get("metric", "top-1")
+        lines.append(f"{name}: {faster}{memory}, {metric} {row['top1_delta']:+.2f} points ({judged})")
     return lines
 
 

@@ -88,11 +88,18 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
     rows = [c for c in spec.rows if c in done.columns]
     for column in rows:
         done[column] = done[column].astype(str)
+    # a detector's accuracy is its COCO box AP (task=detection records final_box_ap, not top-1)
+    detection = "final_box_ap" in done.columns and done["final_box_ap"].notna().any()
+    metric = "final_box_ap" if detection else "final_top1"
+    if detection:
+        done = done.reindex(columns=list(done.columns) + [c for c in ("final_box_ap50",) if c not in done.columns])
     grouped = done.groupby(rows, sort=True, dropna=False)
+    extra = {"ap50_mean": ("final_box_ap50", "mean")} if detection else {}
     table = grouped.agg(
-        n=("final_top1", "count"),
-        top1_mean=("final_top1", "mean"),
-        top1_std=("final_top1", "std"),
+        n=(metric, "count"),
+        top1_mean=(metric, "mean"),
+        top1_std=(metric, "std"),
+        **extra,
         gflops_linear=("train_flops_per_image_linear", "mean"),
         gflops_attn=("train_flops_per_image", "mean"),
         hours=("device_hours", "mean"),
@@ -100,7 +107,7 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
         activation_mean=("mean_activation_mib", "mean"),
         cuda_peak=("peak_cuda_mib", "mean"),
     ).reset_index()
-    table[["top1_mean", "top1_std"]] *= 100.0
+    table[["top1_mean", "top1_std"] + list(extra)] *= 100.0
     table[["gflops_linear", "gflops_attn"]] /= TRAIN_TO_FORWARD * 1e9
     is_reference = np.logical_and.reduce(
         [table[k] == v for k, v in spec.reference.items() if k in table] or [np.zeros(len(table), dtype=bool)]
@@ -125,7 +132,13 @@ def build_table(runs: pd.DataFrame, spec: TableSpec, reference_csv: Optional[pd.
         keys = [c for c in rows if c in reference_csv.columns]
         extra = reference_csv.rename(columns={c: f"ref_{c}" for c in reference_csv.columns if c not in keys})
         table = table.merge(extra.astype({k: str for k in keys}), on=keys, how="left")
-    table.attrs.update(title=spec.title, rows=rows, per=per_model, time_unit=f"{device_kind(done)}-h")
+    table.attrs.update(
+        title=spec.title,
+        rows=rows,
+        per=per_model,
+        time_unit=f"{device_kind(done)}-h",
+        metric="box AP" if detection else "top-1",
+    )
     return table
 
 
@@ -186,8 +199,11 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         std = "" if pd.isna(row["top1_std"]) else f" ± {row['top1_std']:.2f}"
         return f"{row['top1_mean']:.2f}{std} (n={row['n']})"
 
+    metric = table.attrs.get("metric", "top-1")
     out = table[table.attrs["rows"]].copy()
-    out["Top-1 (%)"] = table.apply(pm, axis=1)
+    out[f"{metric[0].upper()}{metric[1:]} (%)"] = table.apply(pm, axis=1)
+    if "ap50_mean" in table.columns:
+        out["AP50 (%)"] = [f"{v:.2f}" for v in table["ap50_mean"]]
     out["GFLOPs/img fwd (linear / +attn)"] = [
         f"{a:.4g} / {b:.4g}" for a, b in zip(table["gflops_linear"], table["gflops_attn"])
     ]
@@ -201,7 +217,7 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     out["Speed-up"] = [
         "ref." if r else ("n/a" if pd.isna(s) else f"{s:.2f}x") for s, r in zip(table["speedup"], table["is_reference"])
     ]
-    out["Δ top-1"] = [
+    out[f"Δ {metric}"] = [
         "ref." if r else ("n/a" if pd.isna(d) else f"{d:+.2f}")
         for d, r in zip(table["top1_delta"], table["is_reference"])
     ]

@@ -268,3 +268,29 @@ def test_the_other_token_reducers_learn_the_embedded_default(method, tmp_path):
 
     summary = train(compose_cfg([f"method={method}", "logger=none"]), tmp_path)
     assert summary.status == "completed" and summary.final_top1 >= 0.90
+
+
+def test_suffix_tokens_are_never_merged_and_come_last():
+    """YOLOS's detection tokens: merging ``[prefix, patches, suffix]`` keeps the suffix whole after the merged
+    patches, and merges the patches exactly as without it; destinations and positions agree."""
+    from toe.ops.merging import merged_positions
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1 + 15 + 4, 8, generator=gen)
+    with_suffix = bipartite_soft_matching(x, 5, num_prefix_tokens=1, num_suffix_tokens=4)
+    without = bipartite_soft_matching(x[:, :-4], 5, num_prefix_tokens=1)
+    merged, size = merge_tokens(x, with_suffix)
+    expected, expected_size = merge_tokens(x[:, :-4], without)
+    assert merged.shape == (2, 1 + 10 + 4, 8)
+    torch.testing.assert_close(merged, torch.cat([expected, x[:, -4:]], dim=1))
+    assert size[:, -4:].eq(1).all() and torch.equal(size[:, :-4], expected_size)
+    dest = merge_destinations(with_suffix)
+    assert torch.equal(dest[:, -4:], torch.arange(11, 15).expand(2, -1))
+    torch.testing.assert_close(unmerge(merged, dest)[:, -4:], x[:, -4:])
+    positions = merged_positions(torch.arange(20).expand(2, -1), with_suffix)
+    assert torch.equal(positions[:, -4:], torch.arange(16, 20).expand(2, -1))
+    op = toe.TokenMerging(MergeSchedule((0,), (5,)), num_prefix_tokens=1, num_suffix_tokens=4).train()
+    op.set_epoch(0)
+    assert op.block_tokens(15, 2) == [(20, 15), (15, 10)]
+    merged_by_op, _, matching = op(x, x, None, 0)
+    torch.testing.assert_close(merged_by_op, merged)

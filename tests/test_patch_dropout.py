@@ -104,3 +104,16 @@ def test_a_patchdropout_run_records_its_stages_tokens_and_flops(tiny_cfg, tmp_pa
         train(tiny_cfg("method=patchdropout", "toe.enabled=true"), tmp_path / "both")
     with pytest.raises(ConfigError, match="one value per stage"):
         train(tiny_cfg("method=patchdropout", "patch_dropout.keep_rates=[0.5]"), tmp_path / "rates")
+
+
+def test_suffix_tokens_are_never_dropped_and_stay_last():
+    op = ScheduledPatchDropout(SCHEDULE, num_prefix_tokens=1, num_suffix_tokens=3).train()
+    x = torch.arange(2 * 20, dtype=torch.float32).view(2, 20, 1).expand(-1, -1, 4).clone()
+    op.set_epoch(5)
+    torch.manual_seed(0)
+    y, kept = op.forward_with_indices(x)
+    assert y.shape == (2, 1 + 8 + 3, 4) and kept.shape == (2, 8)
+    assert torch.equal(y[:, 0], x[:, 0]) and torch.equal(y[:, -3:], x[:, -3:])
+    torch.testing.assert_close(y[:, 1:-3], x.gather(1, (kept + 1)[..., None].expand(-1, -1, 4)))
+    assert (kept < 16).all()  # only patches were dropped or kept
+    assert op.block_tokens(16, 2) == [(12, 12), (12, 12)]

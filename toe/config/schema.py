@@ -25,7 +25,9 @@ SCHEMA_NAME = "toe_schema"
 # Top-level keys that only some experiments set (and read through interpolations): missing is fine elsewhere.
 # They are inputs rather than defaults because a YAML ``???`` cannot replace a value already set, e.g. null.
 EXPERIMENT_INPUTS = ("label_maps", "pretrained")
-DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100", "vtab")
+DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100", "vtab", "coco", "digits_detection")
+DETECTION_DATASETS = ("coco", "digits_detection")
+TASKS = ("classification", "detection")
 PIPELINES = ("auto", "tensor", "pil")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -127,6 +129,12 @@ class DataConfig:
     # digits and prompts tuned on the others (data=digits_pretrain, data=digits_transfer); null: all ten
     classes: Optional[List[int]] = _spec(None, ge=0, le=9)
     task: Optional[str] = None  # data=vtab: the VTAB-1k task folder under data.root (toe.data.vtab)
+    # data=digits_detection only (toe.data.detection.DigitsDetection; split_seed seeds the draw): train and val
+    # images, the canvas side in px, the least and most digits per image, the least and largest digit side in px
+    images: Optional[List[int]] = _spec(None, ge=1)
+    canvas: Optional[int] = _spec(None, ge=8)
+    digits_per_image: Optional[List[int]] = _spec(None, ge=0)
+    digit_sizes: Optional[List[int]] = _spec(None, ge=4)
 
 
 @dataclass
@@ -240,6 +248,30 @@ class PromptConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """YOLOS (toe.models.yolos) and DETR's set loss (toe.models.detr), read when ``task=detection``; the values of
+    the official runs are YOLOS's (hustvl/YOLOS and ToE/YOLOS main.py, datasets/coco.py, run/*.sh)."""
+
+    det_tokens: int = _spec(ge=1)  # detection tokens after the patch tokens (--det_token_num)
+    init_pe_size: List[int] = _spec(ge=1)  # [H, W] px of the detection position embedding's grid (--init_pe_size)
+    mid_pe_size: Optional[List[int]] = _spec(None, ge=1)  # [H, W] of the mid position embeddings; null: none
+    scales: List[int] = _spec(ge=1)  # training: the shortest side is drawn from these
+    max_size: int = _spec(ge=1)  # training: the longest side at most this
+    eval_size: int = _spec(ge=1)  # evaluation: the shortest side (--eval_size; longest at most eval_size * 1333/800)
+    crop: bool = MISSING  # DETR's random-size crop, half of the time
+    cost_class: float = _spec(ge=0.0)  # Hungarian matching costs (--set_cost_*)
+    cost_bbox: float = _spec(ge=0.0)
+    cost_giou: float = _spec(ge=0.0)
+    loss_ce: float = _spec(ge=0.0)  # loss weights (1, --bbox_loss_coef, --giou_loss_coef)
+    loss_bbox: float = _spec(ge=0.0)
+    loss_giou: float = _spec(ge=0.0)
+    eos_coef: float = _spec(ge=0.0, le=1.0)  # the "no object" class's cross-entropy weight
+    # data=digits_detection without finetune.path: the epochs of the digits-classification backbone that the run
+    # trains first (cached, toe.train.backbone)
+    backbone_epochs: int = _spec(ge=1)
+
+
+@dataclass
 class ResumeConfig:
     allow_changes: bool = MISSING  # resume although the config differs from the checkpoint's (noted in the record)
 
@@ -249,11 +281,13 @@ class RunConfig:
     """The whole config of one ``toe-train`` run (the ``hydra`` node is Hydra's own)."""
 
     task_name: str = MISSING
+    task: str = _spec(choices=TASKS)  # what the run trains: a classifier, or a detector (YOLOS, task=detection)
     seed: int = _spec(ge=0, le=2**32 - 1)  # what numpy and timm's random_seed take
     budget: Optional[float] = _spec(None, gt=0.0)  # hparams_search: the least train-FLOP speed-up of a trial
     method_name: str = MISSING
     smoke_model: str = MISSING
     smoke_recipe: str = MISSING
+    smoke_data: str = _spec(choices=DATASETS)
     smoke_epochs: int = _spec(ge=1)
     smoke_tasks: str = MISSING
     vtab_tasks: str = MISSING  # the VTAB-1k tasks experiments/vpt_vtab.yaml sweeps, comma-separated
@@ -270,6 +304,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     # Inputs that experiment files ask for (experiments/table3_lvvit.yaml, experiments/finetune_cifar.yaml) and use
     # through interpolations; left unset (???) elsewhere, which is not an error (see EXPERIMENT_INPUTS).

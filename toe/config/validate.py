@@ -160,6 +160,7 @@ def validate(cfg: DictConfig, devices: bool = True) -> "SchedulePlan":
             "an even batch"
         )
     _check_digits_split(cfg)
+    _check_detection(cfg)
     workers = cfg.train.workers
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"train.workers={show_value(workers)}: expected auto or a number of processes >= 0")
@@ -179,6 +180,57 @@ def checked_config(cfg: DictConfig, devices: bool = True) -> Tuple[RunConfig, Sc
 
 
 DIGITS_IMAGES, DIGITS_CLASSES = 1797, 10  # scikit-learn's load_digits
+
+
+def _check_detection(cfg: DictConfig) -> None:
+    """A detection run needs detection data and a recipe YOLOS can train with; a classifier, classification data."""
+    from toe.config.schema import DETECTION_DATASETS
+
+    detection, data = cfg.task == "detection", cfg.data.name
+    if detection != (data in DETECTION_DATASETS):
+        wanted = "task=detection" if data in DETECTION_DATASETS else "data=coco or data=digits_detection"
+        raise ConfigError(f"task={cfg.task} with data={data}: {wanted} (a {cfg.task} run reads {wanted.split('=')[0]})")
+    digits_only = ("images", "canvas", "digits_per_image", "digit_sizes")
+    for key in digits_only:
+        if data != "digits_detection" and cfg.data.get(key) is not None:
+            raise ConfigError(f"data.{key}={show_value(cfg.data[key])}: only data=digits_detection draws its images")
+    if not detection:
+        return
+    node = cfg.data
+    for key, size in (("images", 2), ("digits_per_image", 2), ("digit_sizes", 2)):
+        value = node.get(key)
+        if value is not None and (len(value) != size or (key != "images" and value[0] > value[1])):
+            raise ConfigError(
+                f"data.{key}={show_value(list(value))}: expected [low, high]"
+                if key != "images"
+                else f"data.images={show_value(list(value))}: expected [train, val]"
+            )
+    if data == "digits_detection" and node.digit_sizes is not None and node.canvas is not None:
+        if node.digit_sizes[1] > node.canvas:
+            raise ConfigError(
+                f"data.digit_sizes={show_value(list(node.digit_sizes))}: larger than the canvas ({node.canvas} px)"
+            )
+    if data == "coco" and cfg.finetune.path is None:
+        raise ConfigError(
+            "task=detection with data=coco needs finetune.path=<a DeiT checkpoint> (YOLOS fine-tunes a classifier: "
+            "its --pre_trained); only the embedded data=digits_detection trains its own backbone"
+        )
+    for key in ("init_pe_size", "mid_pe_size"):
+        value = cfg.detection.get(key)
+        if value is not None and len(value) != 2:
+            raise ConfigError(f"detection.{key}={show_value(list(value))}: expected [height, width] in pixels")
+    if not cfg.detection.scales:
+        raise ConfigError("detection.scales=[]: at least one training scale (the shortest side in pixels)")
+    refusals = (
+        (cfg.curriculum.enabled, f"method={cfg.method_name}: EfficientTrain's curriculum"),
+        (cfg.tome.enabled, "method=tome: Token Merging (YOLOS's mid position embeddings would merge too)"),
+        (cfg.prompts.enabled, "prompts.enabled=true: visual prompt tuning"),
+        (bool(cfg.token_label.root), f"token_label.root={cfg.token_label.root}: token labeling"),
+        (cfg.recipe.mixup > 0 or cfg.recipe.cutmix > 0, f"recipe.mixup={cfg.recipe.mixup} / cutmix: Mixup/CutMix"),
+    )
+    for refused, what in refusals:
+        if refused:
+            raise ConfigError(f"{what} is for classification; task=detection (YOLOS) cannot train with it")
 
 
 def _check_digits_split(cfg: DictConfig) -> None:

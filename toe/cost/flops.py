@@ -53,7 +53,8 @@ class ViTShape:
             depth=len(model.blocks),
             mlp_hidden=_mlp_width(model.blocks[0].mlp, model.embed_dim),
             num_patches=num_patches,
-            num_prefix_tokens=prefix_tokens(model),  # VPT's prompts included
+            # every token a reducer keeps aside: VPT's prompts included, and YOLOS's detection tokens (suffix)
+            num_prefix_tokens=prefix_tokens(model) + int(getattr(model, "num_suffix_tokens", 0)),
             patch_macs=per_patch,
             num_classes=getattr(model, "num_classes", 0),
         )

@@ -4,8 +4,9 @@ Like ToMe's ``tome.patch``, a host's class is swapped for a subclass that adds t
 the ``state_dict`` keys stay those of the unpatched model; the host model itself knows nothing of token reduction.
 One module per host family: :mod:`toe.hosts.timm` (timm's ``VisionTransformer``, ``Eva``, ``Beit``,
 ``VisionTransformerRelPos`` and any model with ``blocks`` and ``num_prefix_tokens``; for the families whose blocks
-read token positions, :mod:`toe.hosts.positions` hands them the kept tokens') and :mod:`toe.hosts.lvvit` (LV-ViT,
-whose dense head needs every position back); each has ``apply`` (ToE), ``apply_merging`` and
+read token positions, :mod:`toe.hosts.positions` hands them the kept tokens'), :mod:`toe.hosts.lvvit` (LV-ViT,
+whose dense head needs every position back) and :mod:`toe.hosts.yolos` (YOLOS, whose detection tokens come after
+the patches and whose mid position embeddings follow the kept tokens); each has ``apply`` (ToE), ``apply_merging`` and
 ``apply_patch_dropout``. The functions here are also ``toe.patch``,
 ``toe.patch_merging`` and ``toe.patch_dropout``.
 """
@@ -17,7 +18,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Type
 
 from torch import nn
 
-from toe.hosts import lvvit, timm
+from toe.hosts import lvvit, timm, yolos
 from toe.ops.expansion import TokenExpansion
 from toe.ops.merging import TokenMerging
 from toe.ops.methods import REDUCER_METHOD
@@ -31,7 +32,7 @@ TokenReducer = (TokenExpansion, TokenMerging, ScheduledPatchDropout)  # the ops 
 def hosts() -> List[Tuple[Type[nn.Module], ModuleType]]:
     """(host type, its host module), most specific first; the first whose type matches the model is used. A
     function, so that ``import toe`` does not import the host models (and timm with them)."""
-    return [(lvvit.host_type(), lvvit), (nn.Module, timm)]
+    return [(lvvit.host_type(), lvvit), (yolos.host_type(), yolos), (nn.Module, timm)]
 
 
 def _host(model: nn.Module, method: str) -> ModuleType:

@@ -122,6 +122,10 @@ def adapt_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[
         if key in state and state[key].shape != value.shape
     ]
     mismatched = []
+    if not any(k.startswith(HEAD_PREFIXES) for k in own):  # a backbone built without a head (YOLOS's)
+        for key in [k for k in fitted if k.startswith(HEAD_PREFIXES)]:
+            del fitted[key]
+            notes.append(f"left out {key} (the model has no classifier head)")
     for key, value in list(fitted.items()):
         if key not in own or own[key].shape == value.shape:
             continue

@@ -48,9 +48,10 @@ class ScheduledPatchDropout(PatchDropout):
     """timm's ``PatchDropout`` whose drop probability follows a :class:`KeptRateSchedule` through
     :meth:`set_epoch`; parameter-free, like :class:`toe.TokenExpansion`."""
 
-    def __init__(self, schedule: KeptRateSchedule, num_prefix_tokens: int = 1):
+    def __init__(self, schedule: KeptRateSchedule, num_prefix_tokens: int = 1, num_suffix_tokens: int = 0):
         super().__init__(prob=0.0, num_prefix_tokens=num_prefix_tokens)
         self.schedule = schedule
+        self.num_suffix_tokens = num_suffix_tokens  # trailing tokens kept whole (YOLOS's detection tokens)
         self.stage = 0
 
     @property
@@ -73,13 +74,20 @@ class ScheduledPatchDropout(PatchDropout):
     def block_tokens(self, num_patches: int, depth: int) -> BlockTokens:
         """(tokens into the attention, tokens into the MLP) of each block, prefix included, now: it runs before
         the first block, so every block sees the kept tokens."""
-        return reduced_block_tokens(
-            self.num_prefix_tokens, num_patches, self.kept_tokens(num_patches), depth, first_block_reduced=True
-        )
+        aside = self.num_prefix_tokens + self.num_suffix_tokens
+        return reduced_block_tokens(aside, num_patches, self.kept_tokens(num_patches), depth, first_block_reduced=True)
 
     def forward_with_indices(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The kept tokens and their patch positions ``[B, m]`` (``None`` when nothing is dropped), by timm's
-        dropping, for hosts that put the tokens back (LV-ViT's dense head)."""
+        dropping, for hosts that put the tokens back (LV-ViT's dense head) or read positions (YOLOS's mid position
+        embeddings). Suffix tokens are split off before the dropping and appended after it."""
+        s = self.num_suffix_tokens
+        if s:
+            kept, indices = self._drop_with_indices(x[:, :-s])
+            return torch.cat([kept, x[:, -s:]], dim=1), indices
+        return self._drop_with_indices(x)
+
+    def _drop_with_indices(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if patch_dropout_forward is not None:
             return patch_dropout_forward(x, self.prob, self.num_prefix_tokens, self.ordered, self.training)
         self.return_indices = True

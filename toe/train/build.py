@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -140,8 +140,11 @@ class Run:
     img_size: int
     patch_size: int
     clip_grad: Optional[float]
-    pipeline: str  # tensor | pil: how training images load and augment (train.pipeline resolved)
+    pipeline: str  # tensor | pil: how training images load and augment (train.pipeline resolved); detection
     batch_augment: Optional[torch.nn.Module]  # the tensor pipeline's augmentation, on the device; None for pil
+    task: str = "classification"  # or detection (toe.train.detection)
+    val_coco: Any = None  # detection: the val set's COCO index, for COCOeval
+    patch_grid: Optional[Tuple[int, int]] = None  # detection: the grid the record's FLOPs count an image at
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.dist)
@@ -227,6 +230,10 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
+    if cfg.task == "detection":
+        from toe.train.detection import build_detection_run
+
+        return build_detection_run(cfg, plan, info)
     device = resolve_device(cfg.train.device, info.local_rank)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext

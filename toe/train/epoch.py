@@ -2,7 +2,8 @@
 
 - :class:`EpochSetup` (start of an epoch): the ToE stage of the model and its EMA, the EfficientTrain phase (its
   loader, resolution and gradient accumulation), and the tokens and train FLOPs per image that follow from them;
-- :class:`Evaluator` (end of an epoch): val top-1/top-5 of the model and of its EMA on full tokens, when due;
+- :class:`Evaluator` (end of an epoch): val top-1/top-5 of the model and of its EMA on full tokens (a detector:
+  COCO box AP, AP50, AP75), when due;
 - :func:`epoch_row`: the epoch's line of the run record from the above and the step's result;
 - :func:`train_epoch`: the three in order around one :func:`toe.train.step.train_one_epoch`.
 
@@ -75,7 +76,8 @@ class EpochSetup:
             loader = run.train_loaders.get(run.local_batch // accumulation, phase.magnitude)
             crop = functools.partial(fourier_crop, size=img_size) if img_size < run.img_size else None
         run.sampler.set_epoch(epoch)
-        shape = replace(run.shape, num_patches=(img_size // run.patch_size) ** 2)
+        grid = run.patch_grid or (img_size // run.patch_size, img_size // run.patch_size)
+        shape = replace(run.shape, num_patches=grid[0] * grid[1])
         tokens = block_tokens(run.model, shape)
         return EpochSetting(
             epoch,
@@ -96,9 +98,24 @@ def block_tokens(model: torch.nn.Module, shape: ViTShape) -> BlockTokens:
     return op.block_tokens(shape.num_patches, shape.depth) if op is not None else shape.full_block_tokens()
 
 
+@dataclass
+class Scores:
+    """An epoch's evaluation; every figure ``None`` when the epoch is not evaluated (or not of the run's task)."""
+
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    ema_top1: Optional[float] = None
+    box_ap: Optional[float] = None
+    box_ap50: Optional[float] = None
+    box_ap75: Optional[float] = None
+    ema_box_ap: Optional[float] = None
+    seconds: float = 0.0
+
+
 class Evaluator:
     """Top-1/top-5 of the model and top-1 of its EMA on the val set (full tokens), every ``every`` epochs and after
-    the last; evaluated at the epoch's resolution (the curriculum's crop)."""
+    the last; evaluated at the epoch's resolution (the curriculum's crop). A detector (``run.task``): COCO box AP,
+    AP50 and AP75 of the model and AP of its EMA."""
 
     def __init__(self, run: Any, every: int, progress: bool):
         self.run, self.every, self.progress = run, every, progress
@@ -106,11 +123,12 @@ class Evaluator:
     def due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every == 0 or epoch + 1 == self.run.plan.epochs
 
-    def after(self, setting: EpochSetting) -> Tuple[Optional[float], Optional[float], Optional[float], float]:
-        """``(top1, top5, ema_top1, seconds)``; ``(None, None, None, 0.0)`` when the epoch is not evaluated."""
+    def after(self, setting: EpochSetting) -> Scores:
         if not self.due(setting.epoch):
-            return None, None, None, 0.0
+            return Scores()
         run, start = self.run, time.perf_counter()
+        if getattr(run, "task", "classification") == "detection":
+            return self._detection(start)
         measure = functools.partial(
             evaluate,
             loader=run.val_loader,
@@ -122,15 +140,38 @@ class Evaluator:
         )
         top1, top5 = measure(run.net)
         ema_top1 = measure(run.ema.module)[0] if run.ema is not None else None
-        return top1, top5, ema_top1, time.perf_counter() - start
+        return Scores(top1, top5, ema_top1, seconds=time.perf_counter() - start)
+
+    def _detection(self, start: float) -> Scores:
+        from toe.train.detection import evaluate_detection
+        from toe.train.distributed import gather_objects
+
+        run = self.run
+        measure = functools.partial(
+            evaluate_detection,
+            loader=run.val_loader,
+            coco=run.val_coco,
+            device=run.device,
+            autocast=run.autocast,
+            progress=self.progress,
+            gather=(lambda results: gather_objects(results, run.dist)) if run.dist.enabled else None,
+        )
+        found = measure(run.net)
+        ema = measure(run.ema.module).ap if run.ema is not None else None
+        return Scores(
+            box_ap=found.ap,
+            box_ap50=found.ap50,
+            box_ap75=found.ap75,
+            ema_box_ap=ema,
+            seconds=time.perf_counter() - start,
+        )
 
 
 def epoch_row(
-    setting: EpochSetting, result: EpochResult, scores: Tuple, lr: float, last: Optional[EpochRow]
+    setting: EpochSetting, result: EpochResult, scores: Scores, lr: float, last: Optional[EpochRow]
 ) -> EpochRow:
     """The epoch's line of the record; ``last`` (the previous epoch's) carries the running totals."""
     last = last or EpochRow(epoch=-1)
-    top1, top5, ema_top1, eval_seconds = scores
     return EpochRow(
         epoch=setting.epoch,
         stage=setting.stage,
@@ -143,10 +184,14 @@ def epoch_row(
         train_flops_total=last.train_flops_total + result.images * setting.macs_per_image,
         train_flops_linear_total=last.train_flops_linear_total + result.images * setting.macs_per_image_linear,
         images_seen=last.images_seen + result.images,
-        val_top1=top1,
-        val_top5=top5,
-        ema_top1=ema_top1,
-        eval_seconds=eval_seconds,
+        val_top1=scores.top1,
+        val_top5=scores.top5,
+        ema_top1=scores.ema_top1,
+        val_box_ap=scores.box_ap,
+        val_box_ap50=scores.box_ap50,
+        val_box_ap75=scores.box_ap75,
+        ema_box_ap=scores.ema_box_ap,
+        eval_seconds=scores.seconds,
         lr=lr,
         activation_mib=result.activation_mib,
         cuda_peak_mib=result.cuda_peak_mib,

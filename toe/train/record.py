@@ -55,6 +55,11 @@ class EpochRow:
     val_top1: Optional[float] = None
     val_top5: Optional[float] = None
     ema_top1: Optional[float] = None  # null without EMA
+    # task=detection: COCO box AP (IoU 0.50:0.95), AP50, AP75 on the val set (pycocotools), and the EMA's AP
+    val_box_ap: Optional[float] = None
+    val_box_ap50: Optional[float] = None
+    val_box_ap75: Optional[float] = None
+    ema_box_ap: Optional[float] = None
     eval_seconds: float = 0.0  # evaluating the model (and its EMA) after this epoch; 0 when not evaluated
     # writing this epoch's checkpoint (known only after it is written: the checkpoint itself holds 0 here, so the
     # last epoch before a resume reads 0)
@@ -92,6 +97,12 @@ class Summary:
     final_top1: Optional[float] = None
     best_ema_top1: Optional[float] = None
     final_ema_top1: Optional[float] = None
+    # task=detection: COCO box AP, AP50 and AP75 (fractions) of the last evaluation, and the best AP
+    best_box_ap: Optional[float] = None
+    final_box_ap: Optional[float] = None
+    final_box_ap50: Optional[float] = None
+    final_box_ap75: Optional[float] = None
+    final_ema_box_ap: Optional[float] = None
     total_train_seconds: float = 0.0
     total_eval_seconds: float = 0.0  # evaluation, kept apart from training time
     total_checkpoint_seconds: float = 0.0

@@ -31,7 +31,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _to_device(target, device: torch.device):
-    """Class indices, or a dict of tensors (token labeling's label maps and crop boxes)."""
+    """Class indices, a dict of tensors (token labeling's label maps and crop boxes), or a list of them (DETR's
+    targets, one dict per image)."""
+    if isinstance(target, (list, tuple)):
+        return [_to_device(item, device) for item in target]
     if isinstance(target, dict):
         return {key: value.to(device, non_blocking=True) for key, value in target.items()}
     return target.to(device, non_blocking=True)

@@ -190,26 +190,30 @@ def _fit(
         row.checkpoint_seconds = state.save(run_dir / CHECKPOINT_FILE)
         progress.wall_seconds = wall_before + time.time() - started_at  # the record's, with the write counted
         record.log_epoch(row)
-        _log_epoch(row, epochs)
+        _log_epoch(row, epochs, cfg.task)
         record.write_summary(summarize(cfg, run.plan, progress, status="running", run=run))
     summary = summarize(cfg, run.plan, progress, status="completed", run=run)
     record.write_summary(summary)
     return summary
 
 
-def _log_epoch(row: EpochRow, epochs: int) -> None:
+def _log_epoch(row: EpochRow, epochs: int, task: str = "classification") -> None:
     def pct(value: Optional[float]) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
+    scores = ("AP", row.val_box_ap, "AP50", row.val_box_ap50) if task == "detection" else None
+    scores = scores or ("top1", row.val_top1, "ema", row.ema_top1)
     log.info(
-        "epoch %d/%d stage %d tokens %d loss %.4f top1 %s ema %s %.0f img/s %.1fs%s",
+        "epoch %d/%d stage %d tokens %d loss %.4f %s %s %s %s %.0f img/s %.1fs%s",
         row.epoch + 1,
         epochs,
         row.stage,
         row.tokens_after_first_block,
         row.train_loss,
-        pct(row.val_top1),
-        pct(row.ema_top1),
+        scores[0],
+        pct(scores[1]),
+        scores[2],
+        pct(scores[3]),
         row.train_img_per_s,
         row.epoch_seconds,
         f" activations {row.activation_mib:.1f} MiB" if row.activation_mib is not None else "",
@@ -301,6 +305,8 @@ def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run
     history, last = progress.history, progress.last or EpochRow(epoch=-1)
     top1 = [row.val_top1 for row in history if row.val_top1 is not None]
     ema = [row.ema_top1 for row in history if row.ema_top1 is not None]
+    boxes = [row for row in history if row.val_box_ap is not None]
+    ema_boxes = [row.ema_box_ap for row in history if row.ema_box_ap is not None]
     train_seconds, images = last.train_seconds_total, last.images_seen
     eval_seconds = sum(row.eval_seconds for row in history)
     checkpoint_seconds = sum(row.checkpoint_seconds for row in history)
@@ -315,6 +321,11 @@ def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run
         final_top1=top1[-1] if top1 else None,
         best_ema_top1=max(ema, default=None),
         final_ema_top1=ema[-1] if ema else None,
+        best_box_ap=max((row.val_box_ap for row in boxes), default=None),
+        final_box_ap=boxes[-1].val_box_ap if boxes else None,
+        final_box_ap50=boxes[-1].val_box_ap50 if boxes else None,
+        final_box_ap75=boxes[-1].val_box_ap75 if boxes else None,
+        final_ema_box_ap=ema_boxes[-1] if ema_boxes else None,
         total_train_seconds=train_seconds,
         total_eval_seconds=eval_seconds,
         total_checkpoint_seconds=checkpoint_seconds,
