@@ -310,3 +310,29 @@ def test_verdicts_say_faster_or_slower_and_judge_the_top1_change_by_the_seed_spr
         "m, toe: faster by 1.27x, 31 % less activation memory, top-1 -0.10 points (within the seed spread of 0.15)",
         "m, slow: slower by 1.25x, 5 % more activation memory, top-1 -2.00 points (outside the seed spread of 0.15)",
     ]
+
+
+def test_a_detection_table_reports_box_ap_and_ap50_in_place_of_top1():
+    from toe.analysis.report import verdicts
+    from toe.analysis.tables import TableSpec, format_table
+
+    runs = pd.DataFrame(
+        {
+            "status": ["completed"] * 4,
+            "model": ["vit_tiny_patch16_224"] * 4,
+            "method": ["baseline", "baseline", "toe", "toe"],
+            "final_top1": [None] * 4,
+            "final_box_ap": [0.50, 0.52, 0.48, 0.49],
+            "final_box_ap50": [0.64, 0.66, 0.62, 0.63],
+            "train_flops_per_image": [3e9, 3e9, 2e9, 2e9],
+            "train_flops_per_image_linear": [2e9, 2e9, 1.5e9, 1.5e9],
+            "device_hours": [0.2, 0.2, 0.16, 0.16],
+        }
+    )
+    table = build_table(runs, TableSpec("detection", ["model", "method"])).set_index("method")
+    assert table.loc["toe", "top1_mean"] == pytest.approx(48.5) and table.loc["baseline", "n"] == 2
+    assert table.loc["toe", "ap50_mean"] == pytest.approx(62.5)
+    assert table.loc["toe", "top1_delta"] == pytest.approx(-2.5) and table.loc["toe", "speedup"] == pytest.approx(1.25)
+    shown = format_table(table.reset_index())
+    assert "Box AP (%)" in shown.columns and "AP50 (%)" in shown.columns and "Δ box AP" in shown.columns
+    assert verdicts(table.reset_index())[0].startswith("vit_tiny_patch16_224, toe: faster by 1.25x, box AP -2.50")

@@ -228,3 +228,15 @@ def test_train_bench_refuses_runs_of_different_lengths_in_one_line(capsys):
     with pytest.raises(SystemExit) as refused:
         main(["train", "schedule.epochs=3", "--against", "method=baseline", "schedule.epochs=4"])
     assert refused.value.code == 2 and "train 3 and 4 epochs: give both the same" in capsys.readouterr().err
+
+
+def test_step_bench_times_yolos_with_its_detection_tokens_counted(tmp_path):
+    out = tmp_path / "step.json"
+    args = ["--json", str(out), "step", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch", "2"]
+    args += ["--warmup", "0", "--repeats", "1", "--det-tokens", "5", "--mid-pe", "--stage-starts", "5", "50", "100"]
+    main(args)
+    rows = json.loads(out.read_text())["rows"]
+    # 16 patches, the class token and 5 DET tokens; ToE keeps 8 and 12 patches in stages 1 and 2
+    assert [r["tokens"] for r in rows[:4]] == [22, 14, 18, 22]
+    assert rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > 1.0 and rows[0]["epochs"] == 5
+    assert all(r["activation_mib"] > 0 for r in rows[:4]) and rows[1]["activation_saving"] > 0

@@ -191,12 +191,25 @@ def test_toe_train_task_detection_trains_its_backbone_then_yolos_with_toe(tmp_pa
     assert (
         "backbone.det_token" in state and "backbone.mid_pos_embed" in state and "class_embed.layers.2.weight" in state
     )
-    # a second run reuses the cached backbone, and rerunning a finished run dir changes nothing
-    again = train(compose_cfg(TINY_DETECTION + ["method=baseline"]), tmp_path / "baseline")
-    assert again.status == "completed" and len(list((detection_cache / "backbones").iterdir())) == 1
-    assert [
-        json.loads(line)["tokens_after_first_block"] for line in (tmp_path / "baseline" / "metrics.jsonl").open()
-    ] == [75] * 3
+    # a second run reuses the cached backbone
+    # a COCO folder on that backbone, at several scales with flips and DETR's crop: batches of other token counts
+    coco = train(
+        compose_cfg(
+            [o for o in TINY_DETECTION if not o.startswith("data.")]
+            + [
+                "data=coco",
+                f"data.root={_coco_root(tmp_path)}",
+                f"finetune.path={backbones[0] / 'checkpoint.pth'}",
+                "detection.scales=[24,32,40]",
+                "detection.max_size=48",
+                "detection.crop=true",
+                "recipe.hflip=0.5",
+                "recipe.batch_size=8",
+            ]
+        ),
+        tmp_path / "coco_run",
+    )
+    assert coco.status == "completed" and 0.0 <= coco.final_box_ap <= 1.0 and coco.data == "coco"
 
 
 def test_a_detection_run_on_a_coco_folder_with_a_backbone_of_another_shape_is_refused_in_one_line(tmp_path):
@@ -252,3 +265,36 @@ def test_toe_train_task_detection_reports_a_missing_coco_root_in_one_line(tmp_pa
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "does not exist" in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_killed_detection_run_resumes_to_the_same_box_ap_as_an_uninterrupted_one(tmp_path):
+    import os
+    import signal
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOE_CACHE=str(tmp_path / "cache"))
+    overrides = [o for o in TINY_DETECTION if not o.startswith("schedule.")] + [
+        "schedule.epochs=4",
+        "schedule.length=4",
+        "schedule.stage_starts=[0,1,2]",
+        "data.images=[96,16]",
+    ]
+
+    def cli(run_dir):
+        return [sys.executable, "-m", "toe.cli.train", *overrides, f"hydra.run.dir={run_dir}"]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(cli(straight), check=True, capture_output=True, env=env, timeout=600)  # trains the backbone too
+    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoint.pth").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "checkpoint.pth", weights_only=True)["epoch"] < 4
+    subprocess.run(cli(killed), check=True, capture_output=True, env=env, timeout=600)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").open()] for d in (straight, killed)]
+    for key in ("stage", "tokens_after_first_block", "train_loss", "val_box_ap", "val_box_ap50", "lr"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    assert len(json.loads((killed / "summary.json").read_text())["resumed_at"]) == 1

@@ -195,3 +195,9 @@ def test_postprocess_gives_pixel_boxes_of_the_original_size():
     (found,) = postprocess(outputs, torch.tensor([[40, 80]]))
     assert found["labels"].tolist() == [1]
     torch.testing.assert_close(found["boxes"], torch.tensor([[20.0, 15.0, 60.0, 25.0]]))
+
+
+def test_an_image_that_is_no_whole_number_of_patches_loses_its_last_rows_as_in_yolos():
+    model = _yolos().eval()
+    images = torch.randn(2, 3, 35, 42)
+    torch.testing.assert_close(model.forward_features(images), _official_forward(model, images[..., :32, :40]))

@@ -47,7 +47,11 @@ class StepBench:
         method: str = "toe",
         prompts: int = 0,
         deep: bool = True,
+        det_tokens: int = 0,
+        mid_pe: bool = False,
     ):
+        import dataclasses
+
         import timm
 
         from toe.hosts import patch_method
@@ -55,18 +59,39 @@ class StepBench:
 
         if method not in STEP_METHODS:
             raise ValueError(f"unknown method {method!r}: expected one of {', '.join(STEP_METHODS)}")
-        # ImageNet's head: a model published without one (EVA-02's MIM weights: num_classes=0) gets it too
-        model = timm.create_model(model_name, img_size=img_size, num_classes=1000)
+        if det_tokens:  # YOLOS on the model as its backbone, COCO's 91 class ids, DETR's loss on 3 boxes an image
+            from toe.models.detr import SetCriterion
+            from toe.models.yolos import Yolos
+
+            backbone = timm.create_model(model_name, num_classes=0, dynamic_img_size=True)
+            size = (img_size, img_size)
+            model = Yolos(backbone, 91, det_tokens, size, size if mid_pe else None)
+            self.criterion: Callable = SetCriterion(91).to(device)
+            gen = torch.Generator().manual_seed(0)
+            self.targets: Any = [
+                {
+                    "labels": torch.randint(1, 91, (3,), generator=gen).to(device),
+                    "boxes": (torch.rand(3, 4, generator=gen) * 0.4 + 0.2).to(device),
+                }
+                for _ in range(batch)
+            ]
+        else:  # ImageNet's head: a model published without one (EVA-02's MIM weights: num_classes=0) gets it too
+            model = timm.create_model(model_name, img_size=img_size, num_classes=1000)
+            self.criterion = torch.nn.functional.cross_entropy
         if prompts:  # visual prompt tuning: the backbone frozen, prompts and head trained
             add_prompts(model, prompts, deep)
         model = patch_method(model, method.removesuffix("-noprop"), schedule, prop_attn=method != "tome-noprop")
         self.model = model.to(device).train()
         self.method = method
         self.shape = ViTShape.from_model(self.model)
+        if det_tokens:  # the patch grid of the timed images, not of the backbone's pre-training
+            patches = (img_size // self.model.patch_size) ** 2
+            self.shape = dataclasses.replace(self.shape, num_patches=patches)
+        else:
+            self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
         self.net = torch.compile(self.model) if compile_model else self.model
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.inputs = torch.randn(batch, 3, img_size, img_size, device=device)
-        self.targets = torch.randint(0, self.shape.num_classes, (batch,), device=device)
         self.device, self.amp = device, amp and device.type == "cuda"
 
     def set_stage(self, stage: int) -> BlockTokens:
@@ -80,7 +105,7 @@ class StepBench:
 
     def _loss(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return torch.nn.functional.cross_entropy(self.net(self.inputs), self.targets)
+            return self.criterion(self.net(self.inputs), self.targets)
 
     def __call__(self) -> None:
         loss = self._loss()
@@ -136,6 +161,8 @@ class StepSettings:
     methods: Sequence[str] = tuple(REDUCER_METHOD.values())
     prompts: int = 0  # visual prompt tuning: prompt tokens per set on a frozen backbone (0: train the whole model)
     shallow: bool = False  # VPT-shallow (one set at the input) rather than VPT-deep
+    det_tokens: int = 0  # YOLOS with this many detection tokens on the model as its backbone (0: the classifier)
+    mid_pe: bool = False  # YOLOS: with mid position embeddings (YOLOS-S)
 
 
 def settings_from(kind: type, values: Mapping[str, Any] | Any):
@@ -206,6 +233,8 @@ def bench_step(args: StepSettings, device: torch.device) -> List[Dict[str, Any]]
             method,
             prompts=args.prompts,
             deep=not args.shallow,
+            det_tokens=args.det_tokens,
+            mid_pe=args.mid_pe,
         )
         for method in args.methods
     }

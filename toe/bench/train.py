@@ -152,6 +152,8 @@ def bench_train(overrides: List[str], against: List[str], progress: bool = False
                 "eval_seconds": sum(row.eval_seconds for row in entry["rows"]),
                 "final_top1": last.val_top1,
                 "final_ema_top1": last.ema_top1,
+                "final_box_ap": last.val_box_ap,  # task=detection: COCO box AP and AP50
+                "final_box_ap50": last.val_box_ap50,
                 "final_loss": last.train_loss,
                 "train_flops": last.train_flops_total,
                 "mean_activation_mib": float("nan") if activations is None else activations,

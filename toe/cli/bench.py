@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     step.add_argument("--shallow", action="store_true", help="with --prompts: VPT-shallow (one set at the input)")
     step.add_argument(
+        "--det-tokens",
+        type=non_negative_int,
+        default=0,
+        help="YOLOS with this many detection tokens on --model as its backbone, DETR's loss, --img-size square "
+        "images (YOLOS: 100; default 0: the classifier)",
+    )
+    step.add_argument("--mid-pe", action="store_true", help="with --det-tokens: mid position embeddings (YOLOS-S)")
+    step.add_argument(
         "--methods",
         nargs="+",
         default=["toe"],
@@ -225,19 +233,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{' '.join(args.against)}, trained whole in this process, an epoch of each in turn (seconds: "
             "summed over epochs)"
         )
+        detection = any(run.get("final_box_ap") is not None for run in rows["runs"])
+        scores = ["final_box_ap", "final_box_ap50"] if detection else ["final_top1", "final_ema_top1"]
         print(
             markdown(
                 rows["runs"],
-                [
-                    "run",
-                    "overrides",
-                    "train_seconds",
-                    "eval_seconds",
-                    "final_top1",
-                    "final_ema_top1",
-                    "train_flops",
-                    "mean_activation_mib",
-                ],
+                ["run", "overrides", "train_seconds", "eval_seconds", *scores, "train_flops", "mean_activation_mib"],
             )
         )
         print("\nper stage of the run (the other run's seconds over the same epochs):")

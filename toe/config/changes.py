@@ -44,11 +44,14 @@ def config_changes(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, L
     but :data:`RESUMABLE_CHANGES`). Two kinds of difference change nothing and are left out: a key the checkpoint's
     config does not have (a newer toe added it; the run trained with what it did before) unless it is one of
     :data:`FREE_FORM`'s (``+model.kwargs.proj_drop_rate=0.5`` is a change), and the settings of a
-    token-reduction method that is off in both (``patch_dropout``, ``tome``)."""
+    token-reduction method that is off in both (``patch_dropout``, ``tome``), and the ``detection`` settings of two
+    classification runs."""
     old, new = _flat(before), _flat(after)
     off = tuple(
         f"{node}." for node in REDUCTION_NODES[1:] if not old.get(f"{node}.enabled") and not new.get(f"{node}.enabled")
     )
+    if old.get("task", "classification") == new.get("task", "classification") == "classification":
+        off += ("detection.",)  # YOLOS's settings, read only by task=detection
     return {
         key: [old.get(key), new.get(key)]
         for key in sorted(set(old) | set(new))

@@ -314,7 +314,22 @@ class DetectionTransform:
         return image, target
 
     def __repr__(self) -> str:
-        return f"DetectionTransform({self.steps})"
+        return " -> ".join(_describe(step) for step in self.steps.transforms)
+
+
+def _describe(step: Any) -> str:
+    """A transform in a few words, for the run's log line."""
+    inner = getattr(step, "transforms", None)
+    if inner is not None:
+        joined = " | ".join(_describe(t) for t in inner)
+        return f"one of ({joined})" if type(step).__name__ == "RandomChoice" else f"({joined})"
+    if isinstance(step, RandomSizeCrop):
+        return f"random-size crop {step.min_size}-{step.max_size} px"
+    if hasattr(step, "min_size") and hasattr(step, "max_size"):
+        sizes = list(step.min_size)
+        shown = sizes if len(sizes) <= 4 else f"[{sizes[0]}..{sizes[-1]}]"
+        return f"shortest side {shown} (longest <= {step.max_size})"
+    return type(step).__name__
 
 
 def detection_transforms(

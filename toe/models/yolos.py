@@ -136,6 +136,10 @@ class Yolos(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The DET tokens after the final norm, ``[B, det, D]``."""
         backbone = self.backbone
+        p = self.patch_size
+        # YOLOS's patch convolution drops the last rows and columns that do not fill a patch; timm's patch
+        # embedding asserts a whole number of patches instead: cut them off first, the same result
+        images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]
         x = backbone.patch_embed(images)
         if x.dim() == 4:  # timm's dynamic_img_size keeps the grid: [B, h, w, D]
             grid = (x.shape[1], x.shape[2])
