@@ -71,7 +71,7 @@ def test_experiment_runs_end_to_end_in_smoke_form(name, tmp_path, request):
         extra = [f"pretrained.vit={request.getfixturevalue('digits_teacher') / 'checkpoint.pth'}"]
     env = None
     if name == "yolos_coco":  # the digits backbone it trains first: a short one, cached in the test's own folder
-        extra = ["detection.backbone_epochs=2"]
+        extra = ["detection.backbone_epochs=2", "data.images=[400,100]"]
         env = dict(os.environ, TOE_CACHE=str(tmp_path.parent / f"{tmp_path.name}_cache"))
     proc = _toe_train(f"experiments={name}", "smoke=on", *extra, f"hydra.sweep.dir={tmp_path}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -213,7 +213,8 @@ def _check_detection(cfg: DictConfig) -> None:
     if data == "coco" and cfg.finetune.path is None:
         raise ConfigError(
             "task=detection with data=coco needs finetune.path=<a DeiT checkpoint> (YOLOS fine-tunes a classifier: "
-            "its --pre_trained); only the embedded data=digits_detection trains its own backbone"
+            "its --pre_trained; experiments=yolos_coco takes it as pretrained.<model>: pretrained.yolos_ti=..., "
+            "pretrained.yolos_s=...); only the embedded data=digits_detection trains its own backbone"
         )
     for key in ("init_pe_size", "mid_pe_size"):
         value = cfg.detection.get(key)

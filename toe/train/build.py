@@ -224,11 +224,57 @@ def decay_epochs(recipe: RecipeConfig, epochs: int) -> int:
     return max(1, epochs - recipe.warmup_epochs) if recipe.warmup_prefix else epochs
 
 
+def optimization(model: torch.nn.Module, cfg: RunConfig, info: DistInfo, device: torch.device):
+    """``(global batch, batch per process, lr, optimizer, EMA, net)`` of a model already on its device: the lr
+    scaled by the global batch, timm's optimizer, timm's EMA, then ``torch.compile`` and DDP, in timm's order."""
+    from timm.utils import ModelEmaV3
+
+    batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
+    if batch_size % info.world_size:
+        raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
+    lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
+    optimizer = create_optimizer(model, cfg.recipe, lr)
+    log.info(
+        "optimizer: %s%s, lr %.3g",
+        type(optimizer).__name__,
+        " (torch's fused kernel)" if optimizer.defaults.get("fused") else "",
+        lr,
+    )
+    ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
+    net = torch.compile(model) if cfg.train.compile else model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return batch_size, batch_size // info.world_size, lr, optimizer, ema, net
+
+
+def schedule_and_scaler(
+    optimizer: torch.optim.Optimizer,
+    cfg: RunConfig,
+    plan: SchedulePlan,
+    updates_per_epoch: int,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+):
+    """timm's LR scheduler for the recipe over the run's epochs, and timm's loss scaler under fp16 autocast."""
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import NativeScaler
+
+    min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        # timm counts a prefixed warm-up apart from the schedule's epochs
+        **scheduler_kwargs(timm_args(cfg.recipe, epochs=decay_epochs(cfg.recipe, plan.epochs), min_lr=min_lr)),
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler, NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+
+
 def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     """The run of the typed config ``cfg`` (:func:`toe.config.schema.typed_config`) and its schedule ``plan`` (what
     :func:`toe.config.validate.validate` returned), on this process of ``info``."""
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import ModelEmaV3, NativeScaler, random_seed
+    from timm.utils import random_seed
 
     if cfg.task == "detection":
         from toe.train.detection import build_detection_run
@@ -292,24 +338,7 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     )
     model.to(device)
 
-    batch_size = int(cfg.recipe.batch_size)  # global, as the DeiT recipe counts it
-    if batch_size % info.world_size:
-        raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
-    local_batch = batch_size // info.world_size
-    lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
-    optimizer = create_optimizer(model, cfg.recipe, lr)
-    log.info(
-        "optimizer: %s%s, lr %.3g",
-        type(optimizer).__name__,
-        " (torch's fused kernel)" if optimizer.defaults.get("fused") else "",
-        lr,
-    )
-    ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
-    net = torch.compile(model) if cfg.train.compile else model
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    batch_size, local_batch, lr, optimizer, ema, net = optimization(model, cfg, info, device)
     sampler = train_sampler(train_set, cfg, info)
     if (
         pipeline == "pil"
@@ -346,14 +375,7 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     )
     if len(train_loader) == 0:
         raise ConfigError(f"recipe.batch_size={batch_size} is larger than the training set ({len(train_set)} images)")
-    min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        # timm counts a prefixed warm-up apart from the schedule's epochs
-        **scheduler_kwargs(timm_args(cfg.recipe, epochs=decay_epochs(cfg.recipe, plan.epochs), min_lr=min_lr)),
-        updates_per_epoch=len(train_loader),
-    )
-    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    scheduler, scaler = schedule_and_scaler(optimizer, cfg, plan, len(train_loader), device, amp_dtype)
     criterion, mixup = build_loss_and_mixup(cfg.recipe, num_classes, token_label)
     return Run(
         model,

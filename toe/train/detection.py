@@ -152,8 +152,7 @@ def build_detection_run(cfg: Any, plan: Any, info: Any):
     or the digits backbone :func:`toe.train.backbone.digits_backbone` trains), ToE (or PatchDropout) patched in,
     DETR's loss, COCO box AP for evaluation; optimizer, scheduler, EMA, compile and DDP as for classification."""
     from timm.data import resolve_model_data_config
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import ModelEmaV3, NativeScaler, random_seed
+    from timm.utils import random_seed
 
     from toe.config.schema import ConfigError
     from toe.cost.flops import ViTShape
@@ -167,11 +166,10 @@ def build_detection_run(cfg: Any, plan: Any, info: Any):
         Run,
         apply_token_reduction,
         create_model,
-        create_optimizer,
-        decay_epochs,
+        optimization,
         resolve_amp,
         resolve_device,
-        timm_args,
+        schedule_and_scaler,
     )
     from toe.train.distributed import all_reduce_sum
     from toe.train.loaders import loader_settings, own_generator, processes_per_node, train_sampler
@@ -223,18 +221,7 @@ def build_detection_run(cfg: Any, plan: Any, info: Any):
     if cached:
         train_set = CachedSamples(train_set)
     model.to(device)
-    batch_size = int(cfg.recipe.batch_size)
-    if batch_size % info.world_size:
-        raise ConfigError(f"recipe.batch_size={batch_size} does not split over {info.world_size} processes")
-    local_batch = batch_size // info.world_size
-    lr = cfg.recipe.lr * batch_size / cfg.recipe.lr_base_batch
-    optimizer = create_optimizer(model, cfg.recipe, lr)
-    ema = ModelEmaV3(model, decay=cfg.recipe.ema_decay) if cfg.recipe.ema else None
-    net = torch.compile(model) if cfg.train.compile else model
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    batch_size, local_batch, lr, optimizer, ema, net = optimization(model, cfg, info, device)
     sampler = train_sampler(train_set, cfg, info)
     if not cached:  # the transforms' draws seeded per sample, as the PIL pipeline's (toe.data.datasets)
         sampler = SeededSamples(sampler, cfg.seed, info.rank)
@@ -255,13 +242,7 @@ def build_detection_run(cfg: Any, plan: Any, info: Any):
     val_loader = torch.utils.data.DataLoader(
         val_shard, batch_size=local_batch, shuffle=False, collate_fn=collate_detection, **loader_kwargs
     )
-    min_lr = cfg.schedule.min_lr if cfg.schedule.min_lr is not None else cfg.recipe.min_lr
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        **scheduler_kwargs(timm_args(cfg.recipe, epochs=decay_epochs(cfg.recipe, plan.epochs), min_lr=min_lr)),
-        updates_per_epoch=len(train_loader),
-    )
-    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    scheduler, scaler = schedule_and_scaler(optimizer, cfg, plan, len(train_loader), device, amp_dtype)
     weights = LossWeights(
         node.cost_class, node.cost_bbox, node.cost_giou, node.loss_ce, node.loss_bbox, node.loss_giou, node.eos_coef
     )
