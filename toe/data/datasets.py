@@ -18,6 +18,23 @@ class DataRootError(ValueError):
     """``data.root`` is missing or does not hold the data set it should; the message says what was expected."""
 
 
+def digits_split(
+    train: bool, val_fraction: float = 0.2, split_seed: int = 0
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_digits`` as uint8 8x8 images ``[1797, 8, 8]``, their digits, and the indices of the
+    train (or val) side of the fixed stratified split: the split of ``data=digits`` and of the digits pasted into
+    ``data=digits_detection``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(pixels)), test_size=val_fraction, random_state=split_seed, stratify=digits.target
+    )
+    return pixels, digits.target, train_idx if train else val_idx
+
+
 class DigitsDataset(Dataset):
     """scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits), upscaled to RGB images.
 
@@ -32,27 +49,19 @@ class DigitsDataset(Dataset):
         split_seed: int = 0,
         classes: Optional[Sequence[int]] = None,
     ):
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        pixels = (digits.images * (255.0 / 16.0)).astype(np.uint8)
-        train_idx, val_idx = train_test_split(
-            np.arange(len(pixels)), test_size=val_fraction, random_state=split_seed, stratify=digits.target
-        )
-        chosen = train_idx if train else val_idx
+        pixels, targets, chosen = digits_split(train, val_fraction, split_seed)
         # a subset of the digits (the split is that of all ten, so an image is in the same split either way),
         # relabelled 0..K-1 in the order given
         kept = list(range(10)) if classes is None else [int(c) for c in classes]
         label = {digit: index for index, digit in enumerate(kept)}
-        chosen = np.array([i for i in chosen if int(digits.target[i]) in label], dtype=np.int64)
+        chosen = np.array([i for i in chosen if int(targets[i]) in label], dtype=np.int64)
         self.classes = [str(digit) for digit in kept]
         self.images = [
             Image.fromarray(pixels[i]).resize((img_size, img_size), Image.BILINEAR).convert("RGB") for i in chosen
         ]
-        self.targets = [label[int(t)] for t in digits.target[chosen]]
+        self.targets = [label[int(t)] for t in targets[chosen]]
         # <class>/<index in load_digits>: the key of each image's label map for token labeling
-        self.names = [f"{digits.target[i]}/{i:04d}" for i in chosen]
+        self.names = [f"{targets[i]}/{i:04d}" for i in chosen]
         self.transform: Optional[Callable] = None
 
     def __len__(self) -> int:

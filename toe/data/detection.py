@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from toe.data.datasets import DataRootError
+from toe.data.datasets import DataRootError, digits_split
 
 # YOLOS's training scales: the shortest side is drawn from these (datasets/coco.py of hustvl/YOLOS and ToE/YOLOS)
 YOLOS_TINY_SCALES = tuple(range(256, 609, 16))
@@ -181,15 +181,8 @@ class DigitsDetection:
 
 
 def _digit_pixels(train: bool) -> Tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    train_idx, val_idx = train_test_split(
-        np.arange(len(digits.images)), test_size=0.2, random_state=0, stratify=digits.target
-    )
-    chosen = train_idx if train else val_idx
-    return (digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8), digits.target[chosen]
+    pixels, targets, chosen = digits_split(train)  # data=digits's own split (its defaults: 0.2, seed 0)
+    return pixels[chosen], targets[chosen]
 
 
 def draw_digits_detection(spec: DigitsDetection, train: bool) -> Tuple[Dict[str, Any], Dict[int, Image.Image]]:

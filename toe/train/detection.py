@@ -22,7 +22,6 @@ from tqdm import tqdm
 from toe.models.detr import postprocess
 
 log = logging.getLogger(__name__)
-CACHE_BYTES = 256 * 2**20  # the most a set of samples transformed once may take
 
 
 @dataclass(frozen=True)
@@ -163,6 +162,7 @@ def build_detection_run(cfg: Any, plan: Any, info: Any):
     from toe.models.yolos import Yolos
     from toe.train.backbone import digits_backbone
     from toe.train.build import (
+        CACHE_BYTES,
         Run,
         apply_token_reduction,
         create_model,
