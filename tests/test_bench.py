@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from toe.cli.bench import main
 
@@ -142,20 +143,42 @@ def test_capacity_bench_times_real_jpeg_decoding_and_augmentation_and_counts_cor
     from toe.bench.flops import deit_s_stage1_flop_ratio
 
     out = tmp_path / "capacity.json"
-    main(["--json", str(out), "capacity", "--images", "6", "--repeats", "1"])
-    row = json.loads(out.read_text())["rows"][0]
-    per_core = row["img_per_s_per_core"]
+    main(["--json", str(out), "capacity", "--images", "6", "--repeats", "1", "--pipeline", "pil"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["pipeline"], row["jpeg"]) for row in rows] == [("pil", "224x224"), ("pil", "400x350")]
+    small, large = rows
+    per_core = small["img_per_s_per_core"]
     assert 5 < per_core < 20_000  # a real decode of 224 px JPEGs plus RandAugment: neither free nor stuck
-    assert row["gpu_img_per_s"] == PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
-    assert row["cores_full_tokens"] == math.ceil(PUBLISHED_DEIT_S_TRAIN_IMG_PER_S / per_core)
-    assert row["stage1_speedup"] == pytest.approx(deit_s_stage1_flop_ratio()) and 1.8 < row["stage1_speedup"] < 1.95
-    assert row["cores_toe_stage1"] == math.ceil(PUBLISHED_DEIT_S_TRAIN_IMG_PER_S * row["stage1_speedup"] / per_core)
-    assert "RandAugment" in row["transform"] and "RandomErasing" in row["transform"]
+    assert large["img_per_s_per_core"] < per_core  # larger files cost more to decode
+    assert small["gpu_img_per_s"] == PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
+    assert small["cores_full_tokens"] == math.ceil(PUBLISHED_DEIT_S_TRAIN_IMG_PER_S / per_core)
+    speedup = small["stage1_speedup"]
+    assert speedup == pytest.approx(deit_s_stage1_flop_ratio()) and 1.8 < speedup < 1.95
+    assert small["cores_toe_stage1"] == math.ceil(PUBLISHED_DEIT_S_TRAIN_IMG_PER_S * speedup / per_core)
+    assert "RandAugment" in small["transform"] and "RandomErasing" in small["transform"]
     main(["capacity", "--images", "2", "--repeats", "1", "--gpu-img-per-s", "100", "--stage1-speedup", "2"])
     printed = capsys.readouterr().out
     assert "ToE stage 1 (2.00x)" in printed and "| given" not in printed
+    assert "pil (224x224 JPEGs, decode + augmentation on one CPU core" in printed
     with pytest.raises(SystemExit):
         main(["capacity", "--gpu-img-per-s", "-5"])
+
+
+def test_capacity_bench_times_dalis_share_of_the_cpu_against_pils(tmp_path):
+    """DALI's modes on the same JPEGs: decoding on the CPU with the augmentation left to the GPU costs the CPU
+    less than PIL's whole path; decoding on the GPU needs one to be measured."""
+    pytest.importorskip("nvidia.dali", reason='NVIDIA DALI is not installed (pip install "toe[dali]")')
+    out = tmp_path / "capacity.json"
+    main(["--json", str(out), "capacity", "--images", "16", "--repeats", "1", "--pipeline", "pil", "dali"])
+    rows = {(row["pipeline"], row["jpeg"]): row for row in json.loads(out.read_text())["rows"]}
+    assert {pipeline for pipeline, _ in rows} == {"pil", "dali/cpu", "dali/cpu-decode", "dali/gpu-decode"}
+    for jpeg in ("224x224", "400x350"):
+        pil, decode = rows["pil", jpeg]["img_per_s_per_core"], rows["dali/cpu-decode", jpeg]["img_per_s_per_core"]
+        assert decode > pil and rows["dali/cpu", jpeg]["img_per_s_per_core"] > 5
+        if not torch.cuda.is_available():
+            assert rows["dali/gpu-decode", jpeg]["img_per_s_per_core"] is None
+            assert rows["dali/gpu-decode", jpeg]["cores_toe_stage1"] is None
+    assert "RandAugment rand-m9-mstd0.5-inc1" in rows["dali/cpu", "224x224"]["transform"]
 
 
 def test_step_bench_has_rows_for_patchdropout_and_tome_at_toes_flops(tmp_path):

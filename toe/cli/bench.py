@@ -115,7 +115,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="ToE stage 1's train speed-up (default: its analytic FLOP ratio for DeiT-S, 1.88)",
     )
-    capacity.add_argument("--images", type=positive_int, default=64, help="224 px JPEG files written and timed")
+    capacity.add_argument("--images", type=positive_int, default=64, help="JPEG files written and timed, per size")
+    capacity.add_argument(
+        "--pipeline",
+        nargs="+",
+        choices=("pil", "dali"),
+        default=None,
+        help="the pipelines timed (default: pil, and dali where it is installed)",
+    )
     capacity.add_argument("--repeats", type=positive_int, default=3)
 
     flops = sub.add_parser("flops", help="analytic FLOPs of the official schedules")
@@ -268,12 +275,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "capacity":
         from toe.bench.capacity import PUBLISHED_DEIT_S_TRAIN_IMG_PER_S, bench_capacity
         from toe.bench.flops import deit_s_stage1_flop_ratio
+        from toe.data.dali import dali_missing
 
         gpu = args.gpu_img_per_s or PUBLISHED_DEIT_S_TRAIN_IMG_PER_S
         if gpu <= 0 or (args.stage1_speedup is not None and args.stage1_speedup <= 0):
             parser.error("--gpu-img-per-s and --stage1-speedup must be positive")
-        row = bench_capacity(args.images, gpu, args.stage1_speedup or deit_s_stage1_flop_ratio(), args.repeats)
-        rows = [row]
+        pipelines = args.pipeline or (["pil"] + ([] if dali_missing() else ["dali"]))
+        if "dali" in pipelines and dali_missing():
+            parser.error(f"--pipeline dali: {dali_missing()}")
+        speedup = args.stage1_speedup or deit_s_stage1_flop_ratio()
+        rows = bench_capacity(args.images, gpu, speedup, args.repeats, pipelines=pipelines)
         source = (
             "given"
             if args.gpu_img_per_s
@@ -281,29 +292,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             "(results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv)"
         )
         print(
-            f"decode + the DeiT recipe's train augmentation (timm's PIL path: RandomResizedCrop, flip, RandAugment "
-            f"m9, random erasing) of {args.images} JPEG files of 224 px on one core: "
-            f"{row['img_per_s_per_core']:.0f} img/s per core (ImageNet's JPEGs are larger, about 400 x 350 px on "
-            "average: expect fewer)\n"
+            f"the DeiT recipe's train augmentation (RandomResizedCrop 224, flip, RandAugment rand-m9-mstd0.5-inc1, "
+            f"random erasing 0.25) of {args.images} JPEG files per size: the CPU time each pipeline leaves on the "
+            "CPU, per image\n"
         )
+        for row in rows:
+            figure = (
+                f"{row['img_per_s_per_core']:.0f} img/s per CPU core"
+                if row["img_per_s_per_core"]
+                else "needs a GPU to measure"
+            )
+            print(f"{row['pipeline']} ({row['jpeg']} JPEGs, {row['where']}): {figure}")
+        print()
         print(
             markdown(
                 [
-                    {
-                        "training": "DeiT-S, full tokens",
-                        "gpu_img_per_s": gpu,
-                        "cores_to_feed_it": row["cores_full_tokens"],
-                    },
-                    {
-                        "training": f"DeiT-S, ToE stage 1 ({row['stage1_speedup']:.2f}x)",
-                        "gpu_img_per_s": row["stage1_img_per_s"],
-                        "cores_to_feed_it": row["cores_toe_stage1"],
-                    },
+                    dict(
+                        row,
+                        full_tokens=f"{gpu:.0f} img/s: {row['cores_full_tokens'] or '-'} cores",
+                        toe_stage1=f"{row['stage1_img_per_s']:.0f} img/s: {row['cores_toe_stage1'] or '-'} cores",
+                    )
+                    for row in rows
                 ],
-                ["training", "gpu_img_per_s", "cores_to_feed_it"],
+                ["pipeline", "jpeg", "img_per_s_per_core", "full_tokens", "toe_stage1"],
+                floatfmt=".0f",
             )
         )
-        print(f"\nGPU img/s: {source}.")
+        print(f"\nCores to feed DeiT-S with full tokens and in ToE stage 1 ({speedup:.2f}x); GPU img/s: {source}.")
     else:
         try:
             rows = bench_flops(args.table)

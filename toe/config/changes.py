@@ -13,6 +13,7 @@ RESUMABLE_CHANGES = (
     "logger.",
     "train.device",
     "train.workers",
+    "train.dali_decode",
     "train.progress",
     "train.eval_every",
     "train.compile",

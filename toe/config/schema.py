@@ -28,7 +28,8 @@ EXPERIMENT_INPUTS = ("label_maps", "pretrained")
 DATASETS = ("digits", "imagefolder", "imagenet", "cifar10", "cifar100", "vtab", "coco", "digits_detection")
 DETECTION_DATASETS = ("coco", "digits_detection")
 TASKS = ("classification", "detection")
-PIPELINES = ("auto", "tensor", "pil")
+PIPELINES = ("auto", "tensor", "pil", "dali")
+DALI_DECODE = ("gpu", "cpu")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 WANDB_MODES = ("online", "offline", "disabled")
 RANDOM_ERASE_MODES = ("pixel", "rand", "const")
@@ -211,8 +212,10 @@ class TrainConfig:
     amp: str = _spec(choices=AMP_MODES)
     compile: bool = MISSING
     workers: Any = "auto"  # DataLoader worker processes: auto (from the cores, the device and the pipeline) or N >= 0
-    # how training images are loaded and augmented: auto (tensor where it can run the recipe) | tensor | pil
+    # how training images are loaded and augmented: auto (tensor where it can run the recipe, dali for image folders
+    # on CUDA where DALI is installed, else pil) | tensor | pil | dali
     pipeline: str = _spec("auto", choices=PIPELINES)
+    dali_decode: str = _spec("gpu", choices=DALI_DECODE)  # the DALI pipeline on CUDA: decode JPEGs on the GPU or CPU
     progress: Any = _spec(choices=("auto", True, False))  # a tqdm bar per epoch; auto: only on a terminal
     eval_every: int = _spec(ge=1)
 

@@ -34,10 +34,12 @@ from toe.models.settings import model_settings
 from toe.ops.methods import REDUCER_METHOD, REDUCTION_NODES
 from toe.train.distributed import DistInfo, all_reduce_sum
 from toe.train.loaders import (
+    OneLoader,
     TrainLoaders,
     available_cores,
     choose_pipeline,
     collate_settings,
+    dali_train_loader,
     loader_settings,
     own_generator,
     processes_per_node,
@@ -129,7 +131,7 @@ class Run:
     train_loader: Any
     val_loader: Any
     sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
-    train_loaders: "TrainLoaders"  # one per curriculum phase
+    train_loaders: Any  # TrainLoaders (one per curriculum phase), or OneLoader (DALI)
     shape: ViTShape
     device: torch.device
     autocast: Any
@@ -140,7 +142,7 @@ class Run:
     img_size: int
     patch_size: int
     clip_grad: Optional[float]
-    pipeline: str  # tensor | pil: how training images load and augment (train.pipeline resolved); detection
+    pipeline: str  # tensor | pil | dali: how training images load and augment (train.pipeline resolved); detection
     batch_augment: Optional[torch.nn.Module]  # the tensor pipeline's augmentation, on the device; None for pil
     task: str = "classification"  # or detection (toe.train.detection)
     val_coco: Any = None  # detection: the val set's COCO index, for COCOeval
@@ -316,7 +318,7 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
     train_set.transform, val_set.transform = build_transforms(data_config, cfg.recipe)
     images = uint8_images(train_set) if cfg.train.pipeline != "pil" else None
     interpolation = cfg.recipe.train_interpolation or data_config["interpolation"]
-    pipeline, batch_augment = choose_pipeline(cfg, images is not None, interpolation, plan), None
+    pipeline, batch_augment = choose_pipeline(cfg, images is not None, interpolation, plan, device), None
     if pipeline == "tensor":
         batch_augment = BatchAugment(
             cfg.model.img_size,
@@ -330,31 +332,32 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
         train_set = TensorImages(images, train_set.targets, list(train_set.classes))
     if len(val_set) * 3 * cfg.model.img_size**2 * 4 <= CACHE_BYTES:  # evaluation's transform is deterministic
         val_set = cached_images(val_set)
-    log.info(
-        "training images: %s pipeline (train.pipeline=%s)%s",
-        pipeline,
-        cfg.train.pipeline,
-        f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms",
-    )
     model.to(device)
 
     batch_size, local_batch, lr, optimizer, ema, net = optimization(model, cfg, info, device)
     sampler = train_sampler(train_set, cfg, info)
-    if (
-        pipeline == "pil"
-    ):  # timm's per-image transforms: their draws seeded per sample (toe.data.datasets.SeededSamples)
+    if pipeline in ("pil", "dali"):  # their draws seeded per sample, or per batch (SeededSamples: its epoch)
         sampler = SeededSamples(sampler, cfg.seed, info.rank)
     loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, processes_per_node(info))
+    if pipeline == "dali":
+        train_loaders = OneLoader(
+            dali_train_loader(train_set, sampler, cfg, data_config, interpolation, device, local_batch, info)
+        )
+        how = f": {train_loaders.loader!r}"
+    else:
+        train_loaders = TrainLoaders(
+            train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment, **loader_kwargs
+        )
+        how = f": {batch_augment}" if batch_augment is not None else ": timm's per-image PIL transforms"
+    log.info("training images: %s pipeline (train.pipeline=%s)%s", pipeline, cfg.train.pipeline, how)
     log.info(
-        "data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)",
+        "data loading: %d worker(s)%s, pin_memory=%s (train.workers=%s, %d cores)%s",
         loader_kwargs["num_workers"],
         ", persistent, prefetch %d" % loader_kwargs["prefetch_factor"] if loader_kwargs["num_workers"] else "",
         loader_kwargs["pin_memory"],
         cfg.train.workers,
         available_cores(),
-    )
-    train_loaders = TrainLoaders(
-        train_set, sampler, data_config, cfg.recipe, cfg.curriculum.auto_augment, **loader_kwargs
+        "; training images through DALI's threads instead" if pipeline == "dali" else "",
     )
     train_loader = train_loaders.get(local_batch)
     if plan.phases:

@@ -120,15 +120,34 @@ def loader_settings(workers: Any, pipeline: str, device: torch.device, processes
     return settings
 
 
-def choose_pipeline(cfg: RunConfig, in_memory: bool, interpolation: str, plan: SchedulePlan) -> str:
-    """``tensor`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe); a forced ``tensor``
-    that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at hand."""
+def choose_pipeline(
+    cfg: RunConfig, in_memory: bool, interpolation: str, plan: SchedulePlan, device: torch.device
+) -> str:
+    """``tensor``, ``dali`` or ``pil`` for ``train.pipeline`` (auto: tensor where it can run the recipe, else DALI
+    for an image folder on CUDA where it is installed and can run the recipe, else pil); a forced ``tensor`` or
+    ``dali`` that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at
+    hand."""
+    from toe.data.dali import dali_missing, dali_pipeline_reasons, dali_refusal
+
+    wanted, token_labels = cfg.train.pipeline, bool(cfg.token_label.root)
     reasons = tensor_pipeline_reasons(
-        cfg.recipe, interpolation, cfg.data.name, in_memory, bool(plan.phases), bool(cfg.token_label.root)
+        cfg.recipe, interpolation, cfg.data.name, in_memory, bool(plan.phases), token_labels
     )
-    if cfg.train.pipeline == "tensor" and reasons:  # validate() refuses this before the data is read
+    if wanted == "tensor" and reasons:  # validate() refuses this before the data is read
         raise ConfigError(tensor_refusal(reasons))
-    return "tensor" if cfg.train.pipeline in ("auto", "tensor") and not reasons else "pil"
+    if wanted in ("auto", "tensor") and not reasons:
+        return "tensor"
+    if wanted in ("auto", "dali"):
+        dali_reasons = dali_pipeline_reasons(cfg.recipe, interpolation, cfg.data.name, bool(plan.phases), token_labels)
+        if wanted == "dali":  # validate() refuses these before the data is read
+            if dali_reasons:
+                raise ConfigError(dali_refusal(dali_reasons))
+            if dali_missing():
+                raise ConfigError(f"train.pipeline=dali: {dali_missing()}")
+            return "dali"
+        if device.type == "cuda" and not dali_reasons and dali_missing() is None:
+            return "dali"
+    return "pil"
 
 
 def processes_per_node(info: DistInfo) -> int:
@@ -150,4 +169,66 @@ def train_sampler(dataset, cfg: RunConfig, info: DistInfo):
         return RepeatAugSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True)
     return torch.utils.data.DistributedSampler(
         dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+
+
+class OneLoader:
+    """:class:`TrainLoaders`' interface for a pipeline with one loader for the whole run (DALI, which runs no
+    curriculum)."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def get(self, micro_batch: int, magnitude: Optional[int] = None):
+        return self.loader
+
+
+def dali_threads(workers: Any, device: torch.device, processes_per_node: int) -> int:
+    """DALI's CPU threads for ``train.workers``: auto gives one on a CPU device (whose training uses every core),
+    else this process's share of the cores less one for itself (which reads the files and draws the
+    augmentation), up to 16."""
+    if workers != "auto":
+        return max(1, int(workers))
+    if device.type == "cpu":
+        return 1
+    return min(16, max(1, available_cores() // max(1, processes_per_node) - 1))
+
+
+def dali_train_loader(
+    train_set,
+    sampler,
+    cfg: RunConfig,
+    data_config: Dict[str, Any],
+    interpolation: str,
+    device: torch.device,
+    local_batch: int,
+    info: DistInfo,
+):
+    """The DALI pipeline's training loader (toe.data.dali) for a timm image folder, with timm's random erasing on
+    the device batch."""
+    from timm.data.random_erasing import RandomErasing
+
+    from toe.data.dali import DaliAugment, DaliTrainLoader, folder_samples
+
+    recipe = cfg.recipe
+    augment = DaliAugment.from_recipe(
+        recipe, cfg.model.img_size, interpolation, data_config["mean"], data_config["std"]
+    )
+    erase = (
+        RandomErasing(recipe.reprob, mode=recipe.remode, max_count=1, num_splits=0, device=str(device))
+        if recipe.reprob > 0
+        else None
+    )
+    decode_device = device if cfg.train.dali_decode == "gpu" else torch.device("cpu")
+    return DaliTrainLoader(
+        folder_samples(train_set),
+        sampler,
+        local_batch,
+        augment,
+        device,
+        dali_threads(cfg.train.workers, device, processes_per_node(info)),
+        cfg.seed,
+        info.rank,
+        erase=erase,
+        decode_device=decode_device,
     )
