@@ -230,7 +230,7 @@ def test_the_op_set_is_timms_and_its_point_ops_give_timms_pixels(tmp_path, monke
         got = out.transpose(1, 2, 0) * np.array(STD) * 255 + np.array(MEAN) * 255
         reference = base.transpose(1, 2, 0) * np.array(STD) * 255 + np.array(MEAN) * 255
         assert np.abs(reference - np.asarray(pil, dtype=np.float32)).max() < 1.5, "the decoded image is PIL's"
-        assert np.abs(got - expected).max() <= tolerance + 1.0, name  # + the normalisation's float rounding
+        assert np.abs(got - expected).max() <= tolerance + 0.01, name  # + the normalisation's float rounding
 
 
 def test_a_dali_run_trains_resumes_as_the_uninterrupted_run_and_logs_its_pipeline(tiny_cfg, tmp_path, caplog):
@@ -335,3 +335,49 @@ def test_bad_files_are_skipped_or_named_and_a_recipe_dali_cannot_run_is_refused(
                 "schedule.length=10",
             )
         )
+
+
+def test_the_run_samplers_shard_and_repeat_the_images_dali_reads(tmp_path):
+    """DDP's sharding and repeated augmentation are the run's samplers' (as on the PIL path): two ranks of a
+    DistributedSampler read disjoint halves, timm's RepeatAugSampler gives each image to three ranks."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from torch.utils.data import DistributedSampler
+
+    samples = _jpegs(tmp_path, per_class=12)
+    augment = DaliAugment.from_recipe(_recipe(), 48, "bicubic", MEAN, STD)
+
+    def paths_read(sampler, rank):
+        loader = DaliTrainLoader(samples, SeededSamples(sampler, 0, rank), 4, augment, torch.device("cpu"), 1, 0, rank)
+        fed = []
+        list(loader._batches(fed))
+        return [path for batch in fed for path in batch]
+
+    halves = [paths_read(DistributedSampler(samples, 2, rank, seed=0, drop_last=True), rank) for rank in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 12 and not set(halves[0]) & set(halves[1])
+    assert set(halves[0]) | set(halves[1]) == {path for path, _ in samples}
+    repeated = [
+        paths_read(RepeatAugSampler(samples, num_replicas=3, rank=rank, shuffle=True), rank) for rank in range(3)
+    ]
+    counts = {}
+    for rank_paths in repeated:
+        for path in rank_paths:
+            counts[path] = counts.get(path, 0) + 1
+    # every image read is read thrice, once per rank (timm's sampler then keeps a third of the epoch: its
+    # selected_round)
+    assert set(counts.values()) == {3} and all(len(set(paths)) == len(paths) for paths in repeated)
+
+
+def test_auto_takes_dali_for_an_image_folder_on_cuda_and_pil_on_the_cpu(tiny_cfg, tmp_path):
+    from conftest import write_image_folder
+
+    from toe.config.schema import typed_config
+    from toe.train.loaders import choose_pipeline
+
+    root = write_image_folder(tmp_path)
+    cfg = typed_config(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe=deit", "model.img_size=32"))
+    plan = SimpleNamespace(phases=[])
+    assert choose_pipeline(cfg, False, "bicubic", plan, torch.device("cuda")) == "dali"
+    assert choose_pipeline(cfg, False, "bicubic", plan, torch.device("cpu")) == "pil"
+    assert choose_pipeline(typed_config(tiny_cfg()), True, "bicubic", plan, torch.device("cuda")) == "tensor"
+    lvvit = typed_config(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.train_interpolation=random"))
+    assert choose_pipeline(lvvit, False, "random", plan, torch.device("cuda")) == "pil"  # a recipe DALI cannot run
