@@ -263,3 +263,35 @@ def test_step_bench_times_yolos_with_its_detection_tokens_counted(tmp_path):
     assert [r["tokens"] for r in rows[:4]] == [22, 14, 18, 22]
     assert rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > 1.0 and rows[0]["epochs"] == 5
     assert all(r["activation_mib"] > 0 for r in rows[:4]) and rows[1]["activation_saving"] > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_cpu_checks_and_says_why_the_gpu_ones_skip(tmp_path):
+    """scripts/gpu-check.sh as CI runs it, on CPU: the CUDA checks skip with the reason, the CPU ones (PIL and
+    DALI runs on a JPEG folder, toe-bench step and capacity) pass, and the figures are written."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        ["bash", str(script), "--out", str(out), "--work", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    results = {check["name"]: check for check in json.loads(out.read_text())["checks"]}
+    cuda = torch.cuda.is_available()
+    for name in ("amp-bf16-fused-adamw", "amp-fp16-scaler", "torch-compile", "ddp-nccl", "dali-gpu-decode"):
+        assert results[name]["status"] == ("ok" if cuda else "skip"), name
+        if not cuda:
+            assert f"[skip] {name}: no CUDA device" in lines
+    for name in ("pil-image-folder", "bench-step", "bench-capacity"):
+        assert results[name]["status"] == "ok" and any(line.startswith(f"[ok] {name}: ") for line in lines)
+    assert results["bench-step"]["figures"]["rows"][0]["stage"] == 0
+    capacity = {row["pipeline"] for row in results["bench-capacity"]["figures"]["rows"]}
+    assert "pil" in capacity
+    assert results["pil-image-folder"]["figures"]["final_top1"] is not None
+    assert lines[-2].endswith(" s") and " failed, " in lines[-2]

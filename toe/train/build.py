@@ -62,11 +62,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: fp32), logged as the run will train."""
     if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        dtype = None if device.type != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    log.info(
+        "mixed precision (train.amp=%s): %s",
+        name,
+        {None: "off, fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast with timm's loss scaler"}[
+            dtype
+        ],
+    )
+    return dtype
 
 
 def build_loss_and_mixup(recipe: RecipeConfig, num_classes: int, token_label: Optional[TokenLabelLoss] = None):
