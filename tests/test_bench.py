@@ -127,6 +127,9 @@ def test_e2e_bench_times_loader_step_and_loop_of_a_real_run_per_stage(tmp_path, 
     assert [(r["stage"], r["tokens"]) for r in rows] == [(0, 65), (1, 33), (2, 49), (3, 65)]
     for row in rows:
         assert row["loader_img_per_s"] > 0 and row["step_img_per_s"] > 0 and row["loop_img_per_s"] > 0
+        assert row["deit_loop_img_per_s"] > 0 and row["step_vs_deit_loop"] == pytest.approx(
+            row["step_img_per_s"] / row["deit_loop_img_per_s"]
+        )
         # the tensor pipeline's loader only indexes memory: many times faster than the step, which bounds the loop
         assert row["loader_img_per_s"] > 3 * row["step_img_per_s"] and row["bound_by"] == "step"
     assert rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > rows[3]["flop_ratio"] == 1.0

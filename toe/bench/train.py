@@ -29,15 +29,49 @@ class _FirstBatches:
         return itertools.islice(iter(self.batches), len(self))
 
 
-def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str, Any]]:
+def deit_engine_epoch(net: torch.nn.Module, batches: Any, step: Any) -> None:
+    """One pass of the train loop of DeiT's ``engine.py`` (the loop the official ToE trainer,
+    Osilly/TokenExpansion ``ToE/deit/engine.py``, runs) over ``batches``, with the run's own model, optimizer, loss,
+    Mixup, EMA and scaler: Mixup, forward and loss under autocast, ``loss.item()``, ``zero_grad``, backward and
+    step (through the scaler when there is one), a CUDA synchronize, the EMA update. The reference against which
+    ``toe-bench e2e`` sets toe's own loop (:func:`toe.train.step.train_one_epoch`)."""
+    net.train()
+    for inputs, targets in batches:
+        inputs = inputs.to(step.device, non_blocking=True)
+        targets = targets.to(step.device, non_blocking=True)
+        if step.batch_transform is not None:  # the tensor pipeline's augmentation (DeiT's is in its loader)
+            inputs = step.batch_transform(inputs)
+        if step.mixup is not None:
+            inputs, targets = step.mixup(inputs, targets)
+        with step.autocast():
+            loss = step.criterion(net(inputs), targets)
+        loss.item()  # DeiT's loss_value, checked for finiteness every step
+        step.optimizer.zero_grad()
+        if step.loss_scaler is not None:
+            step.loss_scaler(loss, step.optimizer, clip_grad=step.clip_grad, parameters=net.parameters())
+        else:
+            loss.backward()
+            if step.clip_grad:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), step.clip_grad)
+            step.optimizer.step()
+        if step.device.type == "cuda":
+            torch.cuda.synchronize(step.device)
+        if step.ema is not None:
+            step.ema.update(net)
+
+
+def bench_e2e(overrides: List[str], batches: int, warmup: int, rounds: int = 3) -> List[Dict[str, Any]]:
     """Where the time of a real run goes, per ToE stage (stage 0: full tokens), side by side in one process.
 
     The run is built as ``toe-train <overrides>`` builds it (its data, augmentations, model, optimizer, EMA, Mixup),
     then timed over ``batches`` batches: the train loader alone, the train step alone on batches already on the
     device, and the loop end to end (loader and step together). The slower of the first two bounds the run. On
     the PIL pipeline the loader decodes and augments; on the tensor pipeline it only indexes, and the augmentation
-    runs in the step, on the device (``pipeline`` column).
+    runs in the step, on the device (``pipeline`` column). The step is also timed through DeiT's engine loop
+    (:func:`deit_engine_epoch`, the official trainer's) on the same batches, the two alternated over ``rounds``:
+    ``step_vs_deit_loop`` above 1 means toe's loop is the faster.
     """
+    from toe.bench.timing import measure_interleaved
     from toe.train.epoch import block_tokens
     from toe.train.step import train_one_epoch
 
@@ -60,7 +94,13 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
         if op is not None:
             op.stage = stage
         run.model.train()
-        step_rate = images_per_second(lambda: train_one_epoch(run.net, on_device, step, 0))
+        toe_loop, deit_loop = measure_interleaved(
+            [lambda: train_one_epoch(run.net, on_device, step, 0), lambda: deit_engine_epoch(run.net, on_device, step)],
+            run.device,
+            warmup,
+            rounds,
+        )
+        step_rate, deit_rate = images / toe_loop["median"], images / deit_loop["median"]
         loop_rate = images_per_second(
             lambda: train_one_epoch(run.net, _FirstBatches(run.train_loader, batches), step, 0)
         )
@@ -72,6 +112,8 @@ def bench_e2e(overrides: List[str], batches: int, warmup: int) -> List[Dict[str,
                 "pipeline": run.pipeline,
                 "loader_img_per_s": loader_rate,
                 "step_img_per_s": step_rate,
+                "deit_loop_img_per_s": deit_rate,
+                "step_vs_deit_loop": step_rate / deit_rate,
                 "loop_img_per_s": loop_rate,
                 "bound_by": "loader" if loader_rate < step_rate else "step",
                 "loop_vs_bound": loop_rate / min(loader_rate, step_rate),
