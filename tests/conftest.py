@@ -110,3 +110,23 @@ def assert_bf16_autocast_trains_close_to_fp32(model, images) -> None:
     torch.testing.assert_close(out.float(), full_precision, rtol=0.05, atol=0.05)  # bf16 keeps ~3 digits
     out.float().sum().backward()
     assert model.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
+
+
+def interrupt_after_first_checkpoint(run_dir: Path):
+    """SIGTERM to this process once the run's first checkpoint is written (a daemon thread, returned for its
+    join): the run ends interrupted, as a scheduler's preemption ends it."""
+
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "checkpoint.pth").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

@@ -235,10 +235,8 @@ def test_the_op_set_is_timms_and_its_point_ops_give_timms_pixels(tmp_path, monke
 
 def test_a_dali_run_trains_resumes_as_the_uninterrupted_run_and_logs_its_pipeline(tiny_cfg, tmp_path, caplog):
     import logging
-    import os
-    import signal
-    import threading
-    import time
+
+    from conftest import interrupt_after_first_checkpoint
 
     from toe.train.task import Terminated, train
 
@@ -264,15 +262,7 @@ def test_a_dali_run_trains_resumes_as_the_uninterrupted_run_and_logs_its_pipelin
     assert f"RandAugment {DEIT}" in caplog.text and "RandomErasing(p=0.25" in caplog.text
 
     resumed_dir = tmp_path / "resumed"
-
-    def interrupt():
-        deadline = time.time() + 240
-        while time.time() < deadline and not (resumed_dir / "checkpoint.pth").exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    watcher = threading.Thread(target=interrupt, daemon=True)
-    watcher.start()
+    watcher = interrupt_after_first_checkpoint(resumed_dir)
     with pytest.raises(Terminated):
         train(tiny_cfg(*run), resumed_dir)
     watcher.join()

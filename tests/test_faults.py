@@ -7,13 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import toe_train_cli
+from conftest import interrupt_after_first_checkpoint, toe_train_cli
 
 from toe.train.checkpoint import CheckpointUnreadable
 from toe.train.lock import LOCK_FILE, RunDirBusy
@@ -364,21 +363,6 @@ def test_a_model_keyword_the_checkpoint_lacks_is_a_change(tiny_cfg, tmp_path):
         train(tiny_cfg("schedule.epochs=1", "+model.kwargs.proj_drop_rate=0.5"), tmp_path)
 
 
-def _interrupt_after_first_checkpoint(run_dir: Path) -> threading.Thread:
-    """SIGTERM to this process once the run's first checkpoint is written: the run ends interrupted, as a
-    scheduler's preemption ends it."""
-
-    def watch():
-        deadline = time.time() + 240
-        while time.time() < deadline and not (run_dir / "checkpoint.pth").exists():
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize(
     "pipeline, resumed_with",
     [
@@ -394,7 +378,7 @@ def test_a_resume_with_other_resumable_keys_trains_exactly_as_the_uninterrupted_
     run = ("schedule.epochs=4", "schedule.length=4", f"train.pipeline={pipeline}", "data.val_fraction=0.5")
     straight = train(tiny_cfg(*run), tmp_path / "straight")
     resumed_dir = tmp_path / "resumed"
-    watcher = _interrupt_after_first_checkpoint(resumed_dir)
+    watcher = interrupt_after_first_checkpoint(resumed_dir)
     with pytest.raises(Terminated):
         train(tiny_cfg(*run), resumed_dir)
     watcher.join()
