@@ -67,7 +67,7 @@ def _run_graph(encoded, anchors, sizes, augment, ops=None, bins=None, signs=None
 
 def test_batches_have_the_shape_dtype_and_normalisation_of_timms_pil_path(tmp_path):
     """Crop = the whole image, no flip, no RandAugment: DALI's decode, antialiased bicubic resize and normalisation
-    against PIL's (timm's ToTensor + Normalize) on the same JPEG: within two 8-bit levels on average."""
+    against PIL's (timm's ToTensor + Normalize) on the same JPEG: a fifth of an 8-bit level apart on average."""
     from PIL import Image
 
     path = write_jpeg_images(tmp_path / "one", 1, size=96)[0]
@@ -78,7 +78,7 @@ def test_batches_have_the_shape_dtype_and_normalisation_of_timms_pil_path(tmp_pa
         pil = np.asarray(image.convert("RGB").resize((48, 48), Image.BICUBIC), dtype=np.float32) / 255
     expected = ((pil - np.array(MEAN)) / np.array(STD)).transpose(2, 0, 1)
     levels = np.abs(out - expected) * np.array(STD)[:, None, None] * 255
-    assert levels.mean() < 2.0 and np.percentile(levels, 99) < 8
+    assert levels.mean() < 0.5 and np.percentile(levels, 99) <= 2.5 and levels.max() <= 5
 
     samples = _jpegs(tmp_path / "folder")
     loader, sampler = _loader(samples)
