@@ -185,7 +185,7 @@ def test_the_op_set_is_timms_and_its_point_ops_give_timms_pixels(tmp_path, monke
     from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, AugmentOp
 
     policy = RandAugmentPolicy.parse(DEIT)
-    names = [op.name for op in timm_rand_augment_ops(policy, 48)]
+    names = [op.name for op in timm_rand_augment_ops(policy)]
     dali_names = {
         "AutoContrast": "auto_contrast",
         "Equalize": "equalize",

@@ -326,17 +326,14 @@ def _check_model_needs(cfg: DictConfig, model: Any, plan: "SchedulePlan") -> Non
         if reasons:
             raise ConfigError(tensor_refusal(reasons))
     if cfg.train.pipeline == "dali":
-        from toe.data.dali import dali_missing, dali_pipeline_reasons, dali_refusal
+        from toe.data.dali import dali_unavailable
 
         interpolation = cfg.recipe.train_interpolation or resolve_model_data_config(model)["interpolation"]
-        reasons = dali_pipeline_reasons(
+        refusal = dali_unavailable(
             cfg.recipe, interpolation, cfg.data.name, bool(plan.phases), bool(cfg.token_label.root)
         )
-        if reasons:
-            raise ConfigError(dali_refusal(reasons))
-        missing = dali_missing()
-        if missing:
-            raise ConfigError(f"train.pipeline=dali: {missing}")
+        if refusal:
+            raise ConfigError(refusal)
 
 
 def _model_error(cfg: DictConfig, kwargs: Dict[str, Any], err: BaseException) -> str:

@@ -126,7 +126,10 @@ def _posterize_mask(bits_to_keep: float) -> np.ndarray:
     return np.array(255 if bits >= 8 else (0xFF << (8 - bits)) & 0xFF, dtype=np.uint8)
 
 
-def timm_rand_augment_ops(policy: RandAugmentPolicy, size: int) -> List[Any]:
+RAND_AUGMENT_OPS = 15  # timm's op sets (inc or plain) hold 15 ops; index 15 of the table is the identity
+
+
+def timm_rand_augment_ops(policy: RandAugmentPolicy) -> List[Any]:
     """timm's RandAugment op set as DALI augmentations, each with timm's map from magnitude to argument (its
     ``LEVEL_TO_ARG``), tabulated per magnitude bin; the last entry is the identity a skipped layer takes."""
     from nvidia.dali import fn
@@ -177,6 +180,7 @@ def timm_rand_augment_ops(policy: RandAugmentPolicy, size: int) -> List[Any]:
             a.brightness.augmentation(**enhance, mag_to_param=None),
             sharpness.augmentation(**enhance, mag_to_param=_sharpness_kernel_factor),
         ]
+    assert len(ops) == RAND_AUGMENT_OPS
     return ops + [a.identity]
 
 
@@ -205,7 +209,7 @@ def draw_rand_augment(rng: np.random.Generator, policy: RandAugmentPolicy, count
     [0, mmax]) as a bin of :data:`BINS_PER_LEVEL` per unit, and a sign. Returns ``(ops, bins, signs)``, each
     ``[count, layers]`` int32."""
     shape = (count, policy.layers)
-    skip = 15  # timm's op sets have 15 ops; index 15 is the identity (timm_rand_augment_ops)
+    skip = RAND_AUGMENT_OPS  # the identity's index (timm_rand_augment_ops)
     ops = rng.integers(0, skip, size=shape)
     if policy.prob < 1:
         ops = np.where(rng.random(shape) < policy.prob, ops, skip)
@@ -226,7 +230,7 @@ def timm_rand_augment(images: Any, policy: RandAugmentPolicy, size: int, fill: i
     from nvidia.dali import types
     from nvidia.dali.auto_aug.core import select, signed_bin
 
-    table = timm_rand_augment_ops(policy, size)
+    table = timm_rand_augment_ops(policy)
     for layer in range(policy.layers):
         images = select(
             table,
@@ -307,6 +311,18 @@ def dali_refusal(reasons: List[str]) -> str:
     return (
         f"train.pipeline=dali cannot run this run: {'; '.join(reasons)} (train.pipeline=pil runs it on timm's PIL path)"
     )
+
+
+def dali_unavailable(
+    recipe: Any, train_interpolation: str, data_name: str, curriculum: bool, token_labels: bool
+) -> Optional[str]:
+    """Why ``train.pipeline=dali`` cannot train this run, in one line (``None`` when it can): what it cannot run
+    (:func:`dali_pipeline_reasons`), or DALI not installed."""
+    reasons = dali_pipeline_reasons(recipe, train_interpolation, data_name, curriculum, token_labels)
+    if reasons:
+        return dali_refusal(reasons)
+    missing = dali_missing()
+    return f"train.pipeline=dali: {missing}" if missing else None
 
 
 def build_graph(

@@ -127,7 +127,7 @@ def choose_pipeline(
     for an image folder on CUDA where it is installed and can run the recipe, else pil); a forced ``tensor`` or
     ``dali`` that cannot is a ConfigError naming why. ``in_memory``: the training set's decoded images are at
     hand."""
-    from toe.data.dali import dali_missing, dali_pipeline_reasons, dali_refusal
+    from toe.data.dali import dali_unavailable
 
     wanted, token_labels = cfg.train.pipeline, bool(cfg.token_label.root)
     reasons = tensor_pipeline_reasons(
@@ -137,15 +137,11 @@ def choose_pipeline(
         raise ConfigError(tensor_refusal(reasons))
     if wanted in ("auto", "tensor") and not reasons:
         return "tensor"
-    if wanted in ("auto", "dali"):
-        dali_reasons = dali_pipeline_reasons(cfg.recipe, interpolation, cfg.data.name, bool(plan.phases), token_labels)
-        if wanted == "dali":  # validate() refuses these before the data is read
-            if dali_reasons:
-                raise ConfigError(dali_refusal(dali_reasons))
-            if dali_missing():
-                raise ConfigError(f"train.pipeline=dali: {dali_missing()}")
-            return "dali"
-        if device.type == "cuda" and not dali_reasons and dali_missing() is None:
+    if wanted == "dali" or (wanted == "auto" and device.type == "cuda"):
+        refusal = dali_unavailable(cfg.recipe, interpolation, cfg.data.name, bool(plan.phases), token_labels)
+        if wanted == "dali" and refusal:  # validate() refuses this before the data is read
+            raise ConfigError(refusal)
+        if refusal is None:
             return "dali"
     return "pil"
 
