@@ -314,17 +314,76 @@ def test_bad_files_are_skipped_or_named_and_a_recipe_dali_cannot_run_is_refused(
         validate(
             tiny_cfg("data=imagefolder", f"data.root={root}", "train.pipeline=dali", "recipe.auto_augment=original")
         )
-    with pytest.raises(ConfigError, match=r"the EfficientTrain curriculum"):
-        validate(
+    with pytest.raises(ConfigError, match=r"curriculum.auto_augment: auto_augment='augmix-m1' is not RandAugment"):
+        validate(  # the curriculum's policy replaces the recipe's: it is the one checked
             tiny_cfg(
                 "data=imagefolder",
                 f"data.root={root}",
                 "train.pipeline=dali",
                 "method=efficienttrain",
+                "curriculum.auto_augment='augmix-m{magnitude}'",
                 "schedule.epochs=10",
                 "schedule.length=10",
             )
         )
+
+
+def test_a_curriculum_phase_changes_the_draws_magnitude_in_the_same_graph_and_its_micro_batch_in_a_new_one(tmp_path):
+    samples = _jpegs(tmp_path)
+    loader, sampler = _loader(samples, batch=8, auto_augment="rand-m1-mstd0.5-inc1")
+    sampler.set_epoch(0)
+
+    def bins_drawn():
+        return np.concatenate([batch[6] for batch in loader._batches([])])  # (..., ops, bins, signs)
+
+    graph = loader._pipe
+    low = bins_drawn()
+    loader.reconfigure(8, loader.augment.with_policy("rand-m9-mstd0.5-inc1"))
+    assert loader._pipe is graph  # a magnitude is the draws' only
+    high = bins_drawn()
+    assert abs(low.mean() - 10) < 3 and abs(high.mean() - 90) < 3  # bins of 0.1: m1 and m9 with mstd 0.5
+    images = [batch for batch, _ in loader]
+    assert len(images) == 3 and images[0].shape == (8, 3, 48, 48)
+
+    loader.reconfigure(4, loader.augment)  # the last phase's two micro-batches per step
+    assert loader._pipe is not graph
+    halves = [batch for batch, _ in loader]
+    assert len(halves) == len(loader) == 6 and all(batch.shape == (4, 3, 48, 48) for batch in halves)
+    loader.reconfigure(4, loader.augment.with_policy("rand-n1-m9-mstd0.5-inc1"))  # one layer: another graph
+    assert next(iter(loader))[0].shape == (4, 3, 48, 48)
+
+
+def test_the_efficienttrain_curriculum_trains_on_dali_through_its_phases(tiny_cfg, tmp_path, caplog):
+    """method=efficienttrain_toe on a JPEG folder through train.pipeline=dali: five one-epoch phases, each
+    logged with its resolution and magnitude, the last with two micro-batches per step; the run completes."""
+    import logging
+
+    from toe.train.task import train
+
+    root = tmp_path / "jpegs"
+    for split, count in (("train", 16), ("val", 4)):
+        for label, name in enumerate(("a", "b")):
+            write_jpeg_images(root / split / name, count, size=48, seed=10 * label + (split == "val"))
+    cfg = tiny_cfg(
+        "data=imagefolder",
+        f"data.root={root}",
+        "train.pipeline=dali",
+        "method=efficienttrain_toe",
+        "recipe.batch_size=8",
+        "schedule.epochs=5",
+        "schedule.length=5",
+    )
+    with caplog.at_level(logging.INFO):
+        result = train(cfg, tmp_path / "run")
+    assert result.status == "completed" and result.epochs == 5
+    assert "training images: dali pipeline (train.pipeline=dali)" in caplog.text
+    assert "RandAugment rand-m1-mstd0.5-inc1" in caplog.text  # the graph is built for the first phase's policy
+    for magnitude in (1, 3, 5, 7):
+        assert f"RandAugment m{magnitude}, 1 micro-batches of 8 per step" in caplog.text
+    assert "RandAugment m9, 2 micro-batches of 4 per step" in caplog.text
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sizes = [m["img_size"] for m in metrics]
+    assert sizes[0] < sizes[-1] and all(np.isfinite(m["train_loss"]) for m in metrics)
 
 
 def test_the_run_samplers_shard_and_repeat_the_images_dali_reads(tmp_path):

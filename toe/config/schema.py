@@ -197,6 +197,14 @@ class CurriculumConfig:
     phases: List[PhaseConfig] = MISSING
 
 
+def phase_policies(curriculum: Any) -> List[str]:
+    """The RandAugment policy of each curriculum phase (``auto_augment`` at the phase's magnitude), which replaces
+    the recipe's in training; empty when the curriculum is off. ``curriculum``: a CurriculumConfig or its node."""
+    if not curriculum.enabled:
+        return []
+    return [str(curriculum.auto_augment).format(magnitude=phase.magnitude) for phase in curriculum.phases]
+
+
 @dataclass
 class TokenLabelConfig:
     root: Optional[str] = None

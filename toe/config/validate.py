@@ -12,7 +12,14 @@ from typing import Any, Dict, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from toe.config.schema import EXPERIMENT_INPUTS, ConfigError, RunConfig, show_value, typed_config
+from toe.config.schema import (
+    EXPERIMENT_INPUTS,
+    ConfigError,
+    RunConfig,
+    phase_policies,
+    show_value,
+    typed_config,
+)
 from toe.config.stages import SchedulePlan, plan_schedule
 from toe.ops.methods import REDUCTION_NODES
 
@@ -330,7 +337,7 @@ def _check_model_needs(cfg: DictConfig, model: Any, plan: "SchedulePlan") -> Non
 
         interpolation = cfg.recipe.train_interpolation or resolve_model_data_config(model)["interpolation"]
         refusal = dali_unavailable(
-            cfg.recipe, interpolation, cfg.data.name, bool(plan.phases), bool(cfg.token_label.root)
+            cfg.recipe, interpolation, cfg.data.name, phase_policies(cfg.curriculum), bool(cfg.token_label.root)
         )
         if refusal:
             raise ConfigError(refusal)
@@ -377,11 +384,7 @@ def _check_timm_names(cfg: DictConfig) -> None:
     if list_optimizers is not None and cfg.recipe.opt.lower() not in list_optimizers():
         raise ConfigError(f"recipe.opt={cfg.recipe.opt}: not one of timm's optimizers (timm.optim.list_optimizers())")
     policies = [("recipe.auto_augment", cfg.recipe.auto_augment)]
-    if cfg.curriculum.enabled:
-        policies += [
-            ("curriculum.auto_augment", cfg.curriculum.auto_augment.format(magnitude=p.magnitude))
-            for p in cfg.curriculum.phases
-        ]
+    policies += [("curriculum.auto_augment", policy) for policy in phase_policies(cfg.curriculum)]
     for key, policy in policies:
         if not policy:
             continue

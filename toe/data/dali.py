@@ -8,30 +8,35 @@ millisecond per image, and a current GPU training DeiT-S in ToE stage 1 would ne
 Why DALI and not torchvision's decoding on the device: torchvision decodes JPEGs on the GPU (``decode_jpeg(...,
 device="cuda")``), but its transforms draw one set of parameters per call, so per-image crops and RandAugment ops
 on a batch would be ours to write, op by op, and a crop is only taken after the whole image is decoded. DALI is
-made for this: it decodes only the random crop's region (``decoders.image_random_crop``; on the GPU with nvJPEG and
-the hardware JPEG decoder of A100/H100-class GPUs), draws every image's own crop, flip and augmentation ops, and runs
-the same graph on CPU threads where there is no GPU (so the path is tested on CPU machines).
+made for this: it decodes only each image's crop (``decoders.image_slice``; on the GPU with nvJPEG and the hardware
+JPEG decoder of A100/H100-class GPUs), applies every image's own crop, flip and augmentation ops, and runs the same
+graph on CPU threads where there is no GPU (so the path is tested on CPU machines).
 
 What is the same as timm's PIL path, and what is not (README's pipeline table says it too):
 
-- The crop: DALI draws it per image as torchvision's ``RandomResizedCrop.get_params`` does (an area uniform in
-  ``recipe.scale``, an aspect ratio log-uniform in [3/4, 4/3], 10 tries), then resizes the crop with its
-  antialiased cubic (or linear) filter; PIL's bicubic is antialiased too. The draws come from DALI's generators, so
-  a run on this pipeline does not draw the crops the PIL path draws (no two pipelines do: the distributions match,
-  tests/test_dali.py checks them against torchvision's).
+- The crop: drawn per image as torchvision's ``RandomResizedCrop.get_params`` draws it (an area uniform in
+  ``recipe.scale``, an aspect ratio log-uniform in [3/4, 4/3], 10 tries; :func:`draw_crops`), then resized with
+  DALI's antialiased cubic (or linear) filter; PIL's bicubic is antialiased too. A run on this pipeline does not
+  draw the crops the PIL path draws (no two pipelines do: the distributions match, tests/test_dali.py checks them
+  against torchvision's).
 - RandAugment: timm's policy string (``rand-m9-mstd0.5-inc1``) rebuilt from DALI's operations
   (:func:`timm_rand_augment`): timm's op set (its 15 "increasing" ops, or the 15 plain ones), its magnitude mapping
   of each op, the magnitude's Gaussian noise (``mstd``) and clip (``mmax``), each layer applied with probability
-  ``p`` (0.5), ops drawn with replacement, signs at random. It differs in: the geometric ops (rotate, shear,
-  translate) interpolate bilinearly (DALI's warp has no bicubic) and fill with one grey level (the mean of timm's
-  per-channel fill colour) where timm fills with the mean colour; equalize uses OpenCV's histogram formula;
-  sharpness leaves a one-pixel border; contrast and colour are DALI's blends, close to PIL's; the magnitude is
-  quantised to steps of 0.1.
+  ``p`` (0.5), ops drawn with replacement, signs at random (:func:`draw_rand_augment`). It differs in: the geometric
+  ops (rotate, shear, translate) interpolate bilinearly (DALI's warp has no bicubic) and fill with one grey level
+  (the mean of timm's per-channel fill colour) where timm fills with the mean colour; equalize uses OpenCV's
+  histogram formula; sharpness leaves a one-pixel border; contrast and colour are DALI's blends, close to PIL's; the
+  magnitude is quantised to steps of 0.1.
 - Random erasing (timm's ``RandomErasing``) and Mixup/CutMix run on the device batch, timm's own code, as the step
   already runs Mixup.
-- Sampling: the run's own sampler (``EpochSampler``, ``DistributedSampler``, timm's ``RepeatAugSampler``) chooses
-  the images of every epoch, so sharding and repeated augmentation are the PIL path's; DALI's graph is built anew
-  every epoch with a seed of (run seed, epoch, rank), so a resumed run draws what an uninterrupted one draws.
+- Sampling and randomness: the run's own sampler (``EpochSampler``, ``DistributedSampler``, timm's
+  ``RepeatAugSampler``) chooses the images of every epoch, so sharding and repeated augmentation are the PIL path's.
+  Every random draw is made in Python from a generator of (run seed, epoch, rank, batch) and fed to the graph,
+  which draws nothing: it is built once and serves every epoch, a resumed run draws what an uninterrupted one
+  draws, and DALI's thread count changes nothing.
+- The EfficientTrain curriculum: a phase's RandAugment magnitude is only its draws' (the graph's tables cover every
+  magnitude), its micro-batch a graph of that batch size (:meth:`DaliTrainLoader.reconfigure`); the low-frequency
+  crop runs on the device batch, as on the other pipelines.
 
 Evaluation stays on timm's PIL path (deterministic, a small fraction of the images). Files DALI cannot decode
 (GIF, say) are skipped with a warning naming them, as timm's reader skips a file it cannot read; a file that looks
@@ -40,6 +45,7 @@ like an image but does not decode stops the run with its name.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -282,26 +288,47 @@ class DaliAugment:
             fill,
         )
 
+    def with_policy(self, config: Optional[str]) -> "DaliAugment":
+        """The same augmentation with RandAugment ``config`` (a curriculum phase's)."""
+        return dataclasses.replace(self, policy=RandAugmentPolicy.parse(config) if config else None)
+
+    @property
+    def graph_settings(self) -> Tuple[Any, ...]:
+        """What the DALI graph is built from; the rest (crop scale, flip probability, RandAugment's magnitude, its
+        noise and layer probability) are only the draws' and change nothing in it."""
+        policy = self.policy
+        tables = None if policy is None else (policy.layers, policy.increasing, policy.magnitude_max)
+        return self.size, self.interpolation, self.mean, self.std, self.fill, tables
+
 
 def dali_pipeline_reasons(
-    recipe: Any, train_interpolation: str, data_name: str, curriculum: bool, token_labels: bool
+    recipe: Any,
+    train_interpolation: str,
+    data_name: str,
+    curriculum: Sequence[str],
+    token_labels: bool,
 ) -> List[str]:
     """Why the DALI pipeline cannot run a run (empty when it can): the recipe settings it lacks, data that is not
-    an image folder, the curriculum's RandAugment per phase, token labels cropped with each image."""
+    an image folder, token labels cropped with each image. ``curriculum``: the RandAugment policies of the
+    EfficientTrain phases, which replace the recipe's (empty without the curriculum)."""
     reasons = []
     if data_name not in IMAGE_FOLDERS:
         reasons.append(f"data={data_name} is not an image folder (the DALI pipeline reads imagefolder and imagenet)")
-    if recipe.auto_augment:
+    policies = [("curriculum.auto_augment", policy) for policy in curriculum] or [
+        ("recipe.auto_augment", recipe.auto_augment)
+    ]
+    for key, policy in policies:
+        if not policy:
+            if recipe.color_jitter:  # timm leaves colour jitter out when RandAugment is on
+                reasons.append(f"recipe.color_jitter={recipe.color_jitter}")
+            break
         try:
-            RandAugmentPolicy.parse(recipe.auto_augment)
+            RandAugmentPolicy.parse(policy)
         except ValueError as err:
-            reasons.append(f"{err} (the DALI pipeline runs timm's RandAugment policies, rand-...)")
-    elif recipe.color_jitter:  # timm leaves colour jitter out when RandAugment is on
-        reasons.append(f"recipe.color_jitter={recipe.color_jitter}")
+            reasons.append(f"{key}: {err} (the DALI pipeline runs timm's RandAugment policies, rand-...)")
+            break  # the phases' policies differ in their magnitude only: one says it
     if train_interpolation not in INTERPOLATIONS:
         reasons.append(f"recipe.train_interpolation={train_interpolation}")
-    if curriculum:
-        reasons.append("the EfficientTrain curriculum changes RandAugment and the resolution per phase")
     if token_labels:
         reasons.append("token labeling crops each image's label map with it")
     return reasons
@@ -314,7 +341,7 @@ def dali_refusal(reasons: List[str]) -> str:
 
 
 def dali_unavailable(
-    recipe: Any, train_interpolation: str, data_name: str, curriculum: bool, token_labels: bool
+    recipe: Any, train_interpolation: str, data_name: str, curriculum: Sequence[str], token_labels: bool
 ) -> Optional[str]:
     """Why ``train.pipeline=dali`` cannot train this run, in one line (``None`` when it can): what it cannot run
     (:func:`dali_pipeline_reasons`), or DALI not installed."""
@@ -525,6 +552,17 @@ class DaliTrainLoader:
                 self._pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False
             )
         self._fresh = True
+
+    def reconfigure(self, batch_size: int, augment: DaliAugment) -> None:
+        """Batches of ``batch_size`` with ``augment`` from the next epoch on (a curriculum phase's micro-batch and
+        RandAugment magnitude). The graph is built anew only where what it is built from changes (the batch size,
+        or :attr:`DaliAugment.graph_settings`); a new magnitude is only the draws'."""
+        rebuild = batch_size != self.batch_size or augment.graph_settings != self.augment.graph_settings
+        self.batch_size, self.augment = batch_size, augment
+        if rebuild:
+            self._pipe = self._iterator = None  # the old graph's threads go with it
+            self._ready = False
+            self._start()
 
     def run_through(self) -> int:
         """One epoch through the graph, its outputs left where DALI made them (what the pipeline costs the CPU,

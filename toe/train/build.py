@@ -34,7 +34,6 @@ from toe.models.settings import model_settings
 from toe.ops.methods import REDUCER_METHOD, REDUCTION_NODES
 from toe.train.distributed import DistInfo, all_reduce_sum
 from toe.train.loaders import (
-    OneLoader,
     TrainLoaders,
     available_cores,
     choose_pipeline,
@@ -139,7 +138,7 @@ class Run:
     train_loader: Any
     val_loader: Any
     sampler: Any  # set_epoch(epoch) before every epoch, so shuffles depend on the epoch only
-    train_loaders: Any  # TrainLoaders (one per curriculum phase), or OneLoader (DALI)
+    train_loaders: Any  # TrainLoaders (one per curriculum phase), or DaliLoaders
     shape: ViTShape
     device: torch.device
     autocast: Any
@@ -348,8 +347,8 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
         sampler = SeededSamples(sampler, cfg.seed, info.rank)
     loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, processes_per_node(info))
     if pipeline == "dali":
-        train_loaders = OneLoader(
-            dali_train_loader(train_set, sampler, cfg, data_config, interpolation, device, local_batch, info)
+        train_loaders = dali_train_loader(
+            train_set, sampler, cfg, data_config, interpolation, device, local_batch, info
         )
         how = f": {train_loaders.loader!r}"
     else:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import toe.models  # noqa: F401 - registers LV-ViT with timm
-from toe.config.schema import ConfigError, RecipeConfig, RunConfig
+from toe.config.schema import ConfigError, RecipeConfig, RunConfig, phase_policies
 from toe.config.stages import SchedulePlan
 from toe.data.augment import (
     InMemoryImages,
@@ -138,7 +138,9 @@ def choose_pipeline(
     if wanted in ("auto", "tensor") and not reasons:
         return "tensor"
     if wanted == "dali" or (wanted == "auto" and device.type == "cuda"):
-        refusal = dali_unavailable(cfg.recipe, interpolation, cfg.data.name, bool(plan.phases), token_labels)
+        refusal = dali_unavailable(
+            cfg.recipe, interpolation, cfg.data.name, phase_policies(cfg.curriculum), token_labels
+        )
         if wanted == "dali" and refusal:  # validate() refuses this before the data is read
             raise ConfigError(refusal)
         if refusal is None:
@@ -168,14 +170,22 @@ def train_sampler(dataset, cfg: RunConfig, info: DistInfo):
     )
 
 
-class OneLoader:
-    """:class:`TrainLoaders`' interface for a pipeline with one loader for the whole run (DALI, which runs no
-    curriculum)."""
+class DaliLoaders:
+    """:class:`TrainLoaders`' interface for the DALI pipeline: one loader for the run, set to the micro-batch and
+    RandAugment magnitude each curriculum phase asks for (:meth:`toe.data.dali.DaliTrainLoader.reconfigure`:
+    a phase's magnitude is only its draws', a new micro-batch a new graph)."""
 
-    def __init__(self, loader: Any):
-        self.loader = loader
+    def __init__(self, loader: Any, phase_policy: str):
+        self.loader, self.phase_policy = loader, phase_policy
+        self.augment = loader.augment  # the recipe's (under the curriculum, its first phase's)
 
     def get(self, micro_batch: int, magnitude: Optional[int] = None):
+        """The loader of ``micro_batch`` images per step, with RandAugment at ``magnitude`` (``None``: the
+        augmentation the loader was built with)."""
+        augment = self.augment
+        if magnitude is not None:
+            augment = augment.with_policy(self.phase_policy.format(magnitude=magnitude))
+        self.loader.reconfigure(micro_batch, augment)
         return self.loader
 
 
@@ -200,7 +210,7 @@ def dali_train_loader(
     local_batch: int,
     info: DistInfo,
 ):
-    """The DALI pipeline's training loader (toe.data.dali) for a timm image folder, with timm's random erasing on
+    """The DALI pipeline's training loaders (toe.data.dali) for a timm image folder, with timm's random erasing on
     the device batch."""
     from timm.data.random_erasing import RandomErasing
 
@@ -210,13 +220,16 @@ def dali_train_loader(
     augment = DaliAugment.from_recipe(
         recipe, cfg.model.img_size, interpolation, data_config["mean"], data_config["std"]
     )
+    policies = phase_policies(cfg.curriculum)
+    if policies:  # the curriculum's policies replace the recipe's: its graph is the first phase's
+        augment = augment.with_policy(policies[0])
     erase = (
         RandomErasing(recipe.reprob, mode=recipe.remode, max_count=1, num_splits=0, device=str(device))
         if recipe.reprob > 0
         else None
     )
     decode_device = device if cfg.train.dali_decode == "gpu" else torch.device("cpu")
-    return DaliTrainLoader(
+    loader = DaliTrainLoader(
         folder_samples(train_set),
         sampler,
         local_batch,
@@ -228,3 +241,4 @@ def dali_train_loader(
         erase=erase,
         decode_device=decode_device,
     )
+    return DaliLoaders(loader, cfg.curriculum.auto_augment)
