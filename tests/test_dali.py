@@ -99,10 +99,14 @@ def test_the_same_seed_and_epoch_give_the_same_batches_and_two_copies_of_an_imag
     sampler.set_epoch(1)
     assert not torch.equal(next(iter(loader))[0], first[0])
     threaded, threaded_sampler = _loader(samples)
-    threaded.threads = 2
+    threaded.threads, threaded.readers = 2, 5  # a batch of 8 read in five parts, two batches ahead
     threaded._start()
     threaded_sampler.set_epoch(0)
-    assert all(torch.equal(a, b) for a, (b, _) in zip(first, threaded))  # the draws are not DALI's threads'
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, threaded))  # the draws are not the threads'
+    from PIL import Image
+
+    for index, (path, _) in enumerate(samples):  # every image's size is kept after its first read
+        assert tuple(threaded._sizes[index]) == Image.open(path).size
 
     same = [samples[0]] * 8  # one image eight times in one batch: eight crops, flips and RandAugment draws
     copies, copies_sampler = _loader(same, auto_augment=None)

@@ -95,8 +95,9 @@ def _pil_seconds(paths: List[Path], repeats: int) -> Tuple[float, str]:
 def _dali_seconds(paths: List[Path], repeats: int, mode: str) -> Tuple[float, str]:
     """DALI's CPU seconds for ``paths`` in ``mode``: ``cpu`` (all of it on CPU threads), ``cpu-decode`` (decoding
     on the CPU, the augmentation on the GPU; without a GPU, the graph stops after decoding: the CPU's share),
-    ``gpu-decode`` (decoding on the GPU; needs one). One DALI thread: a core's worth, with the reading of the
-    files and every random draw in this thread."""
+    ``gpu-decode`` (decoding on the GPU; needs one). One DALI thread and one thread reading the files (the
+    random draws in this one): the CPU time of all three counts; after the warm-up pass the images' sizes are
+    known, as in every epoch after a run's first."""
     from timm.data.random_erasing import RandomErasing
 
     from toe.data.dali import DaliAugment, DaliTrainLoader

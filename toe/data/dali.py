@@ -49,9 +49,11 @@ import dataclasses
 import logging
 import math
 import re
+import threading
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -66,6 +68,8 @@ CROP_RATIO = (3 / 4, 4 / 3)
 # bins, 10 to a unit
 BINS_PER_LEVEL = 10
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is each op's full strength
+# Batches whose files are read ahead of DALI's external source (DALI itself prefetches two batches' outputs)
+READ_AHEAD = 2
 
 
 def dali_missing() -> Optional[str]:
@@ -507,7 +511,8 @@ class DaliTrainLoader:
     a NumPy generator of (run seed, epoch, rank, batch), and DALI decodes and augments with them. Yields ``(images
     [B, 3, S, S] float32, labels [B] int64)``, the images on the device (CUDA) or the CPU, the labels on the CPU.
     Drops the last partial batch, as the other pipelines' loaders do. ``erase``: timm's RandomErasing, run on the
-    batch. The DALI pipeline is built once (its RandAugment graph takes seconds to build) and serves every epoch."""
+    batch. ``readers``: the threads reading the files (default: ``threads``). The DALI pipeline is built once (its
+    RandAugment graph takes seconds to build) and serves every epoch."""
 
     def __init__(
         self,
@@ -523,13 +528,19 @@ class DaliTrainLoader:
         decode_device: Optional[torch.device] = None,
         prefetch: int = 2,
         until: str = "normalize",
+        readers: Optional[int] = None,
     ):
         self.samples, self.sampler, self.batch_size, self.augment = list(samples), sampler, batch_size, augment
         self.device, self.threads, self.seed, self.rank = device, threads, int(seed), int(rank)
         self.erase, self.prefetch = erase, prefetch
+        self.readers = max(1, int(readers if readers is not None else threads))  # threads reading the files
         self.decode_on_gpu = (decode_device or device).type == "cuda"
         self.until = until  # "decode": the graph stops there, run by run_through() only (toe-bench capacity)
-        self.skipped: set = set()
+        self.skipped: set = set()  # paths of the files skipped (each warned of once)
+        # Every image's (width, height), read once (PIL's header parse is most of the Python side's cost per
+        # image); 0 until then. An array, not a dict: ImageNet's 1.28 M images take 10 MB.
+        self._sizes = np.zeros((len(self.samples), 2), dtype=np.int32)
+        self._skip_lock = threading.Lock()
         self._source, self._pipe, self._iterator, self._ready = _Source(), None, None, False
         self._start()  # built now, so that the first epoch's time is the epoch's (the graph takes seconds)
 
@@ -588,53 +599,84 @@ class DaliTrainLoader:
     def _read(self, index: int) -> Tuple[str, np.ndarray, int, Tuple[int, int]]:
         """The file of ``index`` with its (width, height); or, for a file that is no image PIL identifies or DALI
         decodes (timm's dataset skips a file it cannot read), the next one that is, with a warning naming each file
-        skipped."""
+        skipped. Called from the reading threads."""
         import io
 
         from PIL import Image, UnidentifiedImageError
 
         for _ in range(len(self.samples)):
             path, target = self.samples[index]
-            data = Path(path).read_bytes()
-            problem = None
-            if decodable(data[:12]):
-                try:
-                    with Image.open(io.BytesIO(data)) as image:
-                        return path, np.frombuffer(data, dtype=np.uint8), target, image.size
-                except (UnidentifiedImageError, OSError, ValueError) as err:
-                    problem = f"{type(err).__name__}: {err}"
-            else:
-                problem = "not an image format DALI decodes (JPEG, PNG, BMP, TIFF, JPEG 2000, WebP, PNM)"
             if path not in self.skipped:
-                self.skipped.add(path)
-                log.warning("skipped %s: %s; train.pipeline=pil reads what PIL reads", path, problem)
+                with open(path, "rb") as file:
+                    data = file.read()
+                width, height = self._sizes[index]
+                if width:
+                    return path, np.frombuffer(data, dtype=np.uint8), target, (int(width), int(height))
+                problem = None
+                if decodable(data[:12]):
+                    try:
+                        with Image.open(io.BytesIO(data)) as image:
+                            self._sizes[index] = image.size
+                            return path, np.frombuffer(data, dtype=np.uint8), target, image.size
+                    except (UnidentifiedImageError, OSError, ValueError) as err:
+                        problem = f"{type(err).__name__}: {err}"
+                else:
+                    problem = "not an image format DALI decodes (JPEG, PNG, BMP, TIFF, JPEG 2000, WebP, PNM)"
+                with self._skip_lock:
+                    if path not in self.skipped:
+                        self.skipped.add(path)
+                        log.warning("skipped %s: %s; train.pipeline=pil reads what PIL reads", path, problem)
             index = (index + 1) % len(self.samples)
         raise UndecodableImageError(f"none of the {len(self.samples)} training files is an image DALI decodes")
 
+    def _read_batch(self, indices: Sequence[int]) -> List[Tuple[str, np.ndarray, int, Tuple[int, int]]]:
+        return [self._read(index) for index in indices]
+
     def _batches(self, fed: List[List[str]]) -> Iterator[Tuple[List[np.ndarray], ...]]:
+        """The epoch's batches for DALI's external source. The files are read by :attr:`readers` threads,
+        :data:`READ_AHEAD` batches ahead of DALI, each batch in as many parts as there are threads: a file system's
+        latency (a network one's is milliseconds) is waited for in parallel, off the training loop's thread, and
+        the read order changes nothing drawn (each batch's draws come from its own generator)."""
         indices = [item[0] if isinstance(item, tuple) else int(item) for item in self.sampler]
+        count, size = len(self), self.batch_size
+        parts = max(1, min(self.readers, size))
+        with ThreadPoolExecutor(self.readers, thread_name_prefix="dali-read") as pool:
+
+            def submit(batch: int) -> List[Future]:
+                chunk = indices[batch * size : (batch + 1) * size]
+                return [pool.submit(self._read_batch, chunk[part::parts]) for part in range(parts)]
+
+            pending = deque(submit(batch) for batch in range(min(READ_AHEAD, count)))
+            for batch in range(count):
+                strided = [future.result() for future in pending.popleft()]
+                if batch + READ_AHEAD < count:
+                    pending.append(submit(batch + READ_AHEAD))
+                read = [None] * sum(len(part) for part in strided)
+                for part, files in enumerate(strided):
+                    read[part::parts] = files
+                yield self._fed_batch(read, self._rng(batch), fed)
+
+    def _fed_batch(self, read: List[Any], rng: np.random.Generator, fed: List[List[str]]) -> Tuple[List[Any], ...]:
+        """One batch as the graph's external source takes it: files, labels and every random draw."""
         augment = self.augment
-        for batch, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
-            read = [self._read(index) for index in indices[start : start + self.batch_size]]
-            rng = self._rng(batch)
-            widths, heights = (np.array([size[axis] for *_, size in read]) for axis in (0, 1))
-            anchors, sizes = draw_crops(rng, heights, widths, augment.scale, CROP_RATIO)
-            flips = (rng.random(len(read)) < augment.hflip).astype(np.int32)
-            if augment.policy is not None:
-                ops, bins, signs = draw_rand_augment(rng, augment.policy, len(read))
-            else:
-                ops = bins = signs = np.zeros((len(read), 1), dtype=np.int32)
-            fed.append([path for path, *_ in read])
-            yield (
-                [data for _, data, _, _ in read],
-                [np.array([target], dtype=np.int64) for _, _, target, _ in read],
-                list(anchors),
-                list(sizes),
-                list(flips),
-                list(ops),
-                list(bins),
-                list(signs),
-            )
+        widths, heights = (np.array([size[axis] for *_, size in read]) for axis in (0, 1))
+        anchors, sizes = draw_crops(rng, heights, widths, augment.scale, CROP_RATIO)
+        flips = (rng.random(len(read)) < augment.hflip).astype(np.int32)
+        if augment.policy is not None:
+            ops, bins, signs = draw_rand_augment(rng, augment.policy, len(read))
+        else:
+            ops = bins = signs = np.zeros((len(read), 1), dtype=np.int32)
+        fed.append([path for path, *_ in read])
+        return (
+            [data for _, data, _, _ in read],
+            [np.array([target], dtype=np.int64) for _, _, target, _ in read],
+            list(anchors),
+            list(sizes),
+            list(flips),
+            list(ops),
+            list(bins),
+            list(signs),
+        )
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         fed: List[List[str]] = []
