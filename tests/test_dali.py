@@ -19,7 +19,9 @@ from toe.data.dali import (  # noqa: E402
     UndecodableImageError,
     build_graph,
     draw_crops,
+    draw_interpolations,
     draw_rand_augment,
+    interp_code,
     timm_rand_augment_ops,
 )
 from toe.data.datasets import SeededSamples  # noqa: E402
@@ -47,9 +49,11 @@ def _loader(samples, batch=8, seed=0, **recipe):
     return DaliTrainLoader(samples, sampler, batch, augment, torch.device("cpu"), threads=1, seed=seed), sampler
 
 
-def _run_graph(encoded, anchors, sizes, augment, ops=None, bins=None, signs=None, until="normalize"):
-    """One batch through the DALI graph with the draws given."""
+def _run_graph(encoded, anchors, sizes, augment, ops=None, bins=None, signs=None, until="normalize", filters=None):
+    """One batch through the DALI graph with the draws given (the resize filter: the augmentation's)."""
     count = len(encoded)
+    if filters is None:
+        filters = [interp_code(augment.interpolation)] * count
     layers = augment.policy.layers if augment.policy else 1
     zeros = np.zeros((count, layers), dtype=np.int32)
     batch = (
@@ -59,6 +63,7 @@ def _run_graph(encoded, anchors, sizes, augment, ops=None, bins=None, signs=None
         list(np.asarray(sizes, dtype=np.float32)),
         list(np.zeros(count, dtype=np.int32)),
         *(list(np.asarray(zeros if given is None else given, dtype=np.int32)) for given in (ops, bins, signs)),
+        list(np.asarray(filters, dtype=np.int32)),
     )
     pipe = build_graph(lambda: batch, augment, count, 1, None, until=until)
     out = pipe.run()[0]
@@ -86,6 +91,32 @@ def test_batches_have_the_shape_dtype_and_normalisation_of_timms_pil_path(tmp_pa
     assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float32 and images.device.type == "cpu"
     assert labels.shape == (8,) and labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
     assert len(loader) == len(samples) // 8
+
+
+def test_train_interpolation_random_draws_one_of_timms_two_filters_per_image_each_close_to_pils(tmp_path):
+    """timm's ``random`` (LV-ViT's recipe): bilinear or bicubic per image, uniformly; a fixed filter draws nothing
+    (the other draws stay those of a run without it); each filter through DALI within half a level of PIL's."""
+    from PIL import Image
+
+    drawn = draw_interpolations(np.random.default_rng(0), "random", 4000)
+    assert set(drawn.tolist()) == {interp_code("bilinear"), interp_code("bicubic")}
+    assert abs((drawn == interp_code("bicubic")).mean() - 0.5) < 0.03
+    rng = np.random.default_rng(0)
+    assert (draw_interpolations(rng, "bicubic", 10) == interp_code("bicubic")).all()
+    assert rng.random() == np.random.default_rng(0).random()
+
+    path = write_jpeg_images(tmp_path / "one", 1, size=96)[0]
+    augment = DaliAugment.from_recipe(_recipe(auto_augment=None, hflip=0), 48, "random", MEAN, STD)
+    filters = [interp_code("bilinear"), interp_code("bicubic")]
+    out = _run_graph([np.fromfile(path, dtype=np.uint8)] * 2, [[0, 0]] * 2, [[96, 96]] * 2, augment, filters=filters)
+    assert np.abs(out[0] - out[1]).max() * 255 * min(STD) > 1  # two images, two filters
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    for dali, pil_filter in zip(out, (Image.BILINEAR, Image.BICUBIC)):
+        pil = np.asarray(rgb.resize((48, 48), pil_filter), dtype=np.float32) / 255
+        levels = np.abs(dali - ((pil - np.array(MEAN)) / np.array(STD)).transpose(2, 0, 1))
+        levels *= np.array(STD)[:, None, None] * 255
+        assert levels.mean() < 0.5 and np.percentile(levels, 99) <= 2.5, pil_filter
 
 
 def test_the_same_seed_and_epoch_give_the_same_batches_and_two_copies_of_an_image_get_different_crops(tmp_path):
@@ -432,5 +463,7 @@ def test_auto_takes_dali_for_an_image_folder_on_cuda_and_pil_on_the_cpu(tiny_cfg
     assert choose_pipeline(cfg, False, "bicubic", plan, torch.device("cuda")) == "dali"
     assert choose_pipeline(cfg, False, "bicubic", plan, torch.device("cpu")) == "pil"
     assert choose_pipeline(typed_config(tiny_cfg()), True, "bicubic", plan, torch.device("cuda")) == "tensor"
-    lvvit = typed_config(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.train_interpolation=random"))
-    assert choose_pipeline(lvvit, False, "random", plan, torch.device("cuda")) == "pil"  # a recipe DALI cannot run
+    lvvit = typed_config(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe=lvvit", "model.img_size=32"))
+    assert choose_pipeline(lvvit, False, "random", plan, torch.device("cuda")) == "dali"  # a filter per image
+    augmix = typed_config(tiny_cfg("data=imagefolder", f"data.root={root}", "recipe.auto_augment=augmix-m5"))
+    assert choose_pipeline(augmix, False, "bicubic", plan, torch.device("cuda")) == "pil"  # a recipe DALI cannot run

@@ -16,7 +16,8 @@ What is the same as timm's PIL path, and what is not (README's pipeline table sa
 
 - The crop: drawn per image as torchvision's ``RandomResizedCrop.get_params`` draws it (an area uniform in
   ``recipe.scale``, an aspect ratio log-uniform in [3/4, 4/3], 10 tries; :func:`draw_crops`), then resized with
-  DALI's antialiased cubic (or linear) filter; PIL's bicubic is antialiased too. A run on this pipeline does not
+  DALI's antialiased cubic (or linear) filter, or for ``train_interpolation=random`` either, drawn per image as
+  timm draws it; PIL's bicubic and bilinear are antialiased too. A run on this pipeline does not
   draw the crops the PIL path draws (no two pipelines do: the distributions match, tests/test_dali.py checks them
   against torchvision's).
 - RandAugment: timm's policy string (``rand-m9-mstd0.5-inc1``) rebuilt from DALI's operations
@@ -256,7 +257,27 @@ def timm_rand_augment(images: Any, policy: RandAugmentPolicy, size: int, fill: i
 
 
 # --- the recipe as DALI runs it ------------------------------------------------------------------------------------
-INTERPOLATIONS = ("bicubic", "bilinear")
+# random: bilinear or bicubic per image, as timm's RandomResizedCropAndInterpolation draws it (LV-ViT's recipe)
+INTERPOLATIONS = ("bicubic", "bilinear", "random")
+
+
+def interp_code(name: str) -> int:
+    """DALI's interpolation type of ``bicubic`` or ``bilinear``, as the graph takes it per image."""
+    from nvidia.dali import types
+
+    return int(types.INTERP_CUBIC if name == "bicubic" else types.INTERP_LINEAR)
+
+
+def draw_interpolations(rng: np.random.Generator, interpolation: str, count: int) -> np.ndarray:
+    """The resize filter of ``count`` images (DALI's codes, int32): ``interpolation``'s for each, or for
+    ``random`` one of timm's two (``_RANDOM_INTERPOLATION``: bilinear, bicubic) drawn uniformly per image. Only
+    ``random`` draws from ``rng``."""
+    if interpolation != "random":
+        return np.full(count, interp_code(interpolation), dtype=np.int32)
+    choices = np.array([interp_code("bilinear"), interp_code("bicubic")], dtype=np.int32)
+    return choices[rng.integers(0, 2, size=count)]
+
+
 IMAGE_FOLDERS = ("imagefolder", "imagenet")
 
 
@@ -268,7 +289,7 @@ class DaliAugment:
     size: int
     scale: Tuple[float, float]
     hflip: float
-    interpolation: str  # bicubic | bilinear
+    interpolation: str  # bicubic | bilinear | random
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     policy: Optional[RandAugmentPolicy]
@@ -299,10 +320,10 @@ class DaliAugment:
     @property
     def graph_settings(self) -> Tuple[Any, ...]:
         """What the DALI graph is built from; the rest (crop scale, flip probability, RandAugment's magnitude, its
-        noise and layer probability) are only the draws' and change nothing in it."""
+        noise and layer probability, the resize filter) are only the draws' and change nothing in it."""
         policy = self.policy
         tables = None if policy is None else (policy.layers, policy.increasing, policy.magnitude_max)
-        return self.size, self.interpolation, self.mean, self.std, self.fill, tables
+        return self.size, self.mean, self.std, self.fill, tables
 
 
 def dali_pipeline_reasons(
@@ -367,7 +388,7 @@ def build_graph(
     until: str = "normalize",
 ):
     """The DALI pipeline of a run: ``source()`` gives a batch of (encoded files, labels, crop anchors (x, y), crop
-    sizes (w, h), flips, RandAugment ops, bins, signs), every random draw made on the Python side
+    sizes (w, h), flips, RandAugment ops, bins, signs, resize filters), every random draw made on the Python side
     (:class:`DaliTrainLoader`), so the graph itself draws nothing and serves every epoch. With ``device_id`` a
     GPU's, the augmentation runs there and the decoding too (nvJPEG, "mixed", only the crop's region) unless
     ``decode_on_gpu`` is false; with ``device_id`` None all of it runs on ``threads`` CPU threads. ``until="decode"``
@@ -375,11 +396,11 @@ def build_graph(
     from nvidia.dali import fn, pipeline_def, types
 
     def graph():
-        encoded, labels, anchors, sizes, flips, ops, bins, signs = fn.external_source(
+        encoded, labels, anchors, sizes, flips, ops, bins, signs, filters = fn.external_source(
             source=source,
-            num_outputs=8,
+            num_outputs=9,
             batch=True,
-            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT] + [types.INT32] * 4,
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT] + [types.INT32] * 5,
         )
         images = fn.decoders.image_slice(
             encoded,
@@ -399,7 +420,7 @@ def build_graph(
             images,
             resize_x=augment.size,
             resize_y=augment.size,
-            interp_type=types.INTERP_CUBIC if augment.interpolation == "bicubic" else types.INTERP_LINEAR,
+            interp_type=fn.cast(filters, dtype=types.INTERP_TYPE),
             antialias=True,
         )
         images = fn.flip(images, horizontal=flips)
@@ -666,6 +687,7 @@ class DaliTrainLoader:
             ops, bins, signs = draw_rand_augment(rng, augment.policy, len(read))
         else:
             ops = bins = signs = np.zeros((len(read), 1), dtype=np.int32)
+        filters = draw_interpolations(rng, augment.interpolation, len(read))
         fed.append([path for path, *_ in read])
         return (
             [data for _, data, _, _ in read],
@@ -676,6 +698,7 @@ class DaliTrainLoader:
             list(ops),
             list(bins),
             list(signs),
+            list(filters),
         )
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
