@@ -174,10 +174,11 @@ def test_capacity_bench_times_dalis_share_of_the_cpu_against_pils(tmp_path):
     out = tmp_path / "capacity.json"
     main(["--json", str(out), "capacity", "--images", "16", "--repeats", "1", "--pipeline", "pil", "dali"])
     rows = {(row["pipeline"], row["jpeg"]): row for row in json.loads(out.read_text())["rows"]}
-    assert {pipeline for pipeline, _ in rows} == {"pil", "dali/cpu", "dali/cpu-decode", "dali/gpu-decode"}
+    assert {pipeline for pipeline, _ in rows} == {"pil", "dali/cpu", "dali/cpu-decode", "dali/feed", "dali/gpu-decode"}
     for jpeg in ("224x224", "400x350"):
         pil, decode = rows["pil", jpeg]["img_per_s_per_core"], rows["dali/cpu-decode", jpeg]["img_per_s_per_core"]
         assert decode > pil and rows["dali/cpu", jpeg]["img_per_s_per_core"] > 5
+        assert rows["dali/feed", jpeg]["img_per_s_per_core"] > decode  # the source alone: no decoding
         if not torch.cuda.is_available():
             assert rows["dali/gpu-decode", jpeg]["img_per_s_per_core"] is None
             assert rows["dali/gpu-decode", jpeg]["cores_toe_stage1"] is None

@@ -95,9 +95,10 @@ def _pil_seconds(paths: List[Path], repeats: int) -> Tuple[float, str]:
 def _dali_seconds(paths: List[Path], repeats: int, mode: str) -> Tuple[float, str]:
     """DALI's CPU seconds for ``paths`` in ``mode``: ``cpu`` (all of it on CPU threads), ``cpu-decode`` (decoding
     on the CPU, the augmentation on the GPU; without a GPU, the graph stops after decoding: the CPU's share),
-    ``gpu-decode`` (decoding on the GPU; needs one). One DALI thread and one thread reading the files (the
-    random draws in this one): the CPU time of all three counts; after the warm-up pass the images' sizes are
-    known, as in every epoch after a run's first."""
+    ``gpu-decode`` (decoding on the GPU; needs one), ``feed`` (the external source alone: the files read, every
+    draw made, nothing decoded; what decoding on the GPU leaves at best). One DALI thread and one thread reading
+    the files (the random draws in this one): the CPU time of all three counts; after the warm-up pass the images'
+    sizes are known, as in every epoch after a run's first."""
     from timm.data.random_erasing import RandomErasing
 
     from toe.data.dali import DaliAugment, DaliTrainLoader
@@ -125,7 +126,13 @@ def _dali_seconds(paths: List[Path], repeats: int, mode: str) -> Tuple[float, st
         decode_device=device if mode == "gpu-decode" else torch.device("cpu"),
         until=until,
     )
-    if until == "decode":
+    if mode == "feed":
+
+        def one_pass() -> None:
+            for _ in loader._batches([]):
+                pass
+
+    elif until == "decode":
         one_pass: Callable[[], Any] = loader.run_through
     else:
 
@@ -134,12 +141,15 @@ def _dali_seconds(paths: List[Path], repeats: int, mode: str) -> Tuple[float, st
                 pass
 
     seconds = _cpu_seconds(one_pass, repeats, device) * len(samples) / (len(loader) * batch)
+    if mode == "feed":
+        return seconds, "DALI's external source alone: the files read, every draw made, nothing decoded"
     return seconds, repr(loader) + (" (the graph stopped after decoding: the CPU's share)" if until == "decode" else "")
 
 
 DALI_MODES = {
     "cpu": "decode + augmentation on CPU threads (no GPU)",
     "cpu-decode": "decode on the CPU, augmentation on the GPU",
+    "feed": "the files read and every draw made, no graph: the least any DALI mode leaves on the CPU",
     "gpu-decode": "decode (nvJPEG) and augmentation on the GPU",
 }
 
