@@ -62,7 +62,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DALI_INSTALL = 'pip install "toe[dali]"'
+DALI_INSTALL = 'pip install "toe[dali]", or "toe[dali-cuda13]" for a CUDA 13 stack'
 # The random crop's aspect ratios (timm's default, as the other pipelines use)
 CROP_RATIO = (3 / 4, 4 / 3)
 # The magnitude's resolution: timm's magnitudes are floats on [0, 10] (with mstd noise); DALI indexes its tables by
