@@ -416,6 +416,7 @@ def test_the_efficienttrain_curriculum_trains_on_dali_through_its_phases(tiny_cf
     for magnitude in (1, 3, 5, 7):
         assert f"RandAugment m{magnitude}, 1 micro-batches of 8 per step" in caplog.text
     assert "RandAugment m9, 2 micro-batches of 4 per step" in caplog.text
+    assert caplog.text.count("DALI graph rebuilt for batches of 4") == 1  # only where the micro-batch changes
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sizes = [m["img_size"] for m in metrics]
     assert sizes[0] < sizes[-1] and all(np.isfinite(m["train_loss"]) for m in metrics)

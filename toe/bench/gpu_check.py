@@ -117,7 +117,7 @@ def _image_folder(work: Path) -> Path:
     return root
 
 
-def _folder_run(*extra: str) -> Callable[[Path], List[str]]:
+def _folder_run(*extra: str, epochs: int = 2) -> Callable[[Path], List[str]]:
     """A short run on the JPEG folder with the DeiT recipe's augmentation at the CPU model's 32 px."""
 
     def command(work: Path) -> List[str]:
@@ -129,6 +129,7 @@ def _folder_run(*extra: str) -> Callable[[Path], List[str]]:
             "recipe.batch_size=32",
             "model=vit_cpu",
             *extra,
+            epochs=epochs,
         )
 
     return command
@@ -183,6 +184,13 @@ def checks(cuda: bool) -> List[Check]:
             True,
             _folder_run("train.device=cuda", "train.pipeline=dali", "train.dali_decode=cpu"),
             _trained("training images: dali pipeline", "augmenting on the GPU"),
+            needs="nvidia.dali",
+        ),
+        Check(
+            "dali-curriculum",
+            True,  # five phases of one epoch, the last of two micro-batches of 16 per step
+            _folder_run("train.device=cuda", "train.pipeline=dali", "method=efficienttrain_toe", epochs=5),
+            _trained("training images: dali pipeline", "RandAugment m9, 2 micro-batches of 16 per step"),
             needs="nvidia.dali",
         ),
         Check(

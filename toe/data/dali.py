@@ -51,6 +51,7 @@ import logging
 import math
 import re
 import threading
+import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -592,9 +593,11 @@ class DaliTrainLoader:
         rebuild = batch_size != self.batch_size or augment.graph_settings != self.augment.graph_settings
         self.batch_size, self.augment = batch_size, augment
         if rebuild:
+            start = time.perf_counter()
             self._pipe = self._iterator = None  # the old graph's threads go with it
             self._ready = False
             self._start()
+            log.info("DALI graph rebuilt for batches of %d (%.1f s)", batch_size, time.perf_counter() - start)
 
     def run_through(self) -> int:
         """One epoch through the graph, its outputs left where DALI made them (what the pipeline costs the CPU,

@@ -38,7 +38,7 @@ from toe.train.loaders import (
     available_cores,
     choose_pipeline,
     collate_settings,
-    dali_train_loader,
+    dali_train_loaders,
     loader_settings,
     own_generator,
     processes_per_node,
@@ -347,7 +347,7 @@ def build_run(cfg: RunConfig, plan: SchedulePlan, info: DistInfo) -> Run:
         sampler = SeededSamples(sampler, cfg.seed, info.rank)
     loader_kwargs = loader_settings(cfg.train.workers, pipeline, device, processes_per_node(info))
     if pipeline == "dali":
-        train_loaders = dali_train_loader(
+        train_loaders = dali_train_loaders(
             train_set, sampler, cfg, data_config, interpolation, device, local_batch, info
         )
         how = f": {train_loaders.loader!r}"

@@ -1,5 +1,5 @@
 """The run's data loading: the training loaders per curriculum phase, the samplers, the worker count and pin-memory
-setting for the device and the cores, and the choice between the tensor and the PIL pipeline."""
+setting for the device and the cores, and the choice between the tensor, DALI and PIL pipelines."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def dali_threads(workers: Any, device: torch.device, processes_per_node: int) ->
     return min(16, max(1, available_cores() // max(1, processes_per_node) - 1))
 
 
-def dali_train_loader(
+def dali_train_loaders(
     train_set,
     sampler,
     cfg: RunConfig,
