@@ -178,17 +178,27 @@ TIME_PARTS = {
 }
 
 
+# Of the training time, the share the loop waited for its batches (Summary.data_wait_share): an input-bound run's
+# wall clock does not follow its step's speed-up
+WAIT_COLUMN = {"data_wait_share": "train waiting for input (%)"}
+
+
 def time_split(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     """Per row of ``spec``: the seconds of start-up, training, evaluation, checkpoints, the rest and the whole
-    command, mean over its completed runs (blank for records written before the split was kept)."""
+    command, and the share of the training spent waiting for input, mean over its completed runs (blank for
+    records written before each was kept)."""
     done = runs[runs["status"] == "completed"].reindex(
         columns=list(runs.columns) + [part for part in TIME_PARTS if part not in runs.columns]
     )
     rows = [c for c in spec.rows if c in done.columns]
     for column in rows:
         done[column] = done[column].astype(str)
-    split = done.groupby(rows, sort=True, dropna=False)[list(TIME_PARTS)].mean().reset_index()
-    return split.rename(columns={part: f"{label} (s)" for part, label in TIME_PARTS.items()})
+    if "data_wait_share" not in done.columns:
+        done["data_wait_share"] = float("nan")
+    done["data_wait_share"] = 100 * done["data_wait_share"].astype(float)
+    parts = list(TIME_PARTS) + ["data_wait_share"]
+    split = done.groupby(rows, sort=True, dropna=False)[parts].mean().reset_index()
+    return split.rename(columns={**{part: f"{label} (s)" for part, label in TIME_PARTS.items()}, **WAIT_COLUMN})
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:

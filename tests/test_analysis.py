@@ -107,6 +107,8 @@ def test_time_split_holds_the_mean_seconds_of_each_part_of_the_command(sweep):
             assert split.loc[method, f"{label} (s)"] == pytest.approx(statistics.mean(seconds))
         # the first job of the multirun counts the process start-up (imports), the second starts when it starts
         assert split.loc[method, "start-up (s)"] > 0
+        shares = [100 * summaries[(method, seed)]["data_wait_share"] for seed in (0, 1)]
+        assert split.loc[method, "train waiting for input (%)"] == pytest.approx(statistics.mean(shares))
     assert (split["whole command (s)"] > split["train (s)"] + split["eval (s)"]).all()
 
 

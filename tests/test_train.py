@@ -23,6 +23,54 @@ def _metrics(run_dir: Path):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_loop_counts_the_seconds_it_waits_for_its_batches():
+    """Waited (the training loop's view of its loader): a DataLoader whose items take 20 ms each to make is waited
+    for that long, with one worker as with none; the time the loop spends on a batch is not counted."""
+    from toe.train.step import Waited
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            time.sleep(0.02)
+            return torch.tensor(index)
+
+    for workers in (0, 1):
+        waited = Waited(torch.utils.data.DataLoader(Slow(), batch_size=2, num_workers=workers))
+        seen = []
+        for batch in waited:
+            time.sleep(0.05)  # the step: not waiting
+            seen += batch.tolist()
+        assert seen == list(range(10)) and len(waited) == 5
+        if workers == 0:  # ten items of 20 ms waited for, five steps of 50 ms not
+            assert 0.2 <= waited.seconds < 0.4
+        else:  # the worker makes batches while the loop steps, but the first one is waited for whole
+            assert 0.04 <= waited.seconds < 2.0
+
+
+def test_a_cuda_run_that_waits_for_a_fifth_of_an_epoch_says_it_is_input_bound(caplog):
+    """The warning's threshold and advice (a CUDA run cannot be made here: the run is its device, pipeline and
+    loader, a real DataLoader)."""
+    import logging
+    from types import SimpleNamespace
+
+    from toe.train.record import EpochRow
+    from toe.train.task import _warn_input_bound
+
+    loader = torch.utils.data.DataLoader(list(range(4)), num_workers=0)
+    run = SimpleNamespace(device=torch.device("cuda"), pipeline="pil", train_loader=loader)
+    busy = EpochRow(epoch=3, epoch_seconds=10.0, data_wait_seconds=1.5)
+    starved = EpochRow(epoch=3, epoch_seconds=10.0, data_wait_seconds=4.0)
+    with caplog.at_level(logging.WARNING):
+        assert not _warn_input_bound(busy, run)
+        assert not _warn_input_bound(starved, SimpleNamespace(**{**vars(run), "device": torch.device("cpu")}))
+        assert caplog.text == ""
+        assert _warn_input_bound(starved, run)
+    assert "epoch 4 waited for its training batches 40% of its 10.0 s (train.pipeline=pil, 0 loader" in caplog.text
+    assert "input-bound" in caplog.text and "train.pipeline=dali" in caplog.text
+
+
 def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     summary = train(cfg, tmp_path)
@@ -38,6 +86,7 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     for r in rows:
         assert 0.0 <= r["val_top1"] <= r["val_top5"] <= 1.0 and 0.0 <= r["ema_top1"] <= 1.0
         assert r["train_loss"] > 0 and r["train_img_per_s"] > 0 and r["epoch_seconds"] > 0 and r["lr"] > 0
+        assert 0 < r["data_wait_seconds"] < r["epoch_seconds"]  # the loop's wait for its batches is a part of it
     # the loss falls; two epochs (one of them warm-up) are too few for a val threshold that holds over seeds and torch
     # versions (0.14-0.28 measured): tests/test_augment.py checks that five epochs learn
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
@@ -54,6 +103,9 @@ def test_two_epoch_digits_run_writes_a_complete_record(tiny_cfg, tmp_path):
     assert all(on_disk[part] > 0 for part in parts) and on_disk["other_seconds"] >= 0
     assert sum(on_disk[part] for part in parts) + on_disk["other_seconds"] == pytest.approx(on_disk["wall_seconds"])
     assert on_disk["total_checkpoint_seconds"] == pytest.approx(sum(r["checkpoint_seconds"] for r in rows))
+    waits = sum(r["data_wait_seconds"] for r in rows)
+    assert on_disk["data_wait_share"] == pytest.approx(waits / on_disk["total_train_seconds"])
+    assert 0 < on_disk["data_wait_share"] < 1
     assert on_disk["status"] == "completed" and on_disk["epochs"] == 2 and on_disk["method"] == "toe"
     assert on_disk["final_top1"] == rows[-1]["val_top1"] and on_disk["best_top1"] == max(r["val_top1"] for r in rows)
     assert on_disk["train_flops_per_image"] < 3 * shape.forward_macs(64)

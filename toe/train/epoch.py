@@ -180,6 +180,7 @@ def epoch_row(
         train_loss=result.loss,
         train_img_per_s=result.images / result.seconds,
         epoch_seconds=result.seconds,
+        data_wait_seconds=result.data_seconds,
         train_seconds_total=last.train_seconds_total + result.seconds,
         train_flops_total=last.train_flops_total + result.images * setting.macs_per_image,
         train_flops_linear_total=last.train_flops_linear_total + result.images * setting.macs_per_image_linear,

@@ -48,6 +48,9 @@ class EpochRow:
     train_loss: Optional[float] = None
     train_img_per_s: Optional[float] = None
     epoch_seconds: float = 0.0  # training time of this epoch, evaluation excluded
+    # of epoch_seconds, the training loop waiting for its batches: a large share is an input-bound run, whose
+    # wall clock a faster step (ToE's) does not shorten
+    data_wait_seconds: float = 0.0
     train_seconds_total: float = 0.0
     train_flops_total: float = 0.0
     train_flops_linear_total: float = 0.0  # without the attention matmuls (what thop-style counters report)
@@ -104,6 +107,8 @@ class Summary:
     final_box_ap75: Optional[float] = None
     final_ema_box_ap: Optional[float] = None
     total_train_seconds: float = 0.0
+    # of total_train_seconds, the share the training loop waited for its batches (a large one: input-bound)
+    data_wait_share: Optional[float] = None
     total_eval_seconds: float = 0.0  # evaluation, kept apart from training time
     total_checkpoint_seconds: float = 0.0
     startup_seconds: float = 0.0  # from the command's start to the first epoch (imports, data, model), every start

@@ -23,6 +23,32 @@ class EpochResult:
     num_updates: int
     activation_mib: Optional[float] = None  # saved for backward in the epoch's first step (toe.cost.memory)
     cuda_peak_mib: Optional[float] = None  # the CUDA allocator's peak over the epoch; None off CUDA
+    data_seconds: float = 0.0  # of ``seconds``, the loop waiting for its batches (Waited)
+
+
+class Waited:
+    """An iterable's items, with the seconds spent waiting for them (``seconds``): where the loop waits for its
+    input, the step is not what bounds the epoch. On CUDA the step's kernels run asynchronously, so this is the
+    loader's shortfall, not its work (as timm's ``data_time``)."""
+
+    def __init__(self, iterable):
+        self.iterable, self.seconds = iterable, 0.0
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self):
+        start = time.perf_counter()
+        iterator = iter(self.iterable)  # a DataLoader's workers start here, DALI's epoch is reset here
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                self.seconds += time.perf_counter() - start
+                return
+            self.seconds += time.perf_counter() - start
+            yield item
+            start = time.perf_counter()
 
 
 def _sync(device: torch.device) -> None:
@@ -80,8 +106,8 @@ def train_one_epoch(
     saved: Optional[SavedActivations] = None
     reset_cuda_peak(step.device)
     _sync(step.device)
-    start = time.perf_counter()
-    for index, (inputs, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+    start, waited = time.perf_counter(), Waited(loader)
+    for index, (inputs, targets) in enumerate(tqdm(waited, desc=desc, disable=not progress, leave=False)):
         window = accumulation if index < trailing_start else batches - trailing_start
         need_update = index == batches - 1 or (index + 1) % accumulation == 0
         inputs = inputs.to(step.device, non_blocking=True)
@@ -126,7 +152,13 @@ def train_one_epoch(
             f"training loss is {mean_loss} in {desc}: lower recipe.lr, set recipe.clip_grad, or check the data"
         )
     return EpochResult(
-        mean_loss, images, seconds, num_updates, saved.mib if saved else None, cuda_peak_mib(step.device)
+        mean_loss,
+        images,
+        seconds,
+        num_updates,
+        saved.mib if saved else None,
+        cuda_peak_mib(step.device),
+        waited.seconds,
     )
 
 

@@ -182,6 +182,7 @@ def _fit(
     setup, evaluator, epochs = EpochSetup(run), Evaluator(run, cfg.train.eval_every, bar), run.plan.epochs
     wall_before = progress.wall_seconds
     progress.startup_seconds += time.time() - started_at
+    first_epoch, warned = progress.epoch, False
     for epoch in range(progress.epoch, epochs):
         row, num_updates = train_epoch(run, setup, evaluator, epoch, progress.num_updates, progress.last, bar)
         progress.history.append(row)
@@ -191,6 +192,8 @@ def _fit(
         progress.wall_seconds = wall_before + time.time() - started_at  # the record's, with the write counted
         record.log_epoch(row)
         _log_epoch(row, epochs, cfg.task)
+        if not warned and epoch > first_epoch:  # a process's first epoch also starts its loader's workers
+            warned = _warn_input_bound(row, run)
         record.write_summary(summarize(cfg, run.plan, progress, status="running", run=run))
     summary = summarize(cfg, run.plan, progress, status="completed", run=run)
     record.write_summary(summary)
@@ -204,7 +207,7 @@ def _log_epoch(row: EpochRow, epochs: int, task: str = "classification") -> None
     scores = ("AP", row.val_box_ap, "AP50", row.val_box_ap50) if task == "detection" else None
     scores = scores or ("top1", row.val_top1, "ema", row.ema_top1)
     log.info(
-        "epoch %d/%d stage %d tokens %d loss %.4f %s %s %s %s %.0f img/s %.1fs%s",
+        "epoch %d/%d stage %d tokens %d loss %.4f %s %s %s %s %.0f img/s %.1fs%s%s",
         row.epoch + 1,
         epochs,
         row.stage,
@@ -217,7 +220,46 @@ def _log_epoch(row: EpochRow, epochs: int, task: str = "classification") -> None
         row.train_img_per_s,
         row.epoch_seconds,
         f" activations {row.activation_mib:.1f} MiB" if row.activation_mib is not None else "",
+        f" data wait {row.data_wait_seconds / row.epoch_seconds:.0%}" if row.epoch_seconds else "",
     )
+
+
+# The share of an epoch spent waiting for batches above which a CUDA run is called input-bound
+INPUT_BOUND_SHARE = 0.2
+
+
+def _warn_input_bound(row: EpochRow, run: Any) -> bool:
+    """Say once, on CUDA, when the training loop waited for its batches for a large share of an epoch: then the
+    loader, not the step, sets the pace, and ToE's faster step does not reach the wall clock. Returns whether it
+    said so."""
+    from toe.train.loaders import available_cores
+
+    share = row.data_wait_seconds / row.epoch_seconds if row.epoch_seconds else 0.0
+    if run.device.type != "cuda" or share < INPUT_BOUND_SHARE:
+        return False
+    if run.pipeline == "dali":
+        feeding = f"{run.train_loader.threads} DALI thread(s)"
+        advice = "give DALI more threads (train.workers)" + (
+            ", or decode on the GPU (train.dali_decode=gpu)" if not run.train_loader.decode_on_gpu else ""
+        )
+    else:
+        feeding = f"{getattr(run.train_loader, 'num_workers', 0)} loader worker(s)"
+        advice = "give the loader more cores (train.workers)" + (
+            ", or for an image folder use train.pipeline=dali" if run.pipeline == "pil" else ""
+        )
+    log.warning(
+        "epoch %d waited for its training batches %.0f%% of its %.1f s (train.pipeline=%s, %s, %d cores): the run is "
+        "input-bound, so a faster step (ToE's) does not shorten it; %s (toe-bench capacity: what each pipeline "
+        "costs a core)",
+        row.epoch + 1,
+        100 * share,
+        row.epoch_seconds,
+        run.pipeline,
+        feeding,
+        available_cores(),
+        advice,
+    )
+    return True
 
 
 def _check_resume(
@@ -327,6 +369,7 @@ def summarize(cfg: Any, plan: SchedulePlan, progress: Progress, status: str, run
         final_box_ap75=boxes[-1].val_box_ap75 if boxes else None,
         final_ema_box_ap=ema_boxes[-1] if ema_boxes else None,
         total_train_seconds=train_seconds,
+        data_wait_share=sum(row.data_wait_seconds for row in history) / train_seconds if train_seconds else None,
         total_eval_seconds=eval_seconds,
         total_checkpoint_seconds=checkpoint_seconds,
         startup_seconds=progress.startup_seconds,
