@@ -73,6 +73,11 @@ class EpochRow:
     activation_mib: Optional[float] = None
     cuda_peak_mib: Optional[float] = None
 
+    @property
+    def data_wait_share(self) -> float:
+        """Of the epoch's training time, the share the loop waited for its batches (0 for an untimed row)."""
+        return self.data_wait_seconds / self.epoch_seconds if self.epoch_seconds else 0.0
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 

@@ -220,7 +220,7 @@ def _log_epoch(row: EpochRow, epochs: int, task: str = "classification") -> None
         row.train_img_per_s,
         row.epoch_seconds,
         f" activations {row.activation_mib:.1f} MiB" if row.activation_mib is not None else "",
-        f" data wait {row.data_wait_seconds / row.epoch_seconds:.0%}" if row.epoch_seconds else "",
+        f" data wait {row.data_wait_share:.0%}" if row.epoch_seconds else "",
     )
 
 
@@ -234,7 +234,7 @@ def _warn_input_bound(row: EpochRow, run: Any) -> bool:
     said so."""
     from toe.train.loaders import available_cores
 
-    share = row.data_wait_seconds / row.epoch_seconds if row.epoch_seconds else 0.0
+    share = row.data_wait_share
     if run.device.type != "cuda" or share < INPUT_BOUND_SHARE:
         return False
     if run.pipeline == "dali":
