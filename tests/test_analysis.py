@@ -226,6 +226,38 @@ def test_an_unreadable_record_is_flagged_and_every_good_run_still_reported(sweep
     assert "UNREADABLE" in out and "3 completed, 1 unreadable" in out
 
 
+@pytest.mark.parametrize("holder_alive", [False, True])
+def test_a_job_in_its_first_epoch_is_running_and_killed_there_it_died_not_not_started(
+    sweep, tmp_path, capsys, holder_alive
+):
+    import shutil
+    import socket
+
+    from toe.cli.sweep import main as sweep_main
+    from toe.train.lock import LOCK_FILE
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep / "sweep", copy)
+    job = sorted(p for p in copy.iterdir() if (p / "summary.json").is_file())[0]
+    for name in ("summary.json", "metrics.jsonl"):  # what a job has before its first epoch ends: no record yet
+        (job / name).unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    if not holder_alive:  # the job was killed: its lock names a process that is gone
+        holder.kill()
+        holder.wait()
+    try:
+        (job / LOCK_FILE).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": holder.pid, "slurm_job_id": None, "since": "then"})
+        )
+        assert sweep_main(["status", str(copy)]) == (0 if holder_alive else 1)
+        out = capsys.readouterr().out
+        assert ("3 completed, 1 running" if holder_alive else "3 completed, 1 died") in out, out
+        assert "not started" not in out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize(
     "file, content, says",
     [

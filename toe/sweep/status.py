@@ -154,9 +154,12 @@ def _submitted_job(sweep_dir: Path, number: int) -> Optional[str]:
 
 def _settle(run: RunDir, sweep_dir: Path) -> RunDir:
     """Make ``running`` say what is known: ``died`` when the process that held the run dir is gone, the SLURM state
-    where squeue answers."""
+    where squeue answers. A job that holds its run dir's lock but wrote no summary yet is in its first epoch:
+    ``running`` too, not ``not started``, and ``died`` if it was killed there."""
     from toe.train.lock import holder, holder_is_gone
 
+    if run.state == "not started" and holder(run.path) is not None:
+        run.state = "running"  # it holds its run dir: it started, and no epoch has ended yet (none wrote a summary)
     if run.state == "running":
         held = holder(run.path)
         if held is None or holder_is_gone(run.path):
