@@ -186,8 +186,15 @@ def test_a_signalled_run_says_interrupted_and_a_rerun_finishes_it(tmp_path, sig)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # 8 epochs: the signal must find the run still training after its first checkpoint (3 could all end first)
     longer = ("schedule.epochs=8", "schedule.length=8")
+    # SIGINT as a terminal's Ctrl-C gives it: a pytest started in the background of a script inherits SIGINT
+    # ignored, and Python then keeps it ignored in the child, which would finish its run untouched
     proc = subprocess.Popen(
-        _cli(tmp_path, *longer), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+        _cli(tmp_path, *longer),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for(tmp_path / "checkpoint.pth")
     proc.send_signal(sig)
